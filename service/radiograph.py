@@ -1,0 +1,145 @@
+"""The radiograph as the rest of the service sees it, and the one way a radiograph is refused.
+
+Everything downstream (preprocessing, models, post-processing, DICOM outputs, training) starts from a
+`Radiograph`: display-oriented float pixels plus the few attributes the service needs. Patient identifiers
+never enter it, so nothing downstream can leak them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+
+class RejectionCode(str, Enum):
+    """Stable machine codes for refused input; each carries the HTTP status the API answers with."""
+
+    NOT_DICOM = "not_dicom"
+    INVALID_ATTRIBUTE = "invalid_attribute"
+    NO_PIXEL_DATA = "no_pixel_data"
+    MULTI_FRAME = "multi_frame"
+    COLOUR = "colour"
+    NOT_RADIOGRAPH = "not_radiograph"
+    NOT_CHEST = "not_chest"
+    TOO_SMALL = "too_small"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
+    CORRUPT_PIXEL_DATA = "corrupt_pixel_data"
+    APPEARS_INVERTED = "appears_inverted"
+
+    @property
+    def http_status(self) -> int:
+        """400 for what is not an image file at all, 413 for what exceeds a size limit, else 422."""
+        if self is RejectionCode.NOT_DICOM:
+            return 400
+        if self is RejectionCode.TOO_LARGE:
+            return 413
+        return 422
+
+
+class RadiographError(ValueError):
+    """Input that cannot be triaged. `code` is stable for machines; the message names the tag and the limit.
+
+    Messages never quote patient attributes: only image-description tags (modality, body part, sizes,
+    transfer syntax) and UIDs appear in them.
+    """
+
+    def __init__(self, code: RejectionCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def http_status(self) -> int:
+        return self.code.http_status
+
+    def __repr__(self) -> str:
+        return f"RadiographError({self.code.value!r}, {self.message!r})"
+
+
+class RadiographWarning(str, Enum):
+    """Warnings attached to an accepted radiograph: they do not stop triage, they travel with the finding."""
+
+    APPEARS_INVERTED = "appears_inverted"
+    SPACING_UNKNOWN = "spacing_unknown"
+    INVALID_WINDOW = "invalid_window"
+    NON_FRONTAL_VIEW = "non_frontal_view"
+    FOR_PROCESSING = "for_processing"
+    TRANSFER_SYNTAX_INFERRED = "transfer_syntax_inferred"
+
+
+@dataclass(frozen=True, eq=False)
+class Radiograph:
+    """A decoded, validated, display-oriented chest radiograph.
+
+    `pixels` are float32 in [0, 1] with air dark (MONOCHROME1 already inverted, modality and VOI transforms
+    applied), read-only, at the original resolution. `spacing_mm` is (row spacing, column spacing) in mm, or
+    None when the file does not say: never a silent 1.0, because every millimetre figure depends on it.
+    """
+
+    pixels: np.ndarray
+    spacing_mm: tuple[float, float] | None
+    spacing_source: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    sop_class_uid: str | None = None
+    modality: str | None = None
+    view_position: str | None = None
+    body_part: str | None = None
+    photometric: str | None = None
+    transfer_syntax: str | None = None
+    window_source: str = "unknown"
+    source_format: str = "dicom"
+    warnings: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        pixels = self.pixels
+        if not isinstance(pixels, np.ndarray) or pixels.ndim != 2:
+            raise ValueError(f"Radiograph pixels must be a 2-D array, got {getattr(pixels, 'shape', type(pixels))}")
+        if pixels.dtype != np.float32:
+            raise ValueError(f"Radiograph pixels must be float32, got {pixels.dtype}")
+        if self.spacing_mm is not None:
+            if len(self.spacing_mm) != 2 or not all(math.isfinite(s) and s > 0 for s in self.spacing_mm):
+                raise ValueError(f"spacing_mm must be two positive finite numbers or None, got {self.spacing_mm}")
+        if pixels.flags.writeable:
+            pixels.flags.writeable = False
+
+    @property
+    def rows(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def columns(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def pixel_area_mm2(self) -> float | None:
+        """Area of one pixel in mm², or None where the spacing is unknown."""
+        if self.spacing_mm is None:
+            return None
+        return self.spacing_mm[0] * self.spacing_mm[1]
+
+    def metadata(self) -> dict[str, object]:
+        """JSON-ready description without pixels: what an API answer or a log line may carry (no PHI here)."""
+        return {
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "sop_uid": self.sop_uid,
+            "sop_class_uid": self.sop_class_uid,
+            "modality": self.modality,
+            "view_position": self.view_position,
+            "body_part": self.body_part,
+            "rows": self.rows,
+            "columns": self.columns,
+            "spacing_mm": list(self.spacing_mm) if self.spacing_mm else None,
+            "spacing_source": self.spacing_source,
+            "photometric": self.photometric,
+            "transfer_syntax": self.transfer_syntax,
+            "window_source": self.window_source,
+            "source_format": self.source_format,
+            "warnings": list(self.warnings),
+        }

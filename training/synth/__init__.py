@@ -1,0 +1,1 @@
+"""Synthetic SIIM-style chest radiograph generator (DICOM + train-rle.csv) for tests and training."""
