@@ -257,3 +257,30 @@ def test_service_reader_sees_air_dark_and_lesions_darker(tmp_path: Path) -> None
         assert pixels[:12, :12].mean() < pixels[lung].mean() < pixels[128:200, 120:136].mean()
         for lesion in case.lesions:
             assert measure(pixels, lesion.mask, lung, lesion.line_width, 256)[0] > 0
+
+
+def test_anatomy_outlines_are_chest_like() -> None:
+    """Lungs fill most of the thorax, are widest at the base with a narrow apex, the image-right (patient
+    left) lung is smaller (cardiac notch), and vessel markings are clearly stronger near the hila."""
+    from training.synth.anatomy import render_anatomy
+
+    for seed in range(6):
+        anatomy = render_anatomy(np.random.default_rng(seed), 256)
+        areas = []
+        for label in (1, 2):
+            lung = anatomy.lung_side == label
+            rows = np.flatnonzero(lung.any(axis=1))
+            first, last = lung[rows].argmax(axis=1), 255 - lung[rows, ::-1].argmax(axis=1)
+            span, lateral = last - first + 1, (-first if label == 1 else last)
+            cols = np.flatnonzero(lung.any(axis=0))
+            assert 0.25 <= (cols[-1] - cols[0] + 1) / 256 <= 0.5, "lung width outside the SIIM-like range"
+            assert lateral.argmax() > 0.5 * len(rows), "lateral lung border not widest in the lower half"
+            assert span[int(0.05 * len(rows))] < 0.65 * span.max(), "apex not narrow"
+            areas.append(lung.sum())
+            # markings: medial (hilar) half of the lung much stronger than the lateral (peripheral) half
+            mid = (cols[0] + cols[-1]) / 2
+            xs = np.nonzero(lung)[1]
+            medial = (xs > mid) if label == 1 else (xs < mid)
+            values = anatomy.markings[lung]
+            assert values[medial].mean() > 1.4 * values[~medial].mean(), "markings do not fade to the periphery"
+        assert areas[1] < areas[0], "image-right lung should be the smaller one (heart)"
