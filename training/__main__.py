@@ -1,12 +1,13 @@
-"""`python -m training <command>`: one parser with a subcommand per tool (only `synth` so far).
+"""`python -m training <command>`: synth, train, export, evaluate, demo.
 
-Later commands (`train`, `evaluate`, `export`, `demo`) add a `_add_<name>(subparsers)` function that sets
-`handler`; `main` stays the same. Bad arguments give one line on stderr and exit code 2, never a traceback.
+Each command adds a `_add_<name>(subparsers)` function that sets `handler`; `main` stays the same. Bad
+arguments and unusable data give one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -101,10 +102,130 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_line(argv: list[str] | None) -> str:
+    return "python -m training " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def _cache_size(config) -> int:
+    """One cache serves both models: the larger input size (the smaller model resizes from it)."""
+    return max(config.classifier.input.size, config.segmenter.input.size)
+
+
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train the classifier and the segmenter, choose thresholds, export",
+                              description="Train both models on one fold split of a SIIM-format or PNG folder, "
+                                          "choose thresholds on the validation fold, export ONNX + manifests.")
+    p.add_argument("--config", type=Path, required=True, help="YAML config (see training/configs/)")
+    p.add_argument("--data", type=Path, default=None, help="data folder (default: data.folder in the config)")
+    p.add_argument("--models", type=Path, default=REPO_ROOT / "models", help="model repository to export into")
+    p.add_argument("--work", type=Path, default=REPO_ROOT / ".cache" / "runs", help="checkpoints and folds")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from training import config as configs
+    from training.data import DataError, build_cache, index_folder
+    from training.demo import export_cascade
+    from training.train import train_cascade
+
+    try:
+        config = configs.load(args.config)
+        folder = args.data or Path(config.data.folder)
+        cached = build_cache(index_folder(folder), _cache_size(config), Path(config.data.cache),
+                             progress=not args.quiet)
+    except (DataError, ValueError) as exc:
+        raise UsageError(f"training train: error: {exc}") from None
+    trained = train_cascade(config, cached, args.work / config.name, progress=not args.quiet)
+    directories = export_cascade(trained, config, args.models, _command_line(None), cached)
+    print(f"exported {directories['classification']} and {directories['segmentation']}")
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser("export", help="re-export a finished training run (ONNX, FP16, manifests)")
+    p.add_argument("--config", type=Path, required=True, help="the run's YAML config")
+    p.add_argument("--run", type=Path, required=True, help="the run folder holding cascade.pt")
+    p.add_argument("--data", type=Path, default=None, help="its data folder (for the fingerprint and real inputs)")
+    p.add_argument("--models", type=Path, default=REPO_ROOT / "models", help="model repository to export into")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from training import config as configs
+    from training import train
+    from training.data import DataError, build_cache, index_folder
+    from training.demo import export_cascade
+
+    try:
+        config = configs.load(args.config)
+        if not (args.run / "cascade.pt").is_file():
+            raise ValueError(f"{args.run / 'cascade.pt'} not found: is this a finished `train` run?")
+        trained = train.load(args.run / "cascade.pt", config)
+        cached = build_cache(index_folder(args.data or Path(config.data.folder)), _cache_size(config),
+                             Path(config.data.cache), progress=False)
+    except (DataError, ValueError) as exc:
+        raise UsageError(f"training export: error: {exc}") from None
+    directories = export_cascade(trained, config, args.models, _command_line(None), cached)
+    print(f"exported {directories['classification']} and {directories['segmentation']}")
+    return 0
+
+
+def _add_evaluate(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="evaluate exported models on a SIIM-format folder as the service runs them")
+    p.add_argument("--classifier", type=Path, required=True, help="models/<classifier>/<version>")
+    p.add_argument("--segmenter", type=Path, required=True, help="models/<segmenter>/<version>")
+    p.add_argument("--data", type=Path, required=True, help="SIIM-format folder (dicom/ + train-rle.csv)")
+    p.add_argument("--out", type=Path, required=True, help="report folder (report.json, report.md, plots)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from service.manifest import ManifestError
+    from training.data import DataError, index_siim
+    from training.evaluate import evaluate
+
+    try:
+        samples = index_siim(args.data)
+        summary = evaluate(args.classifier, args.segmenter, samples, args.out, f"Evaluation on {args.data.name}",
+                           str(args.data), progress=not args.quiet)
+    except (DataError, ManifestError, ValueError) as exc:
+        raise UsageError(f"training evaluate: error: {exc}") from None
+    print(json.dumps({"triage": summary["triage"], "segmentation": summary["segmentation"]["cascade"]}, indent=1))
+    return 0
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="generate synthetic data, train, export and evaluate the demo models",
+                              description="The bundled demo models in one command (under 30 minutes on 2 CPU cores).")
+    p.add_argument("--config", type=Path, default=REPO_ROOT / "training" / "configs" / "demo.yaml")
+    p.add_argument("--models", type=Path, default=REPO_ROOT / "models")
+    p.add_argument("--work", type=Path, default=REPO_ROOT / "data" / "demo", help="synthetic data, cache, runs")
+    p.add_argument("--report", type=Path, default=REPO_ROOT / "docs" / "demo-report")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from training.demo import run_demo
+
+    try:
+        result = run_demo(args.config, args.models, args.work, args.report, _command_line(None),
+                          progress=not args.quiet)
+    except ValueError as exc:
+        raise UsageError(f"training demo: error: {exc}") from None
+    summary = result["summary"]
+    print(json.dumps({"models": result["models"], "timings_s": result["timings"], "triage": summary["triage"],
+                      "gate": summary["gate"], "segmentation": summary["segmentation"]}, indent=1, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m training", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _add_synth(subparsers)
+    for add in (_add_synth, _add_train, _add_export, _add_evaluate, _add_demo):
+        add(subparsers)
     return parser
 
 

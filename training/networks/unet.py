@@ -85,6 +85,9 @@ class UNet(nn.Module):
         decoder_channels: five output widths of the decoder blocks, coarse to fine; default scales
             (256, 128, 64, 32, 16) with `width`.
         scse: add scSE attention at the end of every decoder block.
+        decoder_blocks: how many decoder blocks run (5 = up to full resolution). 3 stops at 1/4 and
+            upsamples the logits bilinearly: on a CPU the full-resolution blocks cost most of the training
+            time (thin convolutions at high resolution), for detail a 1024² film rarely needs from 256².
     """
 
     def __init__(
@@ -94,8 +97,11 @@ class UNet(nn.Module):
         width: int = IMAGENET_WIDTH,
         decoder_channels: Sequence[int] | None = None,
         scse: bool = False,
+        decoder_blocks: int = 5,
     ) -> None:
         super().__init__()
+        if decoder_blocks not in (3, 4, 5):
+            raise ValueError(f"decoder_blocks must be 3, 4 or 5, got {decoder_blocks!r}")
         self.encoder = ResNetEncoder(encoder_depth, in_channels, width)
         channels = tuple(decoder_channels) if decoder_channels is not None else default_decoder_channels(width)
         if len(channels) != 5:
@@ -106,16 +112,18 @@ class UNet(nn.Module):
         # Finest skip last; the last block restores full resolution and has no skip.
         skips = (c3, c2, c1, stem, 0)
         inputs = (c4, *channels[:-1])
-        self.decoder = nn.ModuleList(
-            DecoderBlock(i, s, o, scse) for i, s, o in zip(inputs, skips, channels, strict=True)
-        )
-        self.head = nn.Conv2d(channels[-1], 1, 3, padding=1)
+        blocks = list(zip(inputs, skips, channels, strict=True))[:decoder_blocks]
+        self.decoder = nn.ModuleList(DecoderBlock(i, s, o, scse) for i, s, o in blocks)
+        self.head = nn.Conv2d(channels[decoder_blocks - 1], 1, 3, padding=1)
 
     def forward(self, image: Tensor) -> Tensor:
         check_input_size(image)
         features = self.encoder(image)
         x = features[4]
         skips: list[Tensor | None] = [features[3], features[2], features[1], features[0], None]
-        for block, skip in zip(self.decoder, skips, strict=True):
+        for block, skip in zip(self.decoder, skips):
             x = block(x, skip)
-        return self.head(x)
+        logits = self.head(x)
+        if len(self.decoder) < 5:  # fixed by the architecture, so the exported graph is the same for any size
+            logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return logits

@@ -1,0 +1,116 @@
+"""`python -m training demo`: the bundled demo models, end to end, on a 2-core CPU.
+
+synthetic training set → cache → classifier, then segmenter (encoder from the classifier) → thresholds on
+the validation fold → ONNX + FP16 + manifests in `models/` → a separately seeded synthetic test set at the
+generator's default (realistic) difficulty → the cascade evaluated as the service runs it → report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.manifest import load_manifest, write_manifest
+from training import config as configs
+from training.data import CachedSet, build_cache, index_siim
+from training.evaluate import evaluate
+from training.export import export_model
+from training.synth.generate import SynthConfig, default_shapes_path
+from training.synth.generate import run as synthesise
+from training.tasks import input_spec
+from training.train import REFERENCE_SIZE, TrainedCascade, train_cascade
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _synth(out: Path, count: int, seed: int, prevalence: float, size: int, uncompressed: bool, progress: bool) -> None:
+    if (out / "train-rle.csv").is_file():
+        return  # generation is deterministic for its parameters; the folder name carries them
+    shapes = default_shapes_path(REPO_ROOT)
+    synthesise(SynthConfig(out=out, count=count, seed=seed, prevalence=prevalence, size=size,
+                           uncompressed=uncompressed, shapes=shapes if shapes.is_file() else None),
+               progress=progress)
+
+
+def run_demo(config_path: Path, models_root: Path, work_dir: Path, report_dir: Path, command: str,
+             progress: bool = True) -> dict[str, Any]:
+    """Train, export and evaluate; returns the evaluation summary (also written beside the models)."""
+    started = time.monotonic()
+    config = configs.load(config_path)
+    demo = config.demo
+    work_dir = Path(work_dir)
+    train_dir = work_dir / f"train-{demo.train_images}-s{config.seed}-p{demo.train_prevalence}-{demo.image_size}"
+    eval_dir = work_dir / f"eval-{demo.eval_images}-s{demo.eval_seed}-p{demo.eval_prevalence}-{demo.image_size}"
+    _synth(train_dir, demo.train_images, config.seed, demo.train_prevalence, demo.image_size, True, progress)
+    _synth(eval_dir, demo.eval_images, demo.eval_seed, demo.eval_prevalence, demo.image_size, False, progress)
+    timings = {"synthesis_s": time.monotonic() - started}
+
+    cached = build_cache(index_siim(train_dir), demo.cache_size, work_dir / "cache", progress=progress)
+    timings["cache_s"] = time.monotonic() - started - timings["synthesis_s"]
+    trained = train_cascade(config, cached, work_dir / "runs" / config.name, progress=progress)
+    timings["training_s"] = sum(fit.seconds for fit in trained.fits.values())
+
+    directories = export_cascade(trained, config, Path(models_root), command, cached)
+    summary = evaluate(directories["classification"], directories["segmentation"], index_siim(eval_dir),
+                       report_dir, f"Demo cascade {config.version}",
+                       f"{demo.eval_images} synthetic films, seed {demo.eval_seed}, prevalence {demo.eval_prevalence}, "
+                       f"{demo.image_size} px, realistic difficulty, mixed encodings", progress=progress)
+    timings["total_s"] = time.monotonic() - started
+    for directory in directories.values():
+        manifest = load_manifest(directory)
+        metrics = {**manifest.metrics, "test": _headline(summary), "timings": timings}
+        write_manifest(manifest.model_copy(update={"metrics": metrics}), directory)
+    return {"summary": summary, "timings": timings, "models": {k: str(v) for k, v in directories.items()}}
+
+
+def export_cascade(trained: TrainedCascade, config: configs.TrainConfig, models_root: Path, command: str,
+                   cached: CachedSet) -> dict[str, Path]:
+    """Both models into `models_root/<name>/<version>/` with manifests; returns the two directories."""
+    training_info = {"command": command, "config": json.loads(json.dumps(configs.to_dict(config))),
+                     "seed": config.seed, "data_fingerprint": cached.directory.name, "git_commit": _git_commit()}
+    common = {"version": config.version, "training_info": training_info, "intended_use": config.intended_use,
+              "created": datetime.date.today().isoformat()}
+    validation = {"validation": trained.validation,
+                  "fits": {name: {"best": fit.best_metric, "final": fit.final_metric, "epochs": fit.epochs,
+                                  "images_seen": fit.images_seen, "seconds": round(fit.seconds, 1),
+                                  "top_k_average_kept": fit.averaged}
+                           for name, fit in trained.fits.items()}}
+    real = np.asarray(cached.images[:4], dtype=np.float32)
+    directories = {}
+    for task, model, model_config, thresholds in (
+        ("classification", trained.classifier, config.classifier,
+         {"gate": trained.gate, "operating_point": trained.operating_point}),
+        ("segmentation", trained.segmenter, config.segmenter,
+         {"triplet": {"top_score": trained.triplet.top_score, "min_area": trained.triplet.min_area,
+                      "bottom_score": trained.triplet.bottom_score},
+          "min_area_reference_size": REFERENCE_SIZE}),
+    ):
+        spec = input_spec(model_config)
+        name = f"ptx-{'classifier' if task == 'classification' else 'segmenter'}-{config.name}"
+        out = models_root / name / config.version
+        inputs = ((real - spec.mean) / spec.std)[:, None] if spec.size == cached.size else None
+        export_model(model.cpu().eval(), out, name=name, task=task, input_spec=spec, thresholds=thresholds,
+                     metrics=validation, real_inputs=inputs, **common)
+        directories[task] = out
+    return directories
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The figures the acceptance bar reads, copied into both manifests."""
+    triage, segmentation = summary["triage"], summary["segmentation"]["cascade"]
+    return {"triage_auc": triage["auc"], "operating_point": triage["operating_point"],
+            "siim_mean_dice": segmentation["mean_dice"], "dice_positive": segmentation["mean_dice_positive"]}

@@ -1,0 +1,190 @@
+"""One training loop for both models: the model-specific parts come in as a `Task`.
+
+What it does, and why each piece is there:
+* AdamW with a cosine or one-cycle schedule, gradient accumulation (large effective batches on small
+  memory), AMP on CUDA (FP16 math where it is safe, never on CPU where it is slower);
+* validation after every epoch, early stopping on the validation metric, and a wall-clock budget (the demo
+  must finish on a 2-core CPU in a fixed time);
+* the weights of the best `k` epochs averaged at the end (the SIIM winner's checkpoint averaging, a cheap
+  SWA): kept only if the average validates at least as well as the best single epoch;
+* a resumable checkpoint after every epoch (model, optimiser, schedule, RNG states, history);
+* seeded determinism: the same seed on the same machine gives the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from training.config import ModelConfig
+from training.datasets import RadiographDataset, epoch_indices, positive_rate
+
+
+@dataclass
+class Task:
+    """The model-specific parts: the loss of a batch and the validation metric (higher is better)."""
+
+    name: str
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    validate: Callable[[nn.Module], float]
+    metric_name: str
+
+
+@dataclass
+class FitResult:
+    best_metric: float
+    final_metric: float
+    averaged: bool
+    epochs: int
+    images_seen: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _schedule(optimiser: torch.optim.Optimizer, kind: str, total_steps: int, lr: float):
+    if kind == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=max(total_steps, 1))
+    if kind == "cosine":
+        warmup = max(1, total_steps // 20)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0)
+
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Mean of floating-point tensors (weights and BatchNorm statistics); integer counters from the first."""
+    averaged = {}
+    for key, value in states[0].items():
+        if value.is_floating_point():
+            averaged[key] = torch.stack([state[key].float() for state in states]).mean(0).to(value.dtype)
+        else:
+            averaged[key] = value.clone()
+    return averaged
+
+
+def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelConfig, out_dir: Path,
+        seed: int, device: torch.device | None = None, progress: bool = True) -> FitResult:
+    """Train `model` on `dataset` (its `indices` are the training pool) and leave the chosen weights in it."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    optim = config.optim
+    seed_everything(seed)
+    model.to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    steps_per_epoch = math.ceil(len(dataset) / optim.batch_size / optim.accumulate)
+    scheduler = _schedule(optimiser, optim.schedule, steps_per_epoch * optim.epochs, optim.lr)
+    use_amp = optim.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    rng = np.random.default_rng(seed)
+    labels = dataset.cached.labels
+    pool = dataset.indices.copy()
+    history: list[dict[str, float]] = []
+    kept: list[tuple[float, int]] = []  # (metric, epoch) of the checkpoints kept for averaging
+    start_epoch, images_seen, started = 0, 0, time.monotonic()
+    checkpoint = out_dir / "last.pt"
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history, kept, images_seen = state["epoch"] + 1, state["history"], state["kept"], state["images"]
+    best = max((m for m, _ in kept), default=-math.inf)
+    stale = 0  # epochs since the best one; a resumed run recounts it from its history
+    for entry in history:
+        stale = 0 if entry["metric"] >= entry["best"] else stale + 1
+    for epoch in range(start_epoch, optim.epochs):
+        rate = positive_rate(config.sampling, epoch / max(1, optim.epochs - 1))
+        order = epoch_indices(labels, pool, rate, rng)
+        view = RadiographDataset(dataset.cached, order, dataset.spec, dataset.pipeline)
+        loader = DataLoader(view, batch_size=optim.batch_size, shuffle=False, num_workers=optim.workers,
+                            drop_last=len(view) > optim.batch_size)
+        model.train()
+        running, batches = 0.0, 0
+        bar = loader
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(loader, desc=f"{task.name} {epoch + 1}/{optim.epochs}", unit="batch", leave=False)
+        optimiser.zero_grad(set_to_none=True)
+        for step, (images, masks, targets) in enumerate(bar):
+            images, masks, targets = images.to(device), masks.to(device), targets.to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss = task.loss(model, images, masks, targets) / optim.accumulate
+            scaler.scale(loss).backward()
+            if (step + 1) % optim.accumulate == 0 or step + 1 == len(loader):
+                scaler.step(optimiser)
+                scaler.update()
+                optimiser.zero_grad(set_to_none=True)
+                scheduler.step()
+            running += float(loss.detach()) * optim.accumulate
+            batches += 1
+            images_seen += len(images)
+            if progress:
+                bar.set_postfix(loss=f"{running / batches:.4f}")
+        model.eval()
+        metric = float(task.validate(model))
+        torch.save(copy.deepcopy(model.state_dict()), out_dir / f"epoch{epoch:03d}.pt")
+        kept = sorted(kept + [(metric, epoch)], reverse=True)
+        for _, dropped in kept[optim.average_top_k :]:
+            (out_dir / f"epoch{dropped:03d}.pt").unlink(missing_ok=True)
+        kept = kept[: optim.average_top_k]
+        stale = 0 if metric > best else stale + 1
+        best = max(best, metric)
+        history.append({"epoch": epoch, "loss": running / max(1, batches), "metric": metric, "best": best,
+                        "positive_rate": rate if rate is not None else float(labels[pool].mean()),
+                        "seconds": time.monotonic() - started})
+        print(f"{task.name} epoch {epoch + 1}: loss {running / max(1, batches):.4f} {task.metric_name} {metric:.4f} "
+              f"(best {best:.4f}) {time.monotonic() - started:.0f}s", flush=True)
+        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": history, "kept": kept,
+                    "images": images_seen}, checkpoint)
+        over_time = optim.minutes is not None and time.monotonic() - started > optim.minutes * 60
+        if stale >= optim.early_stopping or over_time:
+            break
+    return _finish(model, task, out_dir, kept, history, images_seen, time.monotonic() - started, device)
+
+
+def _finish(model: nn.Module, task: Task, out_dir: Path, kept: list[tuple[float, int]],
+            history: list[dict[str, float]], images_seen: int, seconds: float, device: torch.device) -> FitResult:
+    """Average the kept checkpoints; keep the average only if it validates at least as well as the best one."""
+    states = [torch.load(out_dir / f"epoch{epoch:03d}.pt", map_location=device, weights_only=True) for _, epoch in kept]
+    best_metric, best_epoch = kept[0]
+    averaged = False
+    final = best_metric
+    if len(states) > 1:
+        model.load_state_dict(average_state_dicts(states))
+        model.eval()
+        final = float(task.validate(model))
+        averaged = final >= best_metric
+    if not averaged:
+        model.load_state_dict(states[0])
+        final = best_metric
+    model.eval()
+    print(f"{task.name}: best epoch {best_epoch + 1} {task.metric_name} {best_metric:.4f}; "
+          f"top-{len(states)} average {'kept' if averaged else 'not better, best epoch kept'} -> {final:.4f}", flush=True)
+    return FitResult(best_metric, final, averaged, len(history), images_seen, seconds, history)
