@@ -9,7 +9,7 @@ CONSTRAINTS := -c constraints.txt
 PORT ?= 3000
 DEPS := pyproject.toml requirements/serve.txt constraints.txt
 
-.PHONY: serve test install-serve install-dev synth clean
+.PHONY: serve test install-serve install-dev synth models clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: $(VENV)/.dev-installed
 # 200 synthetic SIIM-format radiographs into data/synth (see `python -m training synth --help`).
 synth: $(VENV)/.dev-installed
 	$(BIN)/python -m training synth --out data/synth --count 200 --seed 1
+
+# The bundled demo models: synthetic data, training, export and evaluation (< 30 min on 2 CPU cores).
+models: $(VENV)/.dev-installed
+	$(BIN)/python -m training demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -33,7 +33,8 @@ _HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 #: A metric value: a number, None (undefined, e.g. Dice with no positives) or a nested group of them.
 MetricValue = TypeAliasType(
-    "MetricValue", Union[Annotated[float, Field(allow_inf_nan=False)], None, dict[str, "MetricValue"]]
+    "MetricValue",
+    Union[Annotated[float, Field(allow_inf_nan=False)], None, list["MetricValue"], dict[str, "MetricValue"]],
 )
 
 
@@ -253,8 +254,13 @@ def load_manifest(directory: str | Path) -> Manifest:
 
 
 def write_manifest(manifest: Manifest, directory: str | Path) -> Path:
-    """Write `manifest.json` (indented, keys in schema order) after checking it against the files."""
+    """Write `manifest.json` (indented, keys in schema order) after checking it against the files.
+
+    The manifest is validated again first: `model_copy(update=...)` does not validate, and a manifest the
+    service cannot read back must never reach the disk.
+    """
     directory = Path(directory)
+    manifest = Manifest.model_validate(manifest.model_dump(mode="json", warnings=False))  # errors come next
     verify_files(manifest, directory)
     path = directory / MANIFEST_FILE
     path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")

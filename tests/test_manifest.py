@@ -18,6 +18,7 @@ from service.manifest import (
     sha256_file,
     triplet,
     version_key,
+    write_manifest,
 )
 from service.postprocess import TripletThreshold
 from service.preprocess import InputSpec
@@ -190,3 +191,16 @@ def test_find_models_refuses_a_tampered_or_misfiled_model(tmp_path: Path) -> Non
     (misfiled / "ptx-seg" / "2.0").rename(misfiled / "ptx-seg" / "3.0")
     with pytest.raises(ManifestError, match=r"manifest says ptx-seg/2\.0 but lives in ptx-seg/3\.0"):
         find_models(misfiled)
+
+
+def test_write_manifest_refuses_an_invalid_update_and_keeps_interval_metrics(tmp_path):
+    """model_copy(update=...) skips validation; write_manifest must not let such a manifest reach the disk."""
+    directory = write_model(tmp_path)
+    manifest = load_manifest(directory)
+    with_interval = manifest.model_copy(update={"metrics": {"test": {"sensitivity_ci95": [0.88, 0.97], "auc": 0.9}}})
+    write_manifest(with_interval, directory)
+    assert load_manifest(directory).metrics["test"]["sensitivity_ci95"] == [0.88, 0.97]
+    broken = manifest.model_copy(update={"metrics": {"auc": "high"}})
+    with pytest.raises(ValueError, match="metrics"):
+        write_manifest(broken, directory)
+    assert load_manifest(directory).metrics["test"]["auc"] == 0.9, "the file on disk is unchanged"

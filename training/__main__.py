@@ -123,23 +123,34 @@ def _add_train(subparsers) -> None:
     p.set_defaults(handler=_run_train)
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def _config_and_cache(args: argparse.Namespace, command: str, progress: bool):
+    """The run's config and its data cache, or a one-line usage error naming what is wrong."""
     from training import config as configs
     from training.data import DataError, build_cache, index_folder
-    from training.demo import export_cascade
-    from training.train import train_cascade
 
     try:
         config = configs.load(args.config)
         folder = args.data or Path(config.data.folder)
-        cached = build_cache(index_folder(folder), _cache_size(config), Path(config.data.cache),
-                             progress=not args.quiet)
+        return config, build_cache(index_folder(folder), _cache_size(config), Path(config.data.cache),
+                                   progress=progress)
     except (DataError, ValueError) as exc:
-        raise UsageError(f"training train: error: {exc}") from None
-    trained = train_cascade(config, cached, args.work / config.name, progress=not args.quiet)
-    directories = export_cascade(trained, config, args.models, _command_line(None), cached)
+        raise UsageError(f"training {command}: error: {exc}") from None
+
+
+def _export(trained, config, cached, models: Path) -> int:
+    from training.demo import export_cascade
+
+    directories = export_cascade(trained, config, models, _command_line(None), cached)
     print(f"exported {directories['classification']} and {directories['segmentation']}")
     return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from training.train import train_cascade
+
+    config, cached = _config_and_cache(args, "train", progress=not args.quiet)
+    trained = train_cascade(config, cached, args.work / config.name, progress=not args.quiet)
+    return _export(trained, config, cached, args.models)
 
 
 def _add_export(subparsers) -> None:
@@ -152,23 +163,12 @@ def _add_export(subparsers) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from training import config as configs
     from training import train
-    from training.data import DataError, build_cache, index_folder
-    from training.demo import export_cascade
 
-    try:
-        config = configs.load(args.config)
-        if not (args.run / "cascade.pt").is_file():
-            raise ValueError(f"{args.run / 'cascade.pt'} not found: is this a finished `train` run?")
-        trained = train.load(args.run / "cascade.pt", config)
-        cached = build_cache(index_folder(args.data or Path(config.data.folder)), _cache_size(config),
-                             Path(config.data.cache), progress=False)
-    except (DataError, ValueError) as exc:
-        raise UsageError(f"training export: error: {exc}") from None
-    directories = export_cascade(trained, config, args.models, _command_line(None), cached)
-    print(f"exported {directories['classification']} and {directories['segmentation']}")
-    return 0
+    if not (args.run / "cascade.pt").is_file():
+        raise UsageError(f"training export: error: {args.run / 'cascade.pt'} not found: is this a finished `train` run?")
+    config, cached = _config_and_cache(args, "export", progress=False)
+    return _export(train.load(args.run / "cascade.pt", config), config, cached, args.models)
 
 
 def _add_evaluate(subparsers) -> None:

@@ -8,6 +8,7 @@ generator's default (realistic) difficulty → the cascade evaluated as the serv
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import subprocess
 import time
@@ -61,7 +62,8 @@ def run_demo(config_path: Path, models_root: Path, work_dir: Path, report_dir: P
 
     cached = build_cache(index_siim(train_dir), demo.cache_size, work_dir / "cache", progress=progress)
     timings["cache_s"] = time.monotonic() - started - timings["synthesis_s"]
-    trained = train_cascade(config, cached, work_dir / "runs" / config.name, progress=progress)
+    run_key = hashlib.sha256(repr(config).encode()).hexdigest()[:10]  # a changed config never resumes an old run
+    trained = train_cascade(config, cached, work_dir / "runs" / f"{config.name}-{run_key}", progress=progress)
     timings["training_s"] = sum(fit.seconds for fit in trained.fits.values())
 
     directories = export_cascade(trained, config, Path(models_root), command, cached)

@@ -26,7 +26,8 @@ from training.report import CascadeOutputs, summarise, write_report
 
 SCORE_DEFINITION = (
     "The triage score is the classifier's probability (sigmoid of its logit) for 'pneumothorax present', "
-    "computed on the whole film at the classifier's input size. The classifier was trained with an "
+    "computed on the whole film at the classifier's input size and averaged with the same for the mirrored "
+    "film (hflip TTA). The classifier was trained with an "
     "auxiliary segmentation head (multi-task), so its image-level score is learned from pixel-level "
     "evidence; the head itself is not used at inference. The segmenter only shapes the mask."
 )

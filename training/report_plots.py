@@ -164,7 +164,8 @@ def plot_examples(outputs: CascadeOutputs, examples: Mapping[str, Sequence[int]]
                 ax.set_axis_off()
                 continue
             i = indices[c]
-            title = f"{_KIND_TITLES[kind]} {outputs.image_ids[i]}  s={scores[i]:.2f}"
+            short_id = str(outputs.image_ids[i])[-10:]  # UIDs run to 64 characters: the tail identifies the film
+            title = f"{_KIND_TITLES[kind]} …{short_id}  s={scores[i]:.2f}"
             _draw_tile(ax, np.asarray(outputs.images[i]), outputs.masks_true[i], outputs.masks_pred[i], title)
     fig.suptitle("green: ground truth, red: cascade mask", fontsize=8)
     fig.tight_layout()

@@ -104,8 +104,12 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
     kept: list[tuple[float, int]] = []  # (metric, epoch) of the checkpoints kept for averaging
     start_epoch, images_seen, started = 0, 0, time.monotonic()
     checkpoint = out_dir / "last.pt"
+    fingerprint = repr(config)
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state.get("config") != fingerprint:
+            raise ValueError(f"{checkpoint} belongs to a run with another configuration; "
+                             "resume only with the same config, or start in a new folder")
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
@@ -162,7 +166,7 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
         torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": history, "kept": kept,
-                    "images": images_seen}, checkpoint)
+                    "images": images_seen, "config": fingerprint}, checkpoint)
         over_time = optim.minutes is not None and time.monotonic() - started > optim.minutes * 60
         if stale >= optim.early_stopping or over_time:
             break

@@ -82,3 +82,23 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     config.write_text("name: x\nclassifier: {optim: {lrr: 1}}\n")
     assert training_main(["train", "--config", str(config), "--data", str(tmp_path)]) == 2
     assert "classifier.optim.lrr" in capsys.readouterr().err
+
+
+def test_training_resumes_only_with_the_same_config(tiny_data, tmp_path):
+    from training.data import build_cache
+    from training.datasets import RadiographDataset
+    from training.tasks import build_classifier, classifier_task, input_spec
+    from training.trainer import fit
+
+    torch.set_num_threads(1)
+    config = from_dict(TINY).classifier
+    cached = build_cache(index_siim(tiny_data / "train"), 64, tmp_path / "cache", workers=1, progress=False)
+    spec = input_spec(config)
+    train = RadiographDataset(cached, np.arange(20), spec)
+    val = RadiographDataset(cached, np.arange(20, 30), spec)
+    first = fit(build_classifier(config), classifier_task(config, val), train, config, tmp_path / "run", 1, progress=False)
+    again = fit(build_classifier(config), classifier_task(config, val), train, config, tmp_path / "run", 1, progress=False)
+    assert again.epochs == first.epochs and again.images_seen == first.images_seen, "finished run resumed, not redone"
+    changed = from_dict({**TINY, "classifier": {**TINY["classifier"], "optim": {"epochs": 3, "batch_size": 8}}}).classifier
+    with pytest.raises(ValueError, match="another configuration"):
+        fit(build_classifier(changed), classifier_task(changed, val), train, changed, tmp_path / "run", 1, progress=False)
