@@ -82,9 +82,7 @@ class Cascade:
             rows, columns = film.shape
             if index in by_film:
                 probability = to_original(by_film[index], rows, columns)
-                scale = rows * columns / self.triplet_reference_size**2
-                rule = TripletThreshold(self.triplet.top_score, int(round(self.triplet.min_area * scale)),
-                                        self.triplet.bottom_score)
+                rule = self.triplet.at_size((rows, columns), from_size=self.triplet_reference_size)
                 mask, peak = rule.apply(probability), float(probability.max())
             else:
                 mask, peak = np.zeros((rows, columns), dtype=bool), 0.0

@@ -38,8 +38,12 @@ class AugmentConfig:
                 raise ValueError(f"augmentation probability {name} must be <= 1, got {getattr(self, name)}")
 
 
-def build(config: AugmentConfig, size: int) -> A.Compose | None:
-    """The pipeline for `size`-pixel training images, or None when `strength` is 0."""
+def build(config: AugmentConfig, size: int, seed: int = 0) -> A.Compose | None:
+    """The pipeline for `size`-pixel training images, or None when `strength` is 0.
+
+    albumentations keeps its own random generator per pipeline, untouched by numpy's or Python's seeds:
+    `seed` is what makes a training run repeatable (DataLoader workers reseed their copies, see trainer).
+    """
     s = config.strength
     if s <= 0:
         return None
@@ -65,7 +69,8 @@ def build(config: AugmentConfig, size: int) -> A.Compose | None:
                     p=config.distortion),
             A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(hole, 2 * hole),
                             hole_width_range=(hole, 2 * hole), fill=0.5, p=config.dropout),
-        ]
+        ],
+        seed=seed,
     )
 
 

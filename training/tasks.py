@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.preprocess import InputSpec
+from service.preprocess import InputSpec, resize
 from training import losses, metrics
 from training.config import ModelConfig
 from training.data import CachedSet
@@ -86,17 +86,16 @@ def segmenter_task(config: ModelConfig, validation: RadiographDataset) -> Task:
     def validate(model: nn.Module) -> float:
         probabilities = predict(model, validation)[:, 0]
         truths = np.asarray(validation.cached.masks)[validation.indices] > 127
-        truths = _at_size(truths, probabilities.shape[-1])
+        truths = masks_at_size(truths, probabilities.shape[-1])
         return metrics.mean_dice_positive(list(probabilities > 0.5), list(truths))
 
     return Task("segmenter", loss, validate, "Dice+")
 
 
-def _at_size(masks: np.ndarray, size: int) -> np.ndarray:
+def masks_at_size(masks: np.ndarray, size: int) -> np.ndarray:
+    """Boolean (N, H, W) masks resized to (N, size, size) by coverage > 0.5 (the cache may be larger)."""
     if masks.shape[-1] == size:
         return masks
-    from service.preprocess import resize
-
     return np.stack([resize(m.astype(np.float32), size, size) > 0.5 for m in masks])
 
 

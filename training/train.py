@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.postprocess import TripletThreshold
+from service.postprocess import TripletThreshold, scale_min_area
 from training import augment, metrics
 from training.config import TrainConfig
 from training.data import CachedSet, make_folds, write_folds
 from training.datasets import RadiographDataset
 from training.tasks import (
-    _at_size,
     build_classifier,
     build_segmenter,
     classifier_task,
     input_spec,
+    masks_at_size,
     positives,
     predict,
     segmenter_task,
@@ -66,7 +66,7 @@ def train_cascade(config: TrainConfig, cached: CachedSet, out_dir: Path, progres
     cls_val = RadiographDataset(cached, val_idx, cls_spec)
     classifier = build_classifier(cls)
     cls_fit = fit(classifier, classifier_task(cls, cls_val),
-                  RadiographDataset(cached, train_idx, cls_spec, augment.build(cls.augment, cls_spec.size)),
+                  RadiographDataset(cached, train_idx, cls_spec, augment.build(cls.augment, cls_spec.size, config.seed)),
                   cls, out_dir / "classifier", config.seed, progress=progress)
 
     seg = config.segmenter
@@ -76,7 +76,7 @@ def train_cascade(config: TrainConfig, cached: CachedSet, out_dir: Path, progres
     if seg.network.encoder_from_classifier:
         segmenter.encoder.load_state_dict(classifier.encoder.state_dict())
     seg_fit = fit(segmenter, segmenter_task(seg, seg_val),
-                  RadiographDataset(cached, train_idx, seg_spec, augment.build(seg.augment, seg_spec.size)),
+                  RadiographDataset(cached, train_idx, seg_spec, augment.build(seg.augment, seg_spec.size, config.seed + 1)),
                   seg, out_dir / "segmenter", config.seed + 1, progress=progress)
 
     trained = TrainedCascade(classifier, segmenter, 0.5, 0.5, TripletThreshold(),
@@ -121,13 +121,12 @@ def choose_thresholds(trained: TrainedCascade, config: TrainConfig, cached: Cach
     if len(gated):
         maps = predict(trained.segmenter, RadiographDataset(cached, gated, seg_spec), hflip=evaluation.tta_hflip)
         probabilities[np.isin(val_idx, gated)] = maps[:, 0]
-    truths = _at_size(np.asarray(cached.masks)[val_idx] > 127, size)
-    scale = (size / REFERENCE_SIZE) ** 2
-    areas = sorted({int(round(area * scale)) for area in evaluation.triplet_areas})
+    truths = masks_at_size(np.asarray(cached.masks)[val_idx] > 127, size)
+    areas = sorted({scale_min_area(area, REFERENCE_SIZE, size) for area in evaluation.triplet_areas})
     rule, dice, _ = search_triplet(list(probabilities), list(truths), evaluation.triplet_tops, areas,
                                    evaluation.triplet_bottoms)
     trained.gate, trained.operating_point = float(gate), float(operating_point)
-    trained.triplet = TripletThreshold(rule.top_score, int(round(rule.min_area / scale)), rule.bottom_score)
+    trained.triplet = rule.at_size(REFERENCE_SIZE, from_size=size)  # manifests state min_area at 1024²
     trained.validation = {
         "classifier_auc": metrics.roc_auc(scores, labels),
         "operating_point_sensitivity": float(np.mean(scores[labels > 0] >= operating_point)),

@@ -72,6 +72,18 @@ def _schedule(optimiser: torch.optim.Optimizer, kind: str, total_steps: int, lr:
     return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0)
 
 
+def _reseed_worker(seed: int, epoch: int) -> Callable[[int], None]:
+    """Give each DataLoader worker's copy of the augmentation pipeline its own, repeatable stream."""
+
+    def init(worker: int) -> None:
+        info = torch.utils.data.get_worker_info()
+        pipeline = getattr(info.dataset, "pipeline", None) if info else None
+        if pipeline is not None:
+            pipeline.set_random_seed(seed * 1000 + epoch * 100 + worker)
+
+    return init
+
+
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Mean of floating-point tensors (weights and BatchNorm statistics); integer counters from the first."""
     averaged = {}
@@ -125,7 +137,7 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
         order = epoch_indices(labels, pool, rate, rng)
         view = RadiographDataset(dataset.cached, order, dataset.spec, dataset.pipeline)
         loader = DataLoader(view, batch_size=optim.batch_size, shuffle=False, num_workers=optim.workers,
-                            drop_last=len(view) > optim.batch_size)
+                            drop_last=len(view) > optim.batch_size, worker_init_fn=_reseed_worker(seed, epoch))
         model.train()
         running, batches = 0.0, 0
         bar = loader

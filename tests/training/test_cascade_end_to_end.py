@@ -102,3 +102,26 @@ def test_training_resumes_only_with_the_same_config(tiny_data, tmp_path):
     changed = from_dict({**TINY, "classifier": {**TINY["classifier"], "optim": {"epochs": 3, "batch_size": 8}}}).classifier
     with pytest.raises(ValueError, match="another configuration"):
         fit(build_classifier(changed), classifier_task(changed, val), train, changed, tmp_path / "run", 1, progress=False)
+
+
+def test_same_seed_same_weights(tiny_data, tmp_path):
+    from training.datasets import RadiographDataset
+    from training.tasks import build_classifier, classifier_task, input_spec
+    from training.trainer import fit, seed_everything
+    from training import augment as augmentation
+
+    torch.set_num_threads(1)
+    config = from_dict({**TINY, "classifier": {**TINY["classifier"], "optim": {"epochs": 1, "batch_size": 8}}}).classifier
+    cached = build_cache(index_siim(tiny_data / "train"), 64, tmp_path / "cache", workers=1, progress=False)
+    spec = input_spec(config)
+    states = []
+    for run in ("a", "b", "c"):
+        seed_everything(7 if run != "c" else 8)  # the network's initialisation is seeded too
+        model = build_classifier(config)
+        train = RadiographDataset(cached, np.arange(20), spec,
+                                  augmentation.build(config.augment, spec.size, 7 if run != "c" else 8))
+        val = RadiographDataset(cached, np.arange(20, 30), spec)
+        fit(model, classifier_task(config, val), train, config, tmp_path / run, 7 if run != "c" else 8, progress=False)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0] if states[0][k].is_floating_point())
