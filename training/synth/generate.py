@@ -8,6 +8,7 @@ output is byte-identical whatever the worker count or scheduling. Results come b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -129,7 +130,8 @@ def run(config: SynthConfig, progress: bool = True) -> dict:
             pool.join()
     (config.out / "train-rle.csv").write_text("ImageId, EncodedPixels\n" + "".join(r + "\n" for r in rows))
     source = load_shape_source(config).describe() if config.shapes is None else {
-        "kind": "siim", "path": str(config.shapes)}
+        "kind": "siim", "path": str(config.shapes),
+        "sha256": hashlib.sha256(Path(config.shapes).read_bytes()).hexdigest()}  # the path means nothing elsewhere
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k not in ("out", "workers")}
     summary = {"generator": "training.synth", "options": options, "shape_source": source,
                "contrast_ranges_realistic": {"lesion": list(lesions.LESION_CONTRAST), "line": list(lesions.LINE_CONTRAST)},
