@@ -1,0 +1,56 @@
+"""All service settings in one typed object: `PTX_*` environment variables over an optional TOML file.
+
+`PTX_CONFIG_FILE=/etc/ptx/service.toml` names the file (keys as below, lower case); an environment
+variable always wins over the file, and the file over the defaults. Unknown keys are errors, so a misspelt
+setting never silently keeps its default. Defaults are the embedded ones `make serve` runs with: the bundled
+demo models from `models/`, SQLite under `data/`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PTX_", extra="forbid", frozen=True)
+
+    models_dir: Path = Field(default_factory=lambda: REPO_ROOT / "models")
+    classifier: str | None = None  # model name in models_dir; None: the only classification model there
+    segmenter: str | None = None
+    data_dir: Path = Field(default_factory=lambda: REPO_ROOT / "data" / "service")
+    database_url: str | None = None  # None: SQLite in data_dir; postgresql://... for PostgreSQL
+    hflip_tta: bool = True
+    mm_morphology: bool = False
+    stat_score: float = Field(default=0.9, gt=0, le=1)
+    stat_area_mm2: float = Field(default=3000.0, gt=0)
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    max_latency_ms: int = Field(default=20000, ge=100)
+    intra_op_threads: int = Field(default=0, ge=0)
+    reject_inverted: bool = False
+    max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+
+
+def load_settings(config_file: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Settings from the TOML file (argument, else $PTX_CONFIG_FILE) with environment variables on top."""
+    environ = dict(os.environ if environ is None else environ)
+    path = config_file or (Path(environ["PTX_CONFIG_FILE"]) if environ.get("PTX_CONFIG_FILE") else None)
+    from_file: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ValueError(f"settings file {path} (PTX_CONFIG_FILE) not found")
+        with path.open("rb") as handle:
+            from_file = tomllib.load(handle)
+    known = set(Settings.model_fields)
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)} in {path}; known: {', '.join(sorted(known))}")
+    from_env = {name: environ[f"PTX_{name.upper()}"] for name in known if f"PTX_{name.upper()}" in environ}
+    return Settings.model_validate({**from_file, **from_env})

@@ -1,0 +1,35 @@
+"""Settings: defaults, TOML file, environment over file, unknown keys and bad values refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import REPO_ROOT, load_settings
+
+
+def test_defaults_are_the_embedded_ones():
+    settings = load_settings(environ={})
+    assert settings.models_dir == REPO_ROOT / "models" and settings.database_url is None
+    assert settings.max_batch_size == 8 and settings.hflip_tta is True
+
+
+def test_environment_wins_over_file(tmp_path):
+    file = tmp_path / "service.toml"
+    file.write_text('max_batch_size = 16\nstat_score = 0.8\ndatabase_url = "postgresql://db/ptx"\n')
+    settings = load_settings(environ={"PTX_CONFIG_FILE": str(file), "PTX_MAX_BATCH_SIZE": "4", "PTX_HFLIP_TTA": "false"})
+    assert settings.max_batch_size == 4 and settings.stat_score == 0.8 and settings.hflip_tta is False
+    assert settings.database_url == "postgresql://db/ptx"
+
+
+def test_unknown_and_invalid_settings_are_refused(tmp_path):
+    file = tmp_path / "service.toml"
+    file.write_text("max_bach_size = 16\n")
+    with pytest.raises(ValueError, match="unknown setting.*max_bach_size"):
+        load_settings(file, environ={})
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        load_settings(environ={"PTX_MAX_BATCH_SIZE": "0"})
+    with pytest.raises(ValueError, match="not found"):
+        load_settings(Path("/nonexistent.toml"), environ={})
