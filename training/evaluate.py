@@ -2,12 +2,13 @@
 
 The models are loaded through their manifests (hash-checked), run by the service's ONNX Runtime backend
 inside the service's `Cascade`, on films decoded by `read_radiograph` at their full resolution; the masks
-are compared with the ground truth at that resolution. TTA on and off are both measured (the classifier
-runs once; only the segmenter is run again without the mirrored pass).
+are compared with the ground truth at that resolution. TTA on and off are both measured: the second run
+is the whole cascade without the mirrored passes (classifier and segmenter), so its gating may differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,9 +57,9 @@ def load_cascade(classifier_dir: Path, segmenter_dir: Path, hflip_tta: bool = Tr
 
 def run(cascade: Cascade, samples: Sequence[Sample], batch_size: int = 8, overlay_size: int = 256,
         progress: bool = True) -> tuple[CascadeOutputs, float]:
-    """The cascade over `samples`, with and without TTA (masks only: the scores are the served ones, with
-    TTA); returns the outputs and seconds per film."""
-    without_tta = Cascade(**{**cascade.__dict__, "hflip_tta": False})
+    """The cascade over `samples`, and the masks of the same cascade without TTA; the scores reported are
+    the served ones (with TTA). Returns the outputs and seconds per film (both runs, decoding once)."""
+    without_tta = dataclasses.replace(cascade, hflip_tta=False)
     labels, scores, gated, truths, with_tta, no_tta, overlays = [], [], [], [], [], [], []
     started = time.perf_counter()
     chunks = range(0, len(samples), batch_size)
@@ -105,7 +106,7 @@ def evaluate(classifier_dir: Path, segmenter_dir: Path, samples: Sequence[Sample
     outputs, seconds = run(cascade, samples, progress=progress)
     info.update({"score_definition": SCORE_DEFINITION, "data": data_description,
                  "seconds_per_film_cpu_with_and_without_tta": round(seconds, 4)})
-    outputs = CascadeOutputs(**{**outputs.__dict__, "info": info})
+    outputs = dataclasses.replace(outputs, info=info)
     summary = summarise(outputs)
     write_report(outputs, summary, out_dir, title)
     return summary
