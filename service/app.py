@@ -1,66 +1,394 @@
-"""The HTTP edge (BentoML). Thin by design: it parses requests and answers; plain modules decide everything.
+"""The BentoML service: an HTTP edge (`Triage`) in front of a model worker (`Models`) that batches.
 
-Today it decodes and validates radiographs (`POST /v1/inspect`), so a PACS team can check what the service
-will make of their files. Triage (`POST /v1/triage`) arrives with the model pipeline. BentoML itself serves
-`/healthz`, `/livez`, `/readyz` and `/metrics`.
+    client ─HTTP→ Triage (decode + preprocess in threads) ─→ Models.classify  (adaptive batch)
+                         gate: score ≥ manifest gate      ─→ Models.segment   (adaptive batch, gated only)
+                         conclude in threads (mask at film size, instances, RLE, priority) ─→ JSON
+
+Why two services and not one with two batchable methods: BentoML batches a method only when the call
+arrives through its server; a service calling its own method goes through an in-process JSON round trip
+(a 256² float map as a JSON list costs more than the model), whereas a dependency is called with pickle.
+Why one model worker holding both models and not one per model: on a CPU box both models want every core,
+so a single worker running one batch at a time with all intra-op threads beats two workers fighting over
+the same cores; on a GPU the two models share one device anyway. Each model still has its own batcher.
+The edge keeps the GIL-heavy, per-film work (DICOM parsing, PNG/RLE) away from the batch dispatcher.
+
+Errors are JSON `{"error": {"code", "message"}}`: 400 not DICOM / bad parameter, 413 too large, 415 media
+type, 422 rejected radiograph (the imaging code), 503 overloaded (with Retry-After), 500 model failure.
+BentoML serves /healthz, /livez, /readyz (ready once the models are loaded and warmed) and /metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import anyio
 import bentoml
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
+import numpy as np
+from bentoml.exceptions import BentoMLException
+from fastapi import FastAPI, Query
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from service.imaging import read_radiograph
+from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut
+from service.finding import Finding
+from service.metrics import child, metrics
+from service.model_set import ModelSet, resolve
 from service.radiograph import RadiographError
+from service.runtime import ModelRunner, unpack
+from service.settings import load_settings
+from service.triage import Edge, Prepared
 
+log = logging.getLogger("ptx.app")
+# BentoML configures its own loggers and leaves the root at WARNING; ours report model loading, providers and
+# warm-up at INFO through BentoML's handlers (same format, same destination).
+logging.getLogger("ptx").setLevel(logging.INFO)
+
+SETTINGS = load_settings()  # read once per process; BentoML imports this module in every worker
 BODY_TYPES = ("application/dicom", "application/octet-stream", "image/png")
+MASK_FORMATS = ("png", "rle", "none")
 
 
-def error(code: str, message: str, status: int) -> JSONResponse:
+class ApiError(Exception):
+    """An answer other than 200, with its stable code; raised anywhere in a request, answered in one place."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+    def response(self) -> JSONResponse:
+        return error(self.code, self.message, self.status, self.headers)
+
+
+def error(code: str, message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
     """Every error has one shape: {"error": {"code", "message"}}."""
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-async def _payload(request: Request) -> bytes | JSONResponse:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type == "multipart/form-data":
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            return error("missing_file", "multipart body needs a file field named 'file'", 400)
-        return await upload.read()
-    if media_type in BODY_TYPES:
-        return await request.body()
-    return error(
-        "unsupported_media_type",
-        f"Content-Type {media_type or 'absent'!r}; send {', '.join(BODY_TYPES)} or multipart/form-data",
-        415,
-    )
+def overloaded(message: str) -> ApiError:
+    metrics().overloaded.inc()
+    return ApiError(503, "overloaded", message, {"Retry-After": str(SETTINGS.retry_after_s)})
 
 
-async def inspect(request: Request) -> JSONResponse:
-    """Decode and validate one radiograph; answer its metadata, or the rejection with its code."""
-    payload = await _payload(request)
-    if isinstance(payload, JSONResponse):
-        return payload
+# --------------------------------------------------------------------------------------------------------------
+# The model worker
+
+
+@bentoml.service(name="ptx-models", workers=1, threads=1, traffic={"timeout": 300},
+                 logging={"access": {"enabled": False}})
+class Models:
+    """Both models in one process, one batch at a time; each model batched adaptively by BentoML.
+
+    No access log here: every film makes one or two internal calls, already logged once at the edge.
+    """
+
+    def __init__(self) -> None:
+        self.models = resolve(SETTINGS)
+        self.runner = ModelRunner(self.models, SETTINGS)
+        if SETTINGS.warmup:
+            self.runner.warmup((1, SETTINGS.max_batch_size))
+        registry = metrics()
+        for entry, backend in zip(self.models.entries(), (self.runner.classifier, self.runner.segmenter)):
+            registry.model_info.labels(role=entry.role, name=entry.manifest.name, version=entry.manifest.version,
+                                       backend=backend.name, provider=getattr(backend, "provider", "unknown")).set(1)
+            registry.ready.labels(role=entry.role).set(1)
+        self._children = {role: (registry.batch_size.labels(model=role), registry.model_batch_seconds.labels(model=role))
+                          for role in ("classifier", "segmenter")}
+
+    def _observe(self, model: str, batch: np.ndarray, packed: np.ndarray) -> np.ndarray:
+        """Batch size and run time, per batch (children cached: `labels()` costs more than `observe()`)."""
+        sizes, seconds = self._children[model]
+        sizes.observe(len(batch))
+        seconds.observe(float(packed[0, -2]) if len(packed) else 0.0)
+        return packed
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
+                 max_latency_ms=SETTINGS.max_latency_ms)
+    def classify(self, batch: np.ndarray) -> np.ndarray:
+        """Packed triage scores (see `service.runtime.pack`) for preprocessed classifier inputs."""
+        return self._observe("classifier", batch, self.runner.classify(batch))
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
+                 max_latency_ms=SETTINGS.max_latency_ms)
+    def segment(self, batch: np.ndarray) -> np.ndarray:
+        """Packed probability maps for preprocessed segmenter inputs (gated films only)."""
+        return self._observe("segmenter", batch, self.runner.segment(batch))
+
+    @bentoml.api
+    def backends(self) -> dict[str, str]:
+        """Which engine runs each model (e.g. onnxruntime-cpu, torch-cuda-fp16)."""
+        return {"classifier": self.runner.classifier.name, "segmenter": self.runner.segmenter.name}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The HTTP edge
+
+http = FastAPI(title="ptx-triage", version="1", description=__doc__.split("\n\n")[0])
+
+RECONNECT_ATTEMPTS = 3
+
+
+async def _with_reconnect(call: Any, batch: np.ndarray) -> Any:
+    """Call the model worker, retrying a call whose connection was closed under it (calls are idempotent).
+
+    See `_keep_session`: the retry covers a worker restart; the session swap is switched off there.
+    """
+    for attempt in range(RECONNECT_ATTEMPTS):
+        try:
+            return await call(batch)
+        except aiohttp.ClientConnectionError:
+            if attempt == RECONNECT_ATTEMPTS - 1:
+                raise
+            log.info("model worker connection closed in flight; retrying (attempt %d)", attempt + 2)
+    raise AssertionError("unreachable")
+
+
+def _service() -> Triage:
+    return bentoml.get_current_service()  # type: ignore[no-any-return]
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it exceeds the limit (declared or streamed)."""
+    limit = SETTINGS.max_file_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes "
+                                         "(PTX_MAX_FILE_BYTES)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", f"request body exceeds the limit of {limit} bytes (PTX_MAX_FILE_BYTES)")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # noqa: SLF001 -- lets Starlette's form parser reuse the bytes already read
+    return body
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _payloads(request: Request, many: bool) -> list[tuple[str | None, bytes]]:
+    """(filename, bytes) of each uploaded file: a raw body, or multipart `file` field(s)."""
+    media_type = _media_type(request)
+    if media_type in BODY_TYPES and not many:
+        return [(None, await _read_body(request))]
+    if media_type != "multipart/form-data":
+        accepted = "multipart/form-data" if many else f"{', '.join(BODY_TYPES)} or multipart/form-data"
+        raise ApiError(415, "unsupported_media_type", f"Content-Type {media_type or 'absent'!r}; send {accepted}")
+    await _read_body(request)
+    limit = SETTINGS.max_files_per_request if many else 1
     try:
-        radiograph = await run_in_threadpool(read_radiograph, payload)  # decoding is CPU work: off the loop
+        form = await request.form(max_files=limit, max_fields=limit + 8)
+    except Exception as exc:  # Starlette raises its own HTTPException / MultiPartException for both cases
+        raise ApiError(400, "invalid_multipart", f"multipart body could not be parsed ({getattr(exc, 'detail', exc)}); "
+                                                 f"at most {limit} file(s) per request") from None
+    uploads = [item for item in form.getlist("file") if not isinstance(item, str)]
+    if not uploads:
+        raise ApiError(400, "missing_file", "multipart body needs a file field named 'file'")
+    return [(upload.filename, await upload.read()) for upload in uploads]
+
+
+def _mask_format(value: str | None) -> str:
+    value = SETTINGS.mask_default if value is None else value
+    if value not in MASK_FORMATS:
+        raise ApiError(400, "invalid_parameter", f"mask={value!r}; use one of {', '.join(MASK_FORMATS)}")
+    return value
+
+
+MASK_QUERY = Query(None, description="mask in the answer: png (base64 PNG + RLE), rle (RLE only) or none; "
+                                      "default from PTX_MASK_DEFAULT (png)")
+
+
+@http.post("/inspect", openapi_extra={"requestBody": DICOM_BODY}, responses=ERRORS,
+           summary="Decode and validate a radiograph without triaging it")
+async def inspect(request: Request) -> JSONResponse:
+    """What the service makes of a file (UIDs, size, spacing, photometric, window, warnings), or its
+    rejection with the code: a PACS team checks their exports with it."""
+    service = _service()
+    try:
+        (_, payload), = await _payloads(request, many=False)
+        radiograph = await service.in_thread(service.edge_decode_only, payload)
+    except ApiError as exc:
+        return _refused(exc)
     except RadiographError as exc:
-        return error(exc.code.value, exc.message, exc.http_status)
+        return _refused(ApiError(exc.http_status, exc.code.value, exc.message))
     return JSONResponse(radiograph.metadata())
 
 
-http = Starlette(routes=[Route("/inspect", inspect, methods=["POST"])])
+@http.post("/triage", response_model=TriageOut, openapi_extra={"requestBody": DICOM_BODY}, responses=ERRORS,
+           summary="Triage one chest radiograph")
+async def triage(request: Request, mask: str | None = MASK_QUERY) -> JSONResponse:
+    """Body: one DICOM file (application/dicom), a PNG, or a multipart `file` field. Answer: triage score,
+    label at the operating point, priority, mask, SIIM RLE, instances with boxes in px and mm, timings."""
+    service = _service()
+    try:
+        mask_format = _mask_format(mask)
+        (_, payload), = await _payloads(request, many=False)
+        finding = await service.triage(payload)
+    except ApiError as exc:
+        return _refused(exc)
+    except RadiographError as exc:
+        return _refused(ApiError(exc.http_status, exc.code.value, exc.message))
+    except Exception:  # noqa: BLE001 -- a bug must not take the service down or leak a traceback
+        log.exception("triage failed")
+        return _refused(ApiError(500, "internal_error", "the film could not be triaged (internal error, logged)"))
+    return JSONResponse(finding.to_json(mask_format))
 
 
-@bentoml.service(name="ptx-triage", traffic={"timeout": 60})
+@http.post("/triage/batch", response_model=BatchOut, openapi_extra={"requestBody": BATCH_BODY}, responses=ERRORS,
+           summary="Triage several radiographs in one request")
+async def triage_batch(request: Request, mask: str | None = MASK_QUERY) -> JSONResponse:
+    """Several films as multipart `file` fields: one result or error per file, in order. The films join the
+    same adaptive batches as single requests."""
+    service = _service()
+    try:
+        mask_format = _mask_format(mask)
+        payloads = await _payloads(request, many=True)
+    except ApiError as exc:
+        return _refused(exc)
+    outcomes = await asyncio.gather(*(service.triage(payload) for _, payload in payloads), return_exceptions=True)
+    results: list[dict[str, Any]] = []
+    for (filename, _), outcome in zip(payloads, outcomes):
+        if isinstance(outcome, Finding):
+            item = outcome.to_json(mask_format)
+        elif isinstance(outcome, RadiographError):
+            _count_rejection(outcome.code.value)
+            item = {"error": {"code": outcome.code.value, "message": outcome.message}}
+        elif isinstance(outcome, ApiError):
+            _count_rejection(outcome.code)
+            item = {"error": {"code": outcome.code, "message": outcome.message}}
+        else:
+            log.error("triage failed in a batch", exc_info=outcome)
+            _count_rejection("internal_error")
+            item = {"error": {"code": "internal_error", "message": "the film could not be triaged (logged)"}}
+        results.append({"filename": filename, **item})
+    return JSONResponse({"results": results})
+
+
+def _count_rejection(code: str) -> None:
+    child(metrics().rejections, code=code).inc()
+
+
+def _refused(exc: ApiError) -> JSONResponse:
+    _count_rejection(exc.code)
+    return exc.response()
+
+
+@bentoml.service(name="ptx-triage", workers=1, traffic={"timeout": 300})
 @bentoml.asgi_app(http, path="/v1")
 class Triage:
-    """The service. Ready as soon as it starts while it holds no models."""
+    """The HTTP edge. Ready once the model worker is (models loaded and warmed)."""
 
-    def __is_ready__(self) -> bool:
-        return True
+    models = bentoml.depends(Models)
+
+    def __init__(self) -> None:
+        self.model_set: ModelSet = resolve(SETTINGS)
+        self.edge = Edge.from_settings(SETTINGS, self.model_set)
+        self.limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)
+        self.in_flight = 0
+        self.described = False
+        metrics()  # create the metric families now, so /metrics lists them before the first request
+
+    async def __is_ready__(self) -> bool:
+        try:
+            if not await self.models.is_ready(timeout=5):
+                return False
+            await self._describe()
+            return True
+        except Exception:  # noqa: BLE001 -- a worker that cannot answer is simply not ready
+            log.warning("model worker not ready", exc_info=True)
+            return False
+
+    def _keep_session(self) -> None:
+        """Work around BentoML 1.4.39: its dependency client replaces its HTTP session every 100 requests or
+        300 s and closes the old one with calls still in flight on it, failing them ("Server disconnected",
+        "Connection closed": 26 of 120 requests at 16 concurrent). On a local socket to our own worker there
+        is nothing to refresh, so the limits are lifted. Guarded: a BentoML without the attribute is untouched.
+        """
+        manager = getattr(self.models.to_async, "_session_manager", None)
+        if manager is not None and hasattr(manager, "max_requests"):
+            manager.max_requests = 2**62
+            manager.max_age = float("inf")
+
+    async def _describe(self) -> None:
+        """Learn once which engine runs each model (the model worker knows; answers name it)."""
+        if not self.described:
+            self._keep_session()
+            try:
+                backends = await self.models.to_async.backends()
+            except Exception as exc:  # noqa: BLE001 -- any failure here means the worker cannot serve yet
+                raise ApiError(503, "model_unavailable", "the model worker is not available; retry later",
+                               {"Retry-After": str(SETTINGS.retry_after_s)}) from exc
+            self.edge = Edge.from_settings(SETTINGS, self.model_set, backends)
+            self.described = True
+
+    async def in_thread(self, function: Any, *args: Any) -> Any:
+        """CPU work off the event loop, at most `decode_threads` at once."""
+        return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)
+
+    def edge_decode_only(self, payload: bytes) -> Any:
+        from service.imaging import read_radiograph
+
+        return read_radiograph(payload, self.edge.policy)
+
+    async def _model(self, role: str, batch: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """One film through a batched model call; records its queue wait."""
+        call = self.models.to_async.classify if role == "classifier" else self.models.to_async.segment
+        started = time.perf_counter()
+        try:
+            packed = await _with_reconnect(call, batch)
+        except BentoMLException as exc:
+            if exc.error_code == 503:
+                raise overloaded(f"the {role} queue is full (PTX_MAX_LATENCY_MS={SETTINGS.max_latency_ms}); "
+                                 "retry later") from None
+            log.error("%s call failed: %s", role, exc)
+            raise ApiError(500, "model_error", f"the {role} failed; the film was not triaged") from None
+        except aiohttp.ClientConnectionError as exc:
+            log.error("%s unreachable: %s", role, exc)
+            raise ApiError(503, "model_unavailable", f"the {role} worker is unreachable; retry later",
+                           {"Retry-After": str(SETTINGS.retry_after_s)}) from None
+        elapsed = time.perf_counter() - started
+        unpacked = unpack(packed, shape)
+        child(metrics().queue_wait_seconds, model=role).observe(max(0.0, elapsed - float(unpacked.seconds[0])))
+        return unpacked.outputs
+
+    async def triage(self, payload: bytes) -> Finding:
+        """One film through the cascade; raises ApiError / RadiographError for the caller to answer."""
+        if self.in_flight >= SETTINGS.max_in_flight:
+            raise overloaded(f"{self.in_flight} films in progress (PTX_MAX_IN_FLIGHT={SETTINGS.max_in_flight}); "
+                             "retry later")
+        await self._describe()
+        registry = metrics()
+        self.in_flight += 1
+        registry.in_flight.inc()
+        started = time.perf_counter()
+        try:
+            prepared: Prepared = await self.in_thread(self.edge.prepare, payload)
+            t0 = time.perf_counter()
+            score = float((await self._model("classifier", prepared.classifier_input, ()))[0])
+            prepared.timings_ms["classify"] = (time.perf_counter() - t0) * 1e3
+            probability = None
+            if self.edge.needs_segmenter(score):
+                seg_input = prepared.segmenter_input if prepared.segmenter_input is not None \
+                    else prepared.classifier_input
+                side = self.model_set.segmenter_spec.size
+                t0 = time.perf_counter()
+                probability = (await self._model("segmenter", seg_input, (side, side)))[0]
+                prepared.timings_ms["segment"] = (time.perf_counter() - t0) * 1e3
+            finding: Finding = await self.in_thread(self.edge.conclude, prepared, score, probability)
+        finally:
+            self.in_flight -= 1
+            registry.in_flight.dec()
+        finding.timings_ms["total"] = (time.perf_counter() - started) * 1e3
+        for stage, value in finding.timings_ms.items():
+            child(registry.stage_seconds, stage=stage).observe(value / 1e3)
+        registry.score.observe(finding.score)
+        child(registry.findings, label="positive" if finding.positive else "negative",
+              priority=finding.priority.value).inc()
+        return finding
+

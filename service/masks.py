@@ -27,21 +27,30 @@ class Instance:
 
 
 def find_instances(mask: np.ndarray, spacing_mm: tuple[float, float] | None, min_area_px: int = 1) -> list[Instance]:
-    """Connected components of `mask`, largest first. `spacing_mm` is (row, column) spacing or None."""
+    """Connected components of `mask`, largest first. `spacing_mm` is (row, column) spacing or None.
+
+    Labels only the mask's bounding box: a lesion covers a few % of a 1024² film, and labelling plus
+    per-component statistics over the whole film cost ~40 ms where the crop costs ~1 ms.
+    """
+    mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-    labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT_CONNECTED)
-    if count == 0:
+    rows_hit, columns_hit = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows_hit.size == 0:
         return []
-    index = np.arange(1, count + 1)
-    areas = ndimage.sum_labels(np.ones_like(labels), labels, index).astype(np.int64)
-    centroids = ndimage.center_of_mass(np.ones_like(labels), labels, index)
+    top, left = int(rows_hit[0]), int(columns_hit[0])
+    crop = mask[top: int(rows_hit[-1]) + 1, left: int(columns_hit[-1]) + 1]
+    labels, _ = ndimage.label(crop, structure=_EIGHT_CONNECTED)
     instances = []
-    for slices, area, (cy, cx) in zip(ndimage.find_objects(labels), areas, centroids):
+    for number, slices in enumerate(ndimage.find_objects(labels), start=1):
+        ys, xs = np.nonzero(labels[slices] == number)
+        area = int(ys.size)
         if area < min_area_px:
             continue
         rows, cols = slices
-        x, y, w, h = cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start
+        x, y = left + cols.start, top + rows.start
+        w, h = cols.stop - cols.start, rows.stop - rows.start
+        cx, cy = x + float(xs.mean()), y + float(ys.mean())
         bbox_mm = area_mm2 = None
         if spacing_mm is not None:
             dy, dx = spacing_mm
@@ -50,8 +59,8 @@ def find_instances(mask: np.ndarray, spacing_mm: tuple[float, float] | None, min
         instances.append(
             Instance(
                 bbox_px=(int(x), int(y), int(w), int(h)),
-                area_px=int(area),
-                centroid_px=(float(cx), float(cy)),
+                area_px=area,
+                centroid_px=(cx, cy),
                 bbox_mm=bbox_mm,
                 area_mm2=area_mm2,
             )

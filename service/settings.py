@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,12 +31,24 @@ class Settings(BaseSettings):
     mm_morphology: bool = False
     stat_score: float = Field(default=0.9, gt=0, le=1)
     stat_area_mm2: float = Field(default=3000.0, gt=0)
-    max_batch_size: int = Field(default=8, ge=1, le=256)
+    # Inference: "auto" picks ONNX Runtime (TensorRT → CUDA → CPU provider), else PyTorch CUDA, else ORT CPU.
+    backend: Literal["auto", "onnxruntime", "torch"] = "auto"
+    intra_op_threads: int = Field(default=0, ge=0)  # 0: one per core
+    ort_spinning: bool = False  # ONNX Runtime's idle threads busy-wait: only on a box that runs nothing else
+    trt_cache_dir: Path | None = None  # TensorRT engine cache; None: <data_dir>/trt-cache
+    # Adaptive batching (BentoML), for each model. max_latency_ms is the bound after which BentoML answers
+    # 503 instead of queueing: generous, so ordinary load on a 2-core CPU never meets it.
+    max_batch_size: int = Field(default=16, ge=1, le=256)
     max_latency_ms: int = Field(default=20000, ge=100)
-    intra_op_threads: int = Field(default=0, ge=0)
-    reject_inverted: bool = False
+    # The HTTP edge: decode/post-process threads, admission control and per-request limits.
+    decode_threads: int = Field(default=2, ge=1, le=64)
+    max_in_flight: int = Field(default=64, ge=1)  # films being processed at once; beyond it: 503 + Retry-After
+    retry_after_s: int = Field(default=2, ge=1)
+    max_files_per_request: int = Field(default=16, ge=1, le=256)
     max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
-
+    mask_default: Literal["png", "rle", "none"] = "png"
+    reject_inverted: bool = False
+    warmup: bool = True  # run each model once per batch size before /readyz says ready
 
 def load_settings(config_file: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Settings from the TOML file (argument, else $PTX_CONFIG_FILE) with environment variables on top."""

@@ -36,13 +36,18 @@ def wait_http(url: str, timeout_s: float, process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def bento_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 90) -> Iterator[str]:
-    """`bentoml serve` from the repository root on a free loopback port; yields the base URL."""
+def bento_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 90,
+                 target: str | None = None, cwd: Path = REPO) -> Iterator[str]:
+    """`bentoml serve [target]` from the repository root on a free loopback port; yields the base URL.
+
+    Without `target` BentoML reads bentofile.yaml (the repository's service); a bento tag serves a build.
+    """
     port = free_port()
-    command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "bentoml", "serve", *([target] if target else []),
+               "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})},
         )
         try:

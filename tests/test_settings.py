@@ -13,7 +13,7 @@ from service.settings import REPO_ROOT, load_settings
 def test_defaults_are_the_embedded_ones():
     settings = load_settings(environ={})
     assert settings.models_dir == REPO_ROOT / "models" and settings.database_url is None
-    assert settings.max_batch_size == 8 and settings.hflip_tta is True
+    assert settings.max_batch_size == 16 and settings.hflip_tta is True and settings.backend == "auto"
 
 
 def test_environment_wins_over_file(tmp_path):
@@ -33,3 +33,11 @@ def test_unknown_and_invalid_settings_are_refused(tmp_path):
         load_settings(environ={"PTX_MAX_BATCH_SIZE": "0"})
     with pytest.raises(ValueError, match="not found"):
         load_settings(Path("/nonexistent.toml"), environ={})
+
+
+def test_choices_are_checked():
+    assert load_settings(environ={"PTX_BACKEND": "torch"}).backend == "torch"
+    with pytest.raises(ValidationError, match="backend"):
+        load_settings(environ={"PTX_BACKEND": "tensorflow"})
+    with pytest.raises(ValidationError, match="mask_default"):
+        load_settings(environ={"PTX_MASK_DEFAULT": "jpeg"})

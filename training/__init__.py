@@ -1,1 +1,1 @@
-"""Training tools for the pneumothorax triage models: synthetic data now; train/evaluate/export later."""
+"""Training tools for the pneumothorax triage models: synthetic data, training, evaluation, ONNX export."""

@@ -1,25 +1,22 @@
-"""ONNX Runtime on the CPU: the backend every install has (no torch, no GPU)."""
+"""ONNX Runtime on the CPU: the backend every install has (no torch, no GPU).
+
+Kept as its own name because training's evaluation asks for the CPU on purpose (figures comparable across
+machines); it is `OnnxRuntimeBackend` with the provider list pinned, so it never probes for a GPU nor warns
+about an idle one.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
+from service.backends.onnxruntime import CPU, OnnxRuntimeBackend
 
 
-class OnnxRuntimeCPU:
-    """One InferenceSession, created once; thread counts set explicitly (2-core boxes oversubscribe easily)."""
+class OnnxRuntimeCPU(OnnxRuntimeBackend):
+    """One InferenceSession on the CPU provider, created once; thread counts set explicitly."""
 
     name = "onnxruntime-cpu"
 
     def __init__(self, model_path: Path, intra_op_threads: int = 0, inter_op_threads: int = 1) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = inter_op_threads
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0],
-                          dtype=np.float32)
+        super().__init__(model_path, providers=[CPU], intra_op_threads=intra_op_threads,
+                         inter_op_threads=inter_op_threads)

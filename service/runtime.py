@@ -1,0 +1,106 @@
+"""The model worker's logic: load both backends, warm them up, run batched classify / segment steps.
+
+No BentoML here: `service.app.Models` wraps a `ModelRunner` in two batchable endpoints. Each output row
+carries two trailing numbers -- the duration of the batched run it was part of and that batch's size -- so
+the HTTP edge can tell a request's queue wait from compute without a second channel (`pack` / `unpack`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.backends import Backend
+from service.model_set import ModelEntry, ModelSet
+from service.pipeline import classify_scores, segment_maps
+from service.settings import Settings
+
+log = logging.getLogger("ptx.runtime")
+
+BackendLoader = Callable[[ModelEntry, Settings], Backend]
+
+
+def pack(outputs: np.ndarray, seconds: float) -> np.ndarray:
+    """(N, ...) outputs → (N, K + 2) float32 rows: the flattened output, the batch's run time and size."""
+    count = len(outputs)
+    flat = np.asarray(outputs, dtype=np.float32).reshape(count, -1)
+    trailer = np.tile(np.array([seconds, count], dtype=np.float32), (count, 1))
+    return np.concatenate([flat, trailer], axis=1)
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    outputs: np.ndarray  # (N, *shape)
+    seconds: np.ndarray  # (N,) duration of the batched run each row came from
+    batch_sizes: np.ndarray  # (N,) size of that batch
+
+
+def unpack(packed: np.ndarray, shape: tuple[int, ...]) -> Unpacked:
+    """Inverse of `pack` for per-item output `shape` (() for a score, (S, S) for a map)."""
+    packed = np.asarray(packed, dtype=np.float32)
+    expected = int(np.prod(shape, dtype=np.int64)) + 2
+    if packed.ndim != 2 or packed.shape[1] != expected:
+        raise ValueError(f"packed model output has shape {packed.shape}, expected (N, {expected})")
+    count = len(packed)
+    return Unpacked(packed[:, :-2].reshape((count, *shape)), packed[:, -2].copy(), packed[:, -1].astype(int))
+
+
+def default_loader(entry: ModelEntry, settings: Settings) -> Backend:
+    from service.backends.factory import load_backend
+
+    cache = settings.trt_cache_dir or settings.data_dir / "trt-cache"
+    return load_backend(entry.directory, entry.manifest, settings.backend,
+                        intra_op_threads=settings.intra_op_threads, spinning=settings.ort_spinning,
+                        cache_dir=cache)
+
+
+class ModelRunner:
+    """Both models, loaded once. Thread-compatible but not thread-safe: the worker runs one batch at a time
+    (on a CPU box both models want every core; on a GPU, one stream)."""
+
+    def __init__(self, models: ModelSet, settings: Settings, loader: BackendLoader = default_loader) -> None:
+        self.models = models
+        self.settings = settings
+        self.classifier = loader(models.classifier, settings)
+        self.segmenter = loader(models.segmenter, settings)
+        for entry, backend in ((models.classifier, self.classifier), (models.segmenter, self.segmenter)):
+            log.info("%s: %s on %s (provider %s)", entry.role, entry.label, backend.name,
+                     getattr(backend, "provider", "unknown"))
+
+    def classify(self, batch: np.ndarray) -> np.ndarray:
+        """Packed scores (N, 3) for a preprocessed classifier batch."""
+        started = time.perf_counter()
+        scores = classify_scores(self.classifier, self._check(batch, self.models.classifier_spec.size),
+                                 self.settings.hflip_tta)
+        return pack(scores, time.perf_counter() - started)
+
+    def segment(self, batch: np.ndarray) -> np.ndarray:
+        """Packed probability maps (N, S·S + 2) for a preprocessed segmenter batch."""
+        started = time.perf_counter()
+        maps = segment_maps(self.segmenter, self._check(batch, self.models.segmenter_spec.size),
+                            self.settings.hflip_tta)
+        return pack(maps, time.perf_counter() - started)
+
+    @staticmethod
+    def _check(batch: np.ndarray, size: int) -> np.ndarray:
+        batch = np.asarray(batch, dtype=np.float32)
+        if batch.ndim != 4 or batch.shape[2:] != (size, size):
+            raise ValueError(f"model input must be (N, C, {size}, {size}), got {batch.shape}")
+        return batch
+
+    def warmup(self, batch_sizes: tuple[int, ...]) -> dict[str, float]:
+        """Run each model once at each batch size (first runs allocate and, on GPUs, build engines)."""
+        timings = {}
+        for role, spec, step in (("classifier", self.models.classifier_spec, self.classify),
+                                 ("segmenter", self.models.segmenter_spec, self.segment)):
+            started = time.perf_counter()
+            for size in sorted(set(batch_sizes)):
+                step(np.zeros((size, spec.channels, spec.size, spec.size), dtype=np.float32))
+            timings[role] = time.perf_counter() - started
+        log.info("warm-up at batch sizes %s took %s", sorted(set(batch_sizes)),
+                 {k: f"{v:.2f} s" for k, v in timings.items()})
+        return timings

@@ -1,0 +1,42 @@
+"""`bentoml build` accepts bentofile.yaml, and the built bento (code + models, nothing else) serves triage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import yaml
+
+from tests.servers import REPO, bento_server
+
+
+def test_bentoml_build_packages_service_and_models_and_the_bento_serves(tmp_path, realdata):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    result = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    bento = tmp_path / "bentoml" / "bentos" / name / version
+    sources = {path.relative_to(bento / "src").as_posix() for path in (bento / "src").rglob("*") if path.is_file()}
+    assert {"service/app.py", "service/backends/factory.py", "training/networks/unet.py"} <= sources
+    manifests = {s for s in sources if s.endswith("manifest.json")}
+    assert manifests == {"models/ptx-classifier-demo/0.1.0/manifest.json",
+                         "models/ptx-segmenter-demo/0.1.0/manifest.json"}
+    assert not any(s.startswith(("tests/", "data/", ".venv/")) for s in sources)
+    info = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert info["service"] == "service.app:Triage"
+
+    with bento_server(tmp_path / "bento.log", env={"BENTOML_HOME": str(tmp_path / "bentoml"),
+                                                   "PYTHONPATH": "", "PTX_DATA_DIR": str(tmp_path / "data")}, target=tag,
+                      cwd=tmp_path) as base:  # outside the repository: the bento's own copy must serve
+        data = (realdata / "chest/siim_cr_jpegbaseline_mono2.dcm").read_bytes()
+        request = urllib.request.Request(f"{base}/v1/triage?mask=none", data=data, method="POST",
+                                         headers={"Content-Type": "application/dicom"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            body = json.loads(response.read())
+        assert response.status == 200 and 0.0 <= body["score"] <= 1.0
+        assert body["models"]["classifier"]["name"] == "ptx-classifier-demo"
