@@ -113,7 +113,7 @@ def bench_network(label: str, build: Callable[[], Any], args: argparse.Namespace
     sigmoid = lambda logits: 1 / (1 + np.exp(-np.clip(logits, -60, 60)))  # noqa: E731
     difference = np.abs(sigmoid(backend.run(sample)) - sigmoid(reference.run(sample))).max()
     note = f"{label}: FP16 vs FP32 on this GPU, batch 8: max |Δ probability| = {difference:.2e}"
-    del backend, reference
+    backend = reference = None  # free GPU memory before the next network (the closure above holds `backend`)
     torch.cuda.empty_cache()
     return rows, note
 

@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -235,26 +234,13 @@ def drive(name: str, base: str, films: Sequence[tuple[str, bytes]], concurrency:
 def naive_server(log_path: Path, env: dict[str, str], classifier: Path, segmenter: Path, threads: int,
                  timeout_s: float = 120) -> Iterator[str]:
     """`python -m load_tests.naive_server` on a free loopback port; stopped by process group."""
-    from tests.servers import free_port, wait_http
+    from tests.servers import free_port, server_process
 
     port = free_port()
     command = [sys.executable, "-m", "load_tests.naive_server", "--port", str(port), "--threads", str(threads),
                "--classifier", str(classifier), "--segmenter", str(segmenter)]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, **env})
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_http(f"{base}/readyz", timeout_s, process)
-            yield base
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    with server_process(command, log_path, env, timeout_s, port=port) as base:
+        yield base
 
 
 def model_env(classifier: Path, segmenter: Path) -> dict[str, str]:

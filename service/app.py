@@ -279,7 +279,7 @@ def _refused(exc: ApiError) -> JSONResponse:
     return exc.response()
 
 
-@bentoml.service(name="ptx-triage", workers=1, traffic={"timeout": 300})
+@bentoml.service(name="ptx-triage", workers=SETTINGS.edge_workers, traffic={"timeout": 300})
 @bentoml.asgi_app(http, path="/v1")
 class Triage:
     """The HTTP edge. Ready once the model worker is (models loaded and warmed)."""
@@ -287,6 +287,7 @@ class Triage:
     models = bentoml.depends(Models)
 
     def __init__(self) -> None:
+        # Admission control (`max_in_flight`) is per edge worker: with PTX_EDGE_WORKERS=n the box admits n times it.
         self.model_set: ModelSet = resolve(SETTINGS)
         self.edge = Edge.from_settings(SETTINGS, self.model_set)
         self.limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1, le=256)
     max_latency_ms: int = Field(default=20000, ge=100)
     # The HTTP edge: decode/post-process threads, admission control and per-request limits.
+    edge_workers: int = Field(default=1, ge=1, le=64)  # HTTP edge processes (each decodes with decode_threads)
     decode_threads: int = Field(default=2, ge=1, le=64)
     max_in_flight: int = Field(default=64, ge=1)  # films being processed at once; beyond it: 503 + Retry-After
     retry_after_s: int = Field(default=2, ge=1)

@@ -36,15 +36,11 @@ def wait_http(url: str, timeout_s: float, process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def bento_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 90,
-                 target: str | None = None, cwd: Path = REPO) -> Iterator[str]:
-    """`bentoml serve [target]` from the repository root on a free loopback port; yields the base URL.
-
-    Without `target` BentoML reads bentofile.yaml (the repository's service); a bento tag serves a build.
-    """
-    port = free_port()
-    command = [sys.executable, "-m", "bentoml", "serve", *([target] if target else []),
-               "--host", "127.0.0.1", "--port", str(port)]
+def server_process(command: list[str], log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 90,
+                   cwd: Path = REPO, ready_path: str = "/readyz", port: int | None = None) -> Iterator[str]:
+    """Run `command` (which must listen on `port`) in its own process group until `ready_path` answers 200;
+    yield the base URL; stop the whole group (SIGTERM, then SIGKILL) however the block ends."""
+    port = port or free_port()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -52,7 +48,7 @@ def bento_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: f
         )
         try:
             base = f"http://127.0.0.1:{port}"
-            wait_http(f"{base}/readyz", timeout_s, process)
+            wait_http(f"{base}{ready_path}", timeout_s, process)
             yield base
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -62,3 +58,17 @@ def bento_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: f
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@contextlib.contextmanager
+def bento_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 90,
+                 target: str | None = None, cwd: Path = REPO) -> Iterator[str]:
+    """`bentoml serve [target]` on a free loopback port; yields the base URL once /readyz is 200.
+
+    Without `target` BentoML reads bentofile.yaml (the repository's service); a bento tag serves a build.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "bentoml", "serve", *([target] if target else []),
+               "--host", "127.0.0.1", "--port", str(port)]
+    with server_process(command, log_path, env, timeout_s, cwd, port=port) as base:
+        yield base
