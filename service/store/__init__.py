@@ -1,0 +1,66 @@
+"""The results store: studies, instances, findings, worklist state and deliveries (issue #5).
+
+    open_store(settings.database_url, settings.data_dir) → ResultsStore
+
+SQLite in `<data_dir>/ptx.sqlite3` by default; `sqlite:///relative.db` or `sqlite:////absolute.db` (the
+SQLAlchemy convention: the path follows the third slash) for another file; `postgresql://user@host/db` (or
+`postgres://`) for PostgreSQL. The interface and its records are in `base.py`, the SQL in `sql.py`, each
+database's differences in `sqlite.py` / `postgres.py`, the schema in `migrations.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from service.store.base import (
+    DEFAULT_MAX_ATTEMPTS, DeliveryKind, DeliveryRecord, DeliveryState, FindingRecord, InstanceRecord,
+    InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore, SchemaTooNewError, StoreError, StudyRecord,
+    StudyStatus, WorklistItem, utc_now,
+)
+from service.store.migrations import LATEST_VERSION
+from service.store.sql import Dialect, SqlResultsStore
+
+SQLITE_FILE = "ptx.sqlite3"
+
+
+def dialect_for(database_url: str | None, data_dir: Path) -> Dialect:
+    """The database a URL names (None or empty: SQLite under `data_dir`), creating SQLite's folder."""
+    from service.store.postgres import PostgresDialect
+    from service.store.sqlite import SqliteDialect
+
+    if not database_url:
+        path = data_dir / SQLITE_FILE
+    elif database_url.startswith("sqlite:///"):
+        rest = database_url.removeprefix("sqlite:///")
+        if not rest or rest == ":memory:":
+            raise ValueError("PTX_DATABASE_URL must name a SQLite file (an in-memory database would be one per "
+                             "connection and gone at exit), e.g. sqlite:////var/lib/ptx/ptx.sqlite3")
+        path = Path(rest)
+    elif database_url.split("://", 1)[0] in ("postgresql", "postgres"):
+        return PostgresDialect(database_url)
+    else:
+        scheme = database_url.split(":", 1)[0] if ":" in database_url else database_url[:12]
+        raise ValueError(f"PTX_DATABASE_URL must start with sqlite:/// or postgresql://, got {scheme!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteDialect(path)
+
+
+def open_store(database_url: str | None, data_dir: Path, *, pool_size: int = 4,
+               clock: Callable[[], datetime] = utc_now) -> ResultsStore:
+    """Open the store and bring its schema up to date (refusing a database newer than this code)."""
+    store = SqlResultsStore(dialect_for(database_url, data_dir), pool_size=pool_size, clock=clock)
+    try:
+        store.migrate()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+__all__ = [
+    "DEFAULT_MAX_ATTEMPTS", "LATEST_VERSION", "DeliveryKind", "DeliveryRecord", "DeliveryState", "FindingRecord",
+    "InstanceRecord", "InstanceStatus", "NotFoundError", "ReceivedInstance", "ResultsStore", "SchemaTooNewError",
+    "StoreError", "StudyRecord", "StudyStatus", "WorklistItem", "dialect_for", "open_store",
+]

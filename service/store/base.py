@@ -1,0 +1,282 @@
+"""The results store's interface: what the service keeps about studies, and the records it hands back.
+
+    C-STORE / HTTP ─▶ receive(instance) ─▶ pending_instances() ─▶ mark_instance(processing)
+                      ─▶ record_finding(finding)  (instance done, study priority/score/status updated)
+                      ─▶ worklist() · study() · acknowledge()
+    SEG / SR / SC  ─▶ add_delivery() ─▶ due_deliveries() ─▶ delivery_attempt()  (never deleted)
+
+Study states (the worklist state):
+
+    pending ──finding──▶ triaged ──acknowledge──▶ reviewed
+       └────────────acknowledge─────────────────▶ reviewed
+    reviewed ──finding that raises the priority──▶ triaged  (reopened)
+
+A study's priority only ever goes up (STAT > URGENT > ROUTINE); it is None until the first finding, and a
+pending study sorts with the ROUTINE ones (without a result it keeps its ordinary place in the reading order).
+A finding after an acknowledgement keeps the study reviewed unless it raises the priority: the reader has
+dealt with the study at the priority they saw, and only a result that would have put it higher must bring
+it back in front of them; silently keeping such a study "reviewed" would hide a new STAT behind a filter.
+
+All timestamps are timezone-aware UTC; a naive datetime is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from types import TracebackType
+from typing import Any, Self
+
+from service.finding import Finding, Priority
+
+DEFAULT_MAX_ATTEMPTS = 10
+
+
+class StoreError(Exception):
+    """Root of the store's own errors (database driver errors pass through unchanged, with their cause)."""
+
+
+class SchemaTooNewError(StoreError):
+    """The database was migrated by a newer version of this code; writing to it could corrupt what it expects."""
+
+
+class NotFoundError(StoreError, LookupError):
+    """An operation named an instance, study or delivery the store does not have."""
+
+
+class StudyStatus(str, Enum):
+    PENDING = "pending"
+    TRIAGED = "triaged"
+    REVIEWED = "reviewed"
+
+
+class InstanceStatus(str, Enum):
+    """received → processing → done | failed; received and processing are what resumes after a restart."""
+
+    RECEIVED = "received"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DeliveryKind(str, Enum):
+    SEG = "SEG"
+    SR = "SR"
+    SC = "SC"
+
+
+class DeliveryState(str, Enum):
+    """pending → delivered, or → failed once its attempts are spent; a failed delivery stays visible."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+def require_utc(value: datetime, name: str) -> datetime:
+    """`value` in UTC; a naive datetime is an error because its zone can only be guessed."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value.isoformat()}")
+    return value.astimezone(UTC)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _require_uid(value: str, name: str) -> None:
+    if not value or len(value) > 64:
+        raise ValueError(f"{name} must be a UID of 1 to 64 characters, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One instance as it arrived: `source` says how ("dicom:<calling AE>", "http"); `spool_path` is where
+    its bytes wait for processing (None when they were processed in the request, as over HTTP)."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str | None
+    sop_class_uid: str | None
+    source: str
+    spool_path: str | None
+    received_at: datetime
+
+    def __post_init__(self) -> None:
+        _require_uid(self.sop_uid, "sop_uid")
+        _require_uid(self.study_uid, "study_uid")
+        if not self.source:
+            raise ValueError("source must name where the instance came from, e.g. 'dicom:MODALITY1' or 'http'")
+        object.__setattr__(self, "received_at", require_utc(self.received_at, "received_at"))
+
+
+@dataclass(frozen=True)
+class InstanceRecord(ReceivedInstance):
+    """A stored instance; `attempts` counts how often processing started (a film that keeps crashing the
+    worker shows up here rather than looping unseen)."""
+
+    status: InstanceStatus
+    error_code: str | None
+    attempts: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class FindingRecord:
+    """What is kept of a Finding: the API's JSON parts (instances, models) and the RLE, not the mask array."""
+
+    sop_uid: str
+    score: float
+    label: str
+    priority: Priority
+    threshold: float
+    rle: str
+    instances: list[dict[str, Any]]
+    models: dict[str, Any]
+    created_at: datetime
+
+    def __post_init__(self) -> None:
+        _require_uid(self.sop_uid, "sop_uid")
+        if not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"score must be in [0, 1], got {self.score}")
+        object.__setattr__(self, "score", float(self.score))  # numpy scalars: drivers want plain floats
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "priority", Priority(self.priority))
+        object.__setattr__(self, "created_at", require_utc(self.created_at, "created_at"))
+
+    @classmethod
+    def from_finding(cls, finding: Finding, created_at: datetime) -> FindingRecord:
+        """The record of a service Finding, in the same JSON shape the HTTP API answers with."""
+        if finding.sop_uid is None:
+            raise ValueError("a finding without a SOP Instance UID cannot be stored (nothing to key it by)")
+        body = finding.to_json("none")
+        return cls(sop_uid=finding.sop_uid, score=float(finding.score), label=str(body["label"]),
+                   priority=finding.priority, threshold=float(finding.threshold), rle=finding.rle,
+                   instances=list(body["instances"]), models=dict(finding.models),  # type: ignore[arg-type]
+                   created_at=created_at)
+
+
+@dataclass(frozen=True)
+class WorklistItem:
+    """One study on the worklist. `priority` and `score` are None until its first finding; `received_at` is
+    its first instance's arrival (the order within a priority)."""
+
+    study_uid: str
+    status: StudyStatus
+    priority: Priority | None
+    score: float | None
+    received_at: datetime
+    updated_at: datetime
+    reviewed_at: datetime | None
+    reviewed_by: str | None
+
+
+@dataclass(frozen=True)
+class StudyRecord(WorklistItem):
+    instances: tuple[InstanceRecord, ...]
+    findings: tuple[FindingRecord, ...]
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """One object (SEG / SR / SC, by its SOP Instance UID `object_uid`) to send to one destination."""
+
+    id: int
+    study_uid: str
+    object_uid: str
+    kind: DeliveryKind
+    destination: str
+    path: str
+    state: DeliveryState
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    next_attempt_at: datetime | None  # None once delivered or failed
+    created_at: datetime
+    updated_at: datetime
+    delivered_at: datetime | None
+
+
+class ResultsStore(ABC):
+    """Studies, instances, findings, worklist state and delivery attempts, over SQLite or PostgreSQL.
+
+    Safe to call from several threads; several processes may share one database (each opens its own store).
+    """
+
+    @abstractmethod
+    def migrate(self) -> int:
+        """Apply the migrations this database lacks and return its schema version. Idempotent and safe to run
+        from several processes at once; raises SchemaTooNewError for a database newer than this code."""
+
+    @abstractmethod
+    def receive(self, instance: ReceivedInstance) -> bool:
+        """Record an arrival, creating its study (pending) if new. False when its SOP Instance UID is already
+        known: nothing changes (a repeated C-STORE is a no-op, and the first arrival's study wins)."""
+
+    @abstractmethod
+    def pending_instances(self, limit: int | None = None) -> list[InstanceRecord]:
+        """Instances received or processing but not finished, oldest first: what resumes after a restart."""
+
+    @abstractmethod
+    def mark_instance(self, sop_uid: str, status: InstanceStatus, error_code: str | None = None) -> None:
+        """Move an instance on; FAILED needs the rejection's `error_code`, the other states take none.
+        PROCESSING counts an attempt. Raises NotFoundError for an unknown instance."""
+
+    @abstractmethod
+    def record_finding(self, finding: FindingRecord) -> bool:
+        """Store a finding, mark its instance done and update its study (priority upgraded only, score the
+        maximum, status per the module's state machine), all in one transaction. False, changing nothing,
+        when that instance already has a finding (re-processing after a crash). NotFoundError when the
+        instance was never received."""
+
+    @abstractmethod
+    def worklist(self, status: StudyStatus | None = None, priority: Priority | None = None,
+                 since: datetime | None = None, limit: int = 50, offset: int = 0) -> list[WorklistItem]:
+        """Studies by priority (STAT, URGENT, then ROUTINE and pending), then first arrival, then UID;
+        `since` keeps studies first received at or after it."""
+
+    @abstractmethod
+    def study(self, study_uid: str) -> StudyRecord | None:
+        """One study with its instances (by arrival) and findings (by creation), or None."""
+
+    @abstractmethod
+    def acknowledge(self, study_uid: str, by: str | None = None) -> bool:
+        """Mark a study reviewed (by whom, when); False when the study is unknown."""
+
+    @abstractmethod
+    def add_delivery(self, study_uid: str, object_uid: str, kind: DeliveryKind, destination: str, path: str,
+                     max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> int:
+        """Queue an object for a destination, due now; returns its id. Idempotent: the same object for the
+        same destination returns the existing delivery's id (a restart may queue it again)."""
+
+    @abstractmethod
+    def due_deliveries(self, limit: int = 10, now: datetime | None = None) -> list[DeliveryRecord]:
+        """Pending deliveries whose next attempt is due, earliest first (one dispatcher calls this)."""
+
+    @abstractmethod
+    def delivery_attempt(self, delivery_id: int, ok: bool, error: str | None = None,
+                         next_attempt_at: datetime | None = None) -> DeliveryRecord:
+        """Record one attempt: delivered when ok; otherwise failed once `max_attempts` are spent, else pending
+        until `next_attempt_at` (the caller's backoff; required for every failed attempt). Raises StoreError
+        for a delivery that is already delivered or failed."""
+
+    @abstractmethod
+    def deliveries(self, study_uid: str | None = None, state: DeliveryState | None = None) -> list[DeliveryRecord]:
+        """Deliveries, oldest first, optionally of one study and/or in one state."""
+
+    @abstractmethod
+    def delivery_counts(self) -> dict[DeliveryState, int]:
+        """How many deliveries are in each state (every state present), for the metrics."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the store's connections; the store is unusable afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,108 @@
+"""The schema, as numbered migrations shared by SQLite and PostgreSQL.
+
+A migration is a list of statements, applied in one transaction and recorded in `schema_migrations`; a
+released migration is never edited, only followed by a new one. The text is common SQL; the two types the
+dialects spell differently are written `{timestamp}` (TEXT holding ISO 8601 UTC in SQLite, TIMESTAMPTZ in
+PostgreSQL) and `{id_pk}` (an auto-numbered primary key). JSON is kept as TEXT in both: the store is the
+only reader that needs its structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+SCHEMA_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at {timestamp} NOT NULL
+)"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "studies, instances, findings, deliveries", (
+        """
+        CREATE TABLE studies (
+            study_uid TEXT PRIMARY KEY,
+            status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'triaged', 'reviewed')),
+            priority TEXT CHECK (priority IN ('STAT', 'URGENT', 'ROUTINE')),
+            score DOUBLE PRECISION,
+            received_at {timestamp} NOT NULL,
+            updated_at {timestamp} NOT NULL,
+            reviewed_at {timestamp},
+            reviewed_by TEXT
+        )""",
+        "CREATE INDEX studies_received ON studies (received_at)",
+        "CREATE INDEX studies_status ON studies (status, received_at)",
+        """
+        CREATE TABLE instances (
+            sop_uid TEXT PRIMARY KEY,
+            study_uid TEXT NOT NULL REFERENCES studies (study_uid),
+            series_uid TEXT,
+            sop_class_uid TEXT,
+            source TEXT NOT NULL,
+            spool_path TEXT,
+            status TEXT NOT NULL DEFAULT 'received'
+                CHECK (status IN ('received', 'processing', 'done', 'failed')),
+            error_code TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            received_at {timestamp} NOT NULL,
+            updated_at {timestamp} NOT NULL
+        )""",
+        "CREATE INDEX instances_study ON instances (study_uid)",
+        "CREATE INDEX instances_status ON instances (status, received_at)",
+        """
+        CREATE TABLE findings (
+            sop_uid TEXT PRIMARY KEY REFERENCES instances (sop_uid),
+            study_uid TEXT NOT NULL REFERENCES studies (study_uid),
+            score DOUBLE PRECISION NOT NULL,
+            label TEXT NOT NULL,
+            priority TEXT NOT NULL CHECK (priority IN ('STAT', 'URGENT', 'ROUTINE')),
+            threshold DOUBLE PRECISION NOT NULL,
+            rle TEXT NOT NULL,
+            instances_json TEXT NOT NULL,
+            models_json TEXT NOT NULL,
+            created_at {timestamp} NOT NULL
+        )""",
+        "CREATE INDEX findings_study ON findings (study_uid)",
+        """
+        CREATE TABLE deliveries (
+            id {id_pk},
+            study_uid TEXT NOT NULL REFERENCES studies (study_uid),
+            object_uid TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('SEG', 'SR', 'SC')),
+            destination TEXT NOT NULL,
+            path TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL CHECK (max_attempts >= 1),
+            last_error TEXT,
+            next_attempt_at {timestamp},
+            created_at {timestamp} NOT NULL,
+            updated_at {timestamp} NOT NULL,
+            delivered_at {timestamp},
+            UNIQUE (object_uid, destination)
+        )""",
+        "CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at)",
+        "CREATE INDEX deliveries_study ON deliveries (study_uid)",
+    )),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def _check_numbering() -> None:
+    """Versions 1, 2, 3…: a gap or a duplicate would make `schema_migrations` ambiguous."""
+    versions = [m.version for m in MIGRATIONS]
+    if versions != list(range(1, len(versions) + 1)):
+        raise RuntimeError(f"migrations must be numbered 1..{len(versions)} in order, got {versions}")
+
+
+_check_numbering()

@@ -1,0 +1,465 @@
+"""The results store in plain SQL, shared by both databases; what differs between them is a `Dialect`.
+
+The statements are written once, with `?` parameters (never formatted values), in the SQL that SQLite ≥ 3.35
+and PostgreSQL ≥ 10 both speak: `ON CONFLICT … DO NOTHING` for idempotent inserts, `RETURNING`, `CASE` for
+the priority rank. Every operation is one short transaction on a pooled connection, so several threads (and
+several processes, each with its own store) can share a database; the read-modify-write steps (priority
+upgrade, delivery attempt) are single `UPDATE` statements, so they need no row locks of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Protocol
+
+from service.finding import Priority
+from service.store.base import (
+    DEFAULT_MAX_ATTEMPTS, DeliveryKind, DeliveryRecord, DeliveryState, FindingRecord, InstanceRecord,
+    InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore, SchemaTooNewError, StoreError, StudyRecord,
+    StudyStatus, WorklistItem, require_utc, utc_now,
+)
+from service.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_MIGRATIONS
+
+Row = Mapping[str, Any]
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """What both `sqlite3.Connection` and `psycopg.Connection` offer, and all the store uses."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class Dialect(ABC):
+    """Everything that differs between the databases, in one place."""
+
+    types: Mapping[str, str]  # fills the migrations' {timestamp} and {id_pk}
+    begin_write = "BEGIN"
+    begin_read = "BEGIN"
+    migration_lock: str | None = None  # taken first in the migration transaction, where BEGIN alone is not enough
+
+    @abstractmethod
+    def connect(self) -> Connection:
+        """A new connection in autocommit mode (the store issues BEGIN/COMMIT), rows addressable by name."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The database in words for messages, without credentials."""
+
+    def sql(self, text: str) -> str:
+        """The statement in the driver's parameter style (the store writes `?`)."""
+        return text
+
+    @abstractmethod
+    def timestamp(self, value: datetime) -> object:
+        """A UTC datetime as this database stores it."""
+
+    def is_broken(self, connection: Connection) -> bool:
+        return False
+
+
+def read_timestamp(value: datetime | str | None) -> datetime | None:
+    """A stored timestamp back as an aware UTC datetime (SQLite hands back its ISO 8601 text)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return require_utc(value, "stored timestamp")
+
+
+def _ts(value: datetime | str) -> datetime:
+    result = read_timestamp(value)
+    if result is None:
+        raise StoreError("a NOT NULL timestamp came back NULL")
+    return result
+
+
+class _Lease:
+    """A pooled connection for one transaction; `discard()` keeps a connection in doubt out of the pool."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.discarded = False
+
+    def discard(self) -> None:
+        self.discarded = True
+
+
+class ConnectionPool:
+    """At most `size` connections, opened on demand and reused (last in, first out)."""
+
+    def __init__(self, dialect: Dialect, size: int, wait_s: float = 60.0) -> None:
+        if size < 1:
+            raise ValueError(f"pool size must be at least 1, got {size}")
+        self._dialect = dialect
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+        self._wait_s = wait_s
+        self._closed = False
+
+    @contextmanager
+    def lease(self) -> Iterator[_Lease]:
+        if self._closed:
+            raise StoreError("the results store is closed")
+        if not self._slots.acquire(timeout=self._wait_s):
+            raise StoreError(f"no connection to {self._dialect.describe()} came free within {self._wait_s:.0f} s")
+        try:
+            with self._lock:
+                connection = self._idle.pop() if self._idle else None
+            lease = _Lease(connection if connection is not None else self._dialect.connect())
+            try:
+                yield lease
+            finally:
+                if lease.discarded or self._closed or self._dialect.is_broken(lease.connection):
+                    lease.connection.close()
+                else:
+                    with self._lock:
+                        self._idle.append(lease.connection)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+
+class Transaction:
+    """Statements inside one open transaction, translated to the dialect's parameter style."""
+
+    def __init__(self, connection: Connection, dialect: Dialect) -> None:
+        self._connection = connection
+        self._dialect = dialect
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._connection.execute(self._dialect.sql(sql), tuple(params))
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        rows = self.all(sql, params)  # fetch to the end: SQLite cannot COMMIT with a statement still stepping
+        return rows[0] if rows else None
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return list(self.execute(sql, params).fetchall())
+
+
+class _Duplicate(Exception):
+    """Raised inside `receive` to roll back a study row created for an instance that turned out known."""
+
+
+RANK = "CASE priority WHEN 'STAT' THEN 0 WHEN 'URGENT' THEN 1 ELSE 2 END"  # NULL (pending) sorts as ROUTINE
+STUDY_COLUMNS = "study_uid, status, priority, score, received_at, updated_at, reviewed_at, reviewed_by"
+INSTANCE_COLUMNS = ("sop_uid, study_uid, series_uid, sop_class_uid, source, spool_path, status, error_code, "
+                    "attempts, received_at, updated_at")
+FINDING_COLUMNS = "sop_uid, score, label, priority, threshold, rle, instances_json, models_json, created_at"
+DELIVERY_COLUMNS = ("id, study_uid, object_uid, kind, destination, path, state, attempts, max_attempts, "
+                    "last_error, next_attempt_at, created_at, updated_at, delivered_at")
+
+
+class SqlResultsStore(ResultsStore):
+    """`ResultsStore` over a `Dialect`; `clock` is injectable so tests control every timestamp."""
+
+    def __init__(self, dialect: Dialect, pool_size: int = 4, clock: Callable[[], datetime] = utc_now) -> None:
+        self._dialect = dialect
+        self._pool = ConnectionPool(dialect, pool_size)
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"SqlResultsStore({self._dialect.describe()})"
+
+    def _now(self) -> object:
+        return self._dialect.timestamp(require_utc(self._clock(), "clock()"))
+
+    @contextmanager
+    def _transaction(self, write: bool) -> Iterator[Transaction]:
+        with self._pool.lease() as lease:
+            lease.connection.execute(self._dialect.begin_write if write else self._dialect.begin_read)
+            try:
+                yield Transaction(lease.connection, self._dialect)
+                lease.connection.execute("COMMIT")
+            except BaseException:
+                try:
+                    lease.connection.execute("ROLLBACK")
+                except Exception:  # the original error is the one to see; this connection is done for
+                    lease.discard()
+                raise
+
+    # --- schema ---------------------------------------------------------------------------------------------
+
+    def migrate(self) -> int:
+        types = self._dialect.types
+        with self._transaction(write=True) as tx:
+            if self._dialect.migration_lock:
+                tx.execute(self._dialect.migration_lock)
+            tx.execute(SCHEMA_MIGRATIONS.format(**types))
+            row = tx.one("SELECT MAX(version) AS version FROM schema_migrations")
+            current = int(row["version"]) if row and row["version"] is not None else 0
+            if current > LATEST_VERSION:
+                raise SchemaTooNewError(
+                    f"{self._dialect.describe()} has schema version {current}, but this ptx-triage knows "
+                    f"migrations only up to version {LATEST_VERSION}: it was written by a newer release. Run "
+                    f"that release (or a later one), or point PTX_DATABASE_URL at another database; "
+                    f"nothing was changed.")
+            for migration in MIGRATIONS[current:]:
+                for statement in migration.statements:
+                    tx.execute(statement.format(**types))
+                tx.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                           (migration.version, migration.name, self._now()))
+        return LATEST_VERSION
+
+    # --- instances ------------------------------------------------------------------------------------------
+
+    def receive(self, instance: ReceivedInstance) -> bool:
+        received = self._dialect.timestamp(instance.received_at)
+        try:
+            with self._transaction(write=True) as tx:
+                tx.execute("INSERT INTO studies (study_uid, status, received_at, updated_at) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT (study_uid) DO NOTHING",
+                           (instance.study_uid, StudyStatus.PENDING.value, received, received))
+                inserted = tx.execute(
+                    "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, source, spool_path, "
+                    "status, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (sop_uid) DO NOTHING",
+                    (instance.sop_uid, instance.study_uid, instance.series_uid, instance.sop_class_uid,
+                     instance.source, instance.spool_path, InstanceStatus.RECEIVED.value, received, received))
+                if inserted.rowcount == 0:
+                    raise _Duplicate  # roll back: no study row for a repeat that named another study
+        except _Duplicate:
+            return False
+        return True
+
+    def pending_instances(self, limit: int | None = None) -> list[InstanceRecord]:
+        sql = (f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE status IN (?, ?) "
+               "ORDER BY received_at, sop_uid")
+        params: list[Any] = [InstanceStatus.RECEIVED.value, InstanceStatus.PROCESSING.value]
+        if limit is not None:
+            _check_limit(limit)
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._transaction(write=False) as tx:
+            return [_instance(row) for row in tx.all(sql, params)]
+
+    def mark_instance(self, sop_uid: str, status: InstanceStatus, error_code: str | None = None) -> None:
+        status = InstanceStatus(status)
+        if (status is InstanceStatus.FAILED) != (error_code is not None):
+            raise ValueError(f"an instance marked {status.value} needs "
+                             f"{'an error code' if status is InstanceStatus.FAILED else 'no error code'}, "
+                             f"got {error_code!r}")
+        with self._transaction(write=True) as tx:
+            updated = tx.execute(
+                "UPDATE instances SET status = ?, error_code = ?, attempts = attempts + ?, updated_at = ? "
+                "WHERE sop_uid = ?",
+                (status.value, error_code, int(status is InstanceStatus.PROCESSING), self._now(), sop_uid))
+            if updated.rowcount == 0:
+                raise NotFoundError(f"no instance with SOP Instance UID {sop_uid!r} was received")
+
+    # --- findings and the worklist --------------------------------------------------------------------------
+
+    def record_finding(self, finding: FindingRecord) -> bool:
+        now = self._now()
+        rank = finding.priority.rank
+        with self._transaction(write=True) as tx:
+            row = tx.one("SELECT study_uid FROM instances WHERE sop_uid = ?", (finding.sop_uid,))
+            if row is None:
+                raise NotFoundError(f"no instance with SOP Instance UID {finding.sop_uid!r} was received; "
+                                    f"receive() it before recording its finding")
+            study_uid = row["study_uid"]
+            inserted = tx.execute(
+                f"INSERT INTO findings ({FINDING_COLUMNS}, study_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (sop_uid) DO NOTHING",
+                (finding.sop_uid, finding.score, finding.label, finding.priority.value, finding.threshold,
+                 finding.rle, json.dumps(finding.instances, sort_keys=True),
+                 json.dumps(finding.models, sort_keys=True), self._dialect.timestamp(finding.created_at),
+                 study_uid))
+            if inserted.rowcount == 0:
+                return False
+            tx.execute("UPDATE instances SET status = ?, error_code = NULL, updated_at = ? WHERE sop_uid = ?",
+                       (InstanceStatus.DONE.value, now, finding.sop_uid))
+            # One statement, so concurrent findings for one study cannot lose an upgrade. SET expressions all
+            # see the row as it was: a reviewed study reopens only when this finding outranks its priority.
+            tx.execute(
+                f"UPDATE studies SET "
+                f"status = CASE WHEN status = 'pending' THEN 'triaged' "
+                f"WHEN status = 'reviewed' AND {RANK} > ? THEN 'triaged' ELSE status END, "
+                f"priority = CASE WHEN priority IS NULL OR {RANK} > ? THEN ? ELSE priority END, "
+                f"score = CASE WHEN score IS NULL OR score < ? THEN ? ELSE score END, "
+                f"updated_at = ? WHERE study_uid = ?",
+                (rank, rank, finding.priority.value, finding.score, finding.score, now, study_uid))
+        return True
+
+    def worklist(self, status: StudyStatus | None = None, priority: Priority | None = None,
+                 since: datetime | None = None, limit: int = 50, offset: int = 0) -> list[WorklistItem]:
+        _check_limit(limit)
+        if offset < 0:
+            raise ValueError(f"offset must be ≥ 0, got {offset}")
+        where: list[str] = []
+        params: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(StudyStatus(status).value)
+        if priority is not None:
+            where.append("priority = ?")
+            params.append(Priority(priority).value)
+        if since is not None:
+            where.append("received_at >= ?")
+            params.append(self._dialect.timestamp(require_utc(since, "since")))
+        sql = (f"SELECT {STUDY_COLUMNS} FROM studies"
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + f" ORDER BY {RANK}, received_at, study_uid LIMIT ? OFFSET ?")
+        with self._transaction(write=False) as tx:
+            return [_item(row) for row in tx.all(sql, [*params, limit, offset])]
+
+    def study(self, study_uid: str) -> StudyRecord | None:
+        with self._transaction(write=False) as tx:
+            row = tx.one(f"SELECT {STUDY_COLUMNS} FROM studies WHERE study_uid = ?", (study_uid,))
+            if row is None:
+                return None
+            instances = tx.all(f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE study_uid = ? "
+                               "ORDER BY received_at, sop_uid", (study_uid,))
+            findings = tx.all(f"SELECT {FINDING_COLUMNS} FROM findings WHERE study_uid = ? "
+                              "ORDER BY created_at, sop_uid", (study_uid,))
+        return StudyRecord(**vars(_item(row)), instances=tuple(_instance(r) for r in instances),
+                           findings=tuple(_finding(r) for r in findings))
+
+    def acknowledge(self, study_uid: str, by: str | None = None) -> bool:
+        now = self._now()
+        with self._transaction(write=True) as tx:
+            updated = tx.execute("UPDATE studies SET status = ?, reviewed_at = ?, reviewed_by = ?, updated_at = ? "
+                                 "WHERE study_uid = ?", (StudyStatus.REVIEWED.value, now, by, now, study_uid))
+            return bool(updated.rowcount)
+
+    # --- deliveries -----------------------------------------------------------------------------------------
+
+    def add_delivery(self, study_uid: str, object_uid: str, kind: DeliveryKind, destination: str, path: str,
+                     max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> int:
+        kind = DeliveryKind(kind)
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        if not destination:
+            raise ValueError("destination must name where to send the object")
+        now = self._now()
+        with self._transaction(write=True) as tx:
+            if tx.one("SELECT 1 AS found FROM studies WHERE study_uid = ?", (study_uid,)) is None:
+                raise NotFoundError(f"no study {study_uid!r} to deliver results for")
+            tx.execute("INSERT INTO deliveries (study_uid, object_uid, kind, destination, path, state, attempts, "
+                       "max_attempts, next_attempt_at, created_at, updated_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?) ON CONFLICT (object_uid, destination) DO NOTHING",
+                       (study_uid, object_uid, kind.value, destination, path, DeliveryState.PENDING.value,
+                        max_attempts, now, now, now))
+            row = tx.one("SELECT id FROM deliveries WHERE object_uid = ? AND destination = ?",
+                         (object_uid, destination))
+        if row is None:
+            raise StoreError(f"delivery of {object_uid!r} to {destination!r} vanished while being added")
+        return int(row["id"])
+
+    def due_deliveries(self, limit: int = 10, now: datetime | None = None) -> list[DeliveryRecord]:
+        _check_limit(limit)
+        at = self._dialect.timestamp(require_utc(now, "now")) if now is not None else self._now()
+        with self._transaction(write=False) as tx:
+            rows = tx.all(f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE state = ? AND next_attempt_at <= ? "
+                          "ORDER BY next_attempt_at, id LIMIT ?", (DeliveryState.PENDING.value, at, limit))
+        return [_delivery(row) for row in rows]
+
+    def delivery_attempt(self, delivery_id: int, ok: bool, error: str | None = None,
+                         next_attempt_at: datetime | None = None) -> DeliveryRecord:
+        if not ok and (error is None or next_attempt_at is None):
+            raise ValueError("a failed attempt needs its error and next_attempt_at (used unless it was the last)")
+        now = self._now()
+        # Never NULL even where unused: PostgreSQL would type a CASE of only untyped NULLs as text.
+        retry_at = self._dialect.timestamp(require_utc(next_attempt_at, "next_attempt_at")) if not ok else now
+        done = int(bool(ok))
+        with self._transaction(write=True) as tx:
+            row = tx.one(
+                "UPDATE deliveries SET "
+                "state = CASE WHEN ? = 1 THEN 'delivered' WHEN attempts + 1 >= max_attempts THEN 'failed' "
+                "ELSE 'pending' END, "
+                "last_error = CASE WHEN ? = 1 THEN last_error ELSE ? END, "
+                "next_attempt_at = CASE WHEN ? = 1 OR attempts + 1 >= max_attempts THEN NULL ELSE ? END, "
+                "delivered_at = CASE WHEN ? = 1 THEN ? ELSE NULL END, "
+                "attempts = attempts + 1, updated_at = ? "
+                f"WHERE id = ? AND state = ? RETURNING {DELIVERY_COLUMNS}",
+                (done, done, error, done, retry_at, done, now, now, delivery_id, DeliveryState.PENDING.value))
+            if row is None:
+                existing = tx.one("SELECT state FROM deliveries WHERE id = ?", (delivery_id,))
+                if existing is None:
+                    raise NotFoundError(f"no delivery with id {delivery_id}")
+                raise StoreError(f"delivery {delivery_id} is already {existing['state']}; "
+                                 f"only a pending delivery takes attempts")
+        return _delivery(row)
+
+    def deliveries(self, study_uid: str | None = None, state: DeliveryState | None = None) -> list[DeliveryRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if study_uid is not None:
+            where.append("study_uid = ?")
+            params.append(study_uid)
+        if state is not None:
+            where.append("state = ?")
+            params.append(DeliveryState(state).value)
+        sql = (f"SELECT {DELIVERY_COLUMNS} FROM deliveries"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id")
+        with self._transaction(write=False) as tx:
+            return [_delivery(row) for row in tx.all(sql, params)]
+
+    def delivery_counts(self) -> dict[DeliveryState, int]:
+        with self._transaction(write=False) as tx:
+            rows = tx.all("SELECT state, COUNT(*) AS n FROM deliveries GROUP BY state")
+        counts = dict.fromkeys(DeliveryState, 0)
+        counts.update({DeliveryState(row["state"]): int(row["n"]) for row in rows})
+        return counts
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= 1000:
+        raise ValueError(f"limit must be in 1..1000, got {limit}")
+
+
+def _item(row: Row) -> WorklistItem:
+    return WorklistItem(
+        study_uid=row["study_uid"], status=StudyStatus(row["status"]),
+        priority=None if row["priority"] is None else Priority(row["priority"]),
+        score=None if row["score"] is None else float(row["score"]),
+        received_at=_ts(row["received_at"]), updated_at=_ts(row["updated_at"]),
+        reviewed_at=read_timestamp(row["reviewed_at"]), reviewed_by=row["reviewed_by"])
+
+
+def _instance(row: Row) -> InstanceRecord:
+    return InstanceRecord(
+        sop_uid=row["sop_uid"], study_uid=row["study_uid"], series_uid=row["series_uid"],
+        sop_class_uid=row["sop_class_uid"], source=row["source"], spool_path=row["spool_path"],
+        received_at=_ts(row["received_at"]), status=InstanceStatus(row["status"]), error_code=row["error_code"],
+        attempts=int(row["attempts"]), updated_at=_ts(row["updated_at"]))
+
+
+def _finding(row: Row) -> FindingRecord:
+    return FindingRecord(
+        sop_uid=row["sop_uid"], score=float(row["score"]), label=row["label"], priority=Priority(row["priority"]),
+        threshold=float(row["threshold"]), rle=row["rle"], instances=json.loads(row["instances_json"]),
+        models=json.loads(row["models_json"]), created_at=_ts(row["created_at"]))
+
+
+def _delivery(row: Row) -> DeliveryRecord:
+    return DeliveryRecord(
+        id=int(row["id"]), study_uid=row["study_uid"], object_uid=row["object_uid"],
+        kind=DeliveryKind(row["kind"]), destination=row["destination"], path=row["path"],
+        state=DeliveryState(row["state"]), attempts=int(row["attempts"]), max_attempts=int(row["max_attempts"]),
+        last_error=row["last_error"], next_attempt_at=read_timestamp(row["next_attempt_at"]),
+        created_at=_ts(row["created_at"]), updated_at=_ts(row["updated_at"]),
+        delivered_at=read_timestamp(row["delivered_at"]))
