@@ -379,3 +379,11 @@ def test_unusable_database_urls_are_refused(tmp_path: Path, url: str, message: s
     with pytest.raises(ValueError, match=message) as raised:
         open_store(url, tmp_path)
     assert "secret" not in str(raised.value)
+
+
+def test_finding_by_instance(store):
+    assert store.finding("1.2.3.999") is None
+    store.receive(arrival("1.2.826.0.1.7", "1.2.826.0.1.70"))
+    store.record_finding(result("1.2.826.0.1.7", Priority.URGENT, 0.8))
+    study_uid, record = store.finding("1.2.826.0.1.7")
+    assert study_uid == "1.2.826.0.1.70" and record.score == 0.8 and record.priority is Priority.URGENT

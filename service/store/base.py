@@ -242,6 +242,10 @@ class ResultsStore(ABC):
         """One study with its instances (by arrival) and findings (by creation), or None."""
 
     @abstractmethod
+    def finding(self, sop_uid: str) -> tuple[str, FindingRecord] | None:
+        """The finding of one instance with its study's UID, or None."""
+
+    @abstractmethod
     def acknowledge(self, study_uid: str, by: str | None = None) -> bool:
         """Mark a study reviewed (by whom, when); False when the study is unknown."""
 

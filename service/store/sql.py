@@ -335,6 +335,11 @@ class SqlResultsStore(ResultsStore):
         return StudyRecord(**vars(_item(row)), instances=tuple(_instance(r) for r in instances),
                            findings=tuple(_finding(r) for r in findings))
 
+    def finding(self, sop_uid: str) -> tuple[str, FindingRecord] | None:
+        with self._transaction(write=False) as tx:
+            row = tx.one(f"SELECT study_uid, {FINDING_COLUMNS} FROM findings WHERE sop_uid = ?", (sop_uid,))
+        return None if row is None else (row["study_uid"], _finding(row))
+
     def acknowledge(self, study_uid: str, by: str | None = None) -> bool:
         now = self._now()
         with self._transaction(write=True) as tx:
