@@ -34,12 +34,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut
+from service.api_worklist import router as worklist_router
 from service.finding import Finding
 from service.metrics import child, metrics
 from service.model_set import ModelSet, resolve
 from service.radiograph import RadiographError
+from service.results_files import ResultsFolder
 from service.runtime import ModelRunner, unpack
 from service.settings import load_settings
+from service.store import FindingRecord, ReceivedInstance, open_store, utc_now
 from service.triage import Edge, Prepared
 
 log = logging.getLogger("ptx.app")
@@ -127,6 +130,7 @@ class Models:
 # The HTTP edge
 
 http = FastAPI(title="ptx-triage", version="1", description=__doc__.split("\n\n")[0])
+http.include_router(worklist_router)
 
 RECONNECT_ATTEMPTS = 3
 
@@ -230,6 +234,8 @@ async def triage(request: Request, mask: str | None = MASK_QUERY) -> JSONRespons
         mask_format = _mask_format(mask)
         (_, payload), = await _payloads(request, many=False)
         finding = await service.triage(payload)
+        if SETTINGS.record_http:
+            await service.in_thread(service.record, finding)
     except ApiError as exc:
         return _refused(exc)
     except RadiographError as exc:
@@ -293,7 +299,51 @@ class Triage:
         self.limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)
         self.in_flight = 0
         self.described = False
+        self.store = open_store(SETTINGS.database_url, SETTINGS.data_dir)  # migrates; SQLite by default
+        self.results = ResultsFolder(SETTINGS.data_dir / "results")
+        self.pacs: Any = None
+        self._pacs_task: asyncio.Task[None] | None = None
         metrics()  # create the metric families now, so /metrics lists them before the first request
+
+    @bentoml.on_startup
+    async def _start_pacs(self) -> None:
+        """With PTX_DICOM_PORT set, the first edge worker runs the PACS side (one intake per spool), once the
+        model worker is ready: C-STOREs are only acknowledged by a service that can triage them."""
+        from bentoml._internal.context import server_context
+
+        if SETTINGS.dicom_port is None or (server_context.worker_index or 1) != 1:
+            return
+        self._pacs_task = asyncio.get_running_loop().create_task(self._run_pacs())
+
+    async def _run_pacs(self) -> None:
+        from service.pacs import Pacs
+
+        while not await self.__is_ready__():
+            await asyncio.sleep(0.5)
+        registry = metrics()
+        self.pacs = Pacs(SETTINGS, self.store, self.results, lambda data: self.triage(data, admit=False),
+                         observe_notification=registry.notification_seconds.observe,
+                         on_attempt=lambda destination, ok: child(
+                             registry.deliveries, destination=destination, outcome="ok" if ok else "failed").inc())
+        await self.pacs.start()
+
+    @bentoml.on_shutdown
+    async def _stop_pacs(self) -> None:
+        if self._pacs_task is not None and not self._pacs_task.done():
+            self._pacs_task.cancel()
+        if self.pacs is not None:
+            await self.pacs.stop()
+        self.store.close()
+
+    def record(self, finding: Finding) -> None:
+        """Put an HTTP-triaged film on the worklist (PTX_RECORD_HTTP), as the PACS path does."""
+        if finding.sop_uid is None or finding.study_uid is None:
+            return
+        now = utc_now()
+        self.store.receive(ReceivedInstance(sop_uid=finding.sop_uid, study_uid=finding.study_uid,
+                                            series_uid=finding.series_uid, sop_class_uid=None, source="http",
+                                            spool_path=None, received_at=now))
+        self.store.record_finding(FindingRecord.from_finding(finding, now))
 
     async def __is_ready__(self) -> bool:
         try:
@@ -358,9 +408,13 @@ class Triage:
         child(metrics().queue_wait_seconds, model=role).observe(max(0.0, elapsed - float(unpacked.seconds[0])))
         return unpacked.outputs
 
-    async def triage(self, payload: bytes) -> Finding:
-        """One film through the cascade; raises ApiError / RadiographError for the caller to answer."""
-        if self.in_flight >= SETTINGS.max_in_flight:
+    async def triage(self, payload: bytes, admit: bool = True) -> Finding:
+        """One film through the cascade; raises ApiError / RadiographError for the caller to answer.
+
+        `admit=False` (the DICOM intake) skips admission control: the intake's own workers bound it, and a
+        spooled film must wait its turn rather than spend a retry on a 503.
+        """
+        if admit and self.in_flight >= SETTINGS.max_in_flight:
             raise overloaded(f"{self.in_flight} films in progress (PTX_MAX_IN_FLIGHT={SETTINGS.max_in_flight}); "
                              "retry later")
         await self._describe()

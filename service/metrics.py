@@ -37,6 +37,8 @@ class Metrics:
     in_flight: Any  # Gauge: films being processed by the HTTP edge
     model_info: Any  # Gauge{role, name, version, backend, provider} = 1
     ready: Any  # Gauge{role}: 1 once the model worker is loaded and warmed
+    notification_seconds: Any  # Histogram: C-STORE receipt → finding on the worklist
+    deliveries: Any  # Counter{destination, outcome}: delivery attempts (destination names are configuration)
 
 
 @functools.cache
@@ -62,6 +64,11 @@ def metrics() -> Metrics:
                          ["role", "name", "version", "backend", "provider"], multiprocess_mode="livemax"),
         ready=Gauge("ptx_model_ready", "1 once the model worker has loaded and warmed its models", ["role"],
                     multiprocess_mode="livemax"),
+        notification_seconds=Histogram("ptx_time_to_notification_seconds",
+                                       "From C-STORE receipt to the finding on the worklist, seconds",
+                                       buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)),
+        deliveries=Counter("ptx_delivery_attempts", "Attempts to send a result object, by destination and outcome",
+                           ["destination", "outcome"]),
     )
 
 

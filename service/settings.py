@@ -50,6 +50,19 @@ class Settings(BaseSettings):
     mask_default: Literal["png", "rle", "none"] = "png"
     reject_inverted: bool = False
     warmup: bool = True  # run each model once per batch size before /readyz says ready
+    # PACS side (service/pacs.py): off unless dicom_port is set. Spool and results under data_dir.
+    dicom_port: int | None = Field(default=None, ge=1, le=65535)
+    dicom_host: str = "0.0.0.0"  # PACS and modalities call from other hosts
+    dicom_ae_title: str = Field(default="PTXTRIAGE", min_length=1, max_length=16)
+    dicom_allowed_aes: str | None = None  # comma-separated calling AE titles; None: any
+    dicom_max_associations: int = Field(default=10, ge=1)
+    intake_workers: int = Field(default=2, ge=1, le=64)
+    record_http: bool = False  # also put films triaged over HTTP on the worklist
+    destinations: str = ""  # comma-separated: [name=]dicom://AE@host:port, [name=]dicomweb+http://host:port/path
+    send_overlay: bool = False  # also send the Secondary Capture (for a PACS that cannot show SEG)
+    delivery_max_attempts: int = Field(default=10, ge=1)
+    delivery_backoff_s: float = Field(default=30.0, gt=0)
+    delivery_backoff_max_s: float = Field(default=3600.0, gt=0)
 
 def load_settings(config_file: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Settings from the TOML file (argument, else $PTX_CONFIG_FILE) with environment variables on top."""

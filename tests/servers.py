@@ -37,15 +37,19 @@ def wait_http(url: str, timeout_s: float, process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def server_process(command: list[str], log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 90,
-                   cwd: Path = REPO, ready_path: str = "/readyz", port: int | None = None) -> Iterator[str]:
+                   cwd: Path = REPO, ready_path: str = "/readyz", port: int | None = None,
+                   started: list[subprocess.Popen] | None = None) -> Iterator[str]:
     """Run `command` (which must listen on `port`) in its own process group until `ready_path` answers 200;
-    yield the base URL; stop the whole group (SIGTERM, then SIGKILL) however the block ends."""
+    yield the base URL; stop the whole group (SIGTERM, then SIGKILL) however the block ends. `started`
+    receives the process (its pid is the group's), for tests that kill it themselves."""
     port = port or free_port()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})},
         )
+        if started is not None:
+            started.append(process)
         try:
             base = f"http://127.0.0.1:{port}"
             wait_http(f"{base}{ready_path}", timeout_s, process)
@@ -62,7 +66,8 @@ def server_process(command: list[str], log_path: Path, env: dict[str, str] | Non
 
 @contextlib.contextmanager
 def bento_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 90,
-                 target: str | None = None, cwd: Path = REPO) -> Iterator[str]:
+                 target: str | None = None, cwd: Path = REPO,
+                 started: list[subprocess.Popen] | None = None) -> Iterator[str]:
     """`bentoml serve [target]` on a free loopback port; yields the base URL once /readyz is 200.
 
     Without `target` BentoML reads bentofile.yaml (the repository's service); a bento tag serves a build.
@@ -70,5 +75,5 @@ def bento_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: f
     port = free_port()
     command = [sys.executable, "-m", "bentoml", "serve", *([target] if target else []),
                "--host", "127.0.0.1", "--port", str(port)]
-    with server_process(command, log_path, env, timeout_s, cwd, port=port) as base:
+    with server_process(command, log_path, env, timeout_s, cwd, port=port, started=started) as base:
         yield base

@@ -24,6 +24,7 @@ from service import rle
 from service.acceptance import AcceptancePolicy
 from service.imaging import read_radiograph
 from service.preprocess import mask_to_input, resize
+from training.parallel import safe_context
 
 # Bump when what the cache holds changes meaning (resizing, quantisation, mask encoding).
 CACHE_FORMAT = 1
@@ -177,7 +178,7 @@ def build_cache(samples: Sequence[Sample], size: int, cache_root: Path, workers:
     labels = np.zeros(count, dtype=np.uint8)
     groups: list[str] = []
     jobs = [(sample, size) for sample in samples]
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=safe_context()) as pool:
         results: Iterable = pool.map(_load_one, jobs, chunksize=8)
         if progress:
             from tqdm import tqdm

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.rle import EMPTY, encode
+from training.parallel import safe_context
 from training.synth import dicom_writer, lesions
 from training.synth.anatomy import Anatomy, render_anatomy
 from training.synth.shapes import ProceduralShapes, ShapeBank
@@ -115,7 +115,7 @@ def run(config: SynthConfig, progress: bool = True) -> dict:
         results = map(_work, range(config.count))
         pool = None
     else:
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        context = safe_context()
         pool = context.Pool(config.workers, initializer=_init_worker, initargs=(config,))
         chunk = max(1, min(8, config.count // (config.workers * 8)))
         results = pool.imap(_work, range(config.count), chunksize=chunk)

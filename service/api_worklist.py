@@ -1,0 +1,145 @@
+"""The worklist side of the HTTP API: the prioritised list, a study's findings and result objects, review.
+
+    GET  /v1/worklist?status=&priority=&since=&limit=&offset=   priority first, then arrival
+    GET  /v1/studies/{study_uid}                                  instances, findings, links, deliveries
+    POST /v1/studies/{study_uid}/ack                              mark reviewed
+    GET  /v1/findings/{sop_uid}                                   the stored finding (the triage JSON, no mask)
+    GET  /v1/results/{study_uid}/{sop_uid}/{name}                 SEG.dcm, SR.dcm, SC.dcm, overlay.png
+
+Reads go to the results store (`service.store`) and the results folder (`service.results_files`), both
+owned by the service instance; nothing here decides priorities (the store upgrades only).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import bentoml
+from fastapi import APIRouter, Query, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from service.finding import Priority
+from service.results_files import RESULT_FILES, ResultsFolder
+from service.store import StudyStatus
+from service.store.base import DeliveryRecord, FindingRecord, WorklistItem
+
+router = APIRouter()
+MAX_PAGE = 500
+
+
+def _error(code: str, message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _item(item: WorklistItem) -> dict[str, Any]:
+    return {"study_uid": item.study_uid, "priority": None if item.priority is None else item.priority.value,
+            "score": item.score, "status": item.status.value, "received_at": _iso(item.received_at),
+            "updated_at": _iso(item.updated_at), "reviewed_at": _iso(item.reviewed_at),
+            "links": {"study": f"/v1/studies/{item.study_uid}"}}
+
+
+def _finding(record: FindingRecord, results: ResultsFolder, study_uid: str) -> dict[str, Any]:
+    links = {"finding": f"/v1/findings/{record.sop_uid}"}
+    for name in results.present(study_uid, record.sop_uid):
+        links[RESULT_FILES[name]] = f"/v1/results/{study_uid}/{record.sop_uid}/{name}"
+    return {"sop_uid": record.sop_uid, "score": record.score, "label": record.label,
+            "priority": record.priority.value, "threshold": record.threshold, "instances": record.instances,
+            "models": record.models, "created_at": _iso(record.created_at), "links": links}
+
+
+def _delivery(record: DeliveryRecord) -> dict[str, Any]:
+    return {"object_uid": record.object_uid, "kind": record.kind.value, "destination": record.destination,
+            "state": record.state.value, "attempts": record.attempts, "last_error": record.last_error,
+            "next_attempt_at": _iso(record.next_attempt_at), "delivered_at": _iso(record.delivered_at)}
+
+
+def _parts() -> tuple[Any, ResultsFolder]:
+    service = bentoml.get_current_service()
+    return service.store, service.results
+
+
+@router.get("/worklist", summary="The reading worklist: priority first, then arrival")
+async def worklist(status: str | None = Query(None, description="pending, triaged or reviewed"),
+                   priority: str | None = Query(None, description="STAT, URGENT or ROUTINE"),
+                   since: str | None = Query(None, description="ISO 8601 time with zone: studies first received "
+                                                               "at or after it"),
+                   limit: int = Query(50, description=f"1 to {MAX_PAGE}"),
+                   offset: int = Query(0, description="items to skip")) -> Response:
+    try:
+        status_value = None if status is None else StudyStatus(status)
+        priority_value = None if priority is None else Priority(priority)
+        since_value = None if since is None else datetime.fromisoformat(since)
+        if since_value is not None and since_value.tzinfo is None:
+            raise ValueError("since needs a time zone, e.g. 2026-11-23T08:00:00+00:00")
+        if not 1 <= limit <= MAX_PAGE or offset < 0:
+            raise ValueError(f"limit must be 1..{MAX_PAGE} and offset >= 0")
+    except ValueError as exc:
+        return _error("invalid_parameter", str(exc), 400)
+    store, _ = _parts()
+    items = await bentoml.get_current_service().in_thread(
+        lambda: store.worklist(status_value, priority_value, since_value, limit + 1, offset))
+    page = items[:limit]
+    body: dict[str, Any] = {"items": [_item(i) for i in page], "limit": limit, "offset": offset,
+                            "next_offset": offset + limit if len(items) > limit else None}
+    return JSONResponse(body)
+
+
+@router.get("/studies/{study_uid}", summary="One study: instances, findings with links to the results, deliveries")
+async def study(study_uid: str) -> Response:
+    store, results = _parts()
+    service = bentoml.get_current_service()
+    record = await service.in_thread(store.study, study_uid)
+    if record is None:
+        return _error("not_found", f"no study {study_uid} on the worklist", 404)
+    deliveries = await service.in_thread(lambda: store.deliveries(study_uid=study_uid))
+    body = _item(record)
+    body["instances"] = [{"sop_uid": i.sop_uid, "series_uid": i.series_uid, "status": i.status.value,
+                          "error_code": i.error_code, "source": i.source, "received_at": _iso(i.received_at)}
+                         for i in record.instances]
+    body["findings"] = [_finding(f, results, study_uid) for f in record.findings]
+    body["deliveries"] = [_delivery(d) for d in deliveries]
+    return JSONResponse(body)
+
+
+@router.post("/studies/{study_uid}/ack", summary="Mark a study reviewed")
+async def acknowledge(study_uid: str, request: Request) -> Response:
+    by = request.query_params.get("by")
+    if by is not None and (len(by) > 64 or not by.isprintable()):
+        return _error("invalid_parameter", "by: at most 64 printable characters (a reader's login, not a name)", 400)
+    store, _ = _parts()
+    known = await bentoml.get_current_service().in_thread(lambda: store.acknowledge(study_uid, by))
+    if not known:
+        return _error("not_found", f"no study {study_uid} on the worklist", 404)
+    return JSONResponse({"study_uid": study_uid, "status": StudyStatus.REVIEWED.value})
+
+
+@router.get("/findings/{sop_uid}", summary="The stored finding of one instance (no mask image; RLE included)")
+async def finding(sop_uid: str) -> Response:
+    store, results = _parts()
+    service = bentoml.get_current_service()
+    found = await service.in_thread(store.finding, sop_uid)
+    if found is None:
+        return _error("not_found", f"no finding for instance {sop_uid}", 404)
+    study_uid, record = found
+    body = _finding(record, results, study_uid)
+    body["rle"] = record.rle
+    body["study_uid"] = study_uid
+    return JSONResponse(body)
+
+
+@router.get("/results/{study_uid}/{sop_uid}/{name}", summary="A result object: SEG.dcm, SR.dcm, SC.dcm or overlay.png")
+async def result_file(study_uid: str, sop_uid: str, name: str) -> Response:
+    _, results = _parts()
+    try:
+        path = results.path(study_uid, sop_uid, name)
+    except ValueError as exc:
+        return _error("invalid_parameter", str(exc), 400)
+    if not path.is_file():
+        return _error("not_found", f"no {name} for instance {sop_uid}", 404)
+    media = "image/png" if name.endswith(".png") else "application/dicom"
+    return FileResponse(path, media_type=media)

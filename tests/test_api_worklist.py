@@ -1,0 +1,89 @@
+"""The worklist API through a real server, fed over HTTP (PTX_RECORD_HTTP): order, filters, pages, review."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.error
+import urllib.request
+
+import pydicom
+import pytest
+
+from service.finding import Priority
+from tests.servers import bento_server
+from tests.test_app_triage import post
+from training.__main__ import main as training_main
+
+
+def get(base: str, path: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"{base}{path}", timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, realdata):
+    root = tmp_path_factory.mktemp("worklist")
+    assert training_main(["synth", "--out", str(root / "synth"), "--count", "8", "--seed", "31", "--prevalence",
+                          "0.5", "--size", "512", "--uncompressed", "--quiet"]) == 0
+    films = sorted((root / "synth" / "dicom").glob("*.dcm"))
+    env = {"PTX_DATA_DIR": str(root / "data"), "PTX_RECORD_HTTP": "true"}
+    with bento_server(root / "server.log", env=env) as base:
+        answers = []
+        for path in films:
+            status, answer, _ = post(f"{base}/v1/triage?mask=rle", path.read_bytes(), "application/dicom")
+            assert status == 200
+            answers.append(answer)
+        yield base, answers
+
+
+def test_worklist_orders_by_priority_then_arrival(fed):
+    base, answers = fed
+    status, body = get(base, "/v1/worklist")
+    assert status == 200 and body["next_offset"] is None
+    items = body["items"]
+    assert {i["study_uid"] for i in items} == {a["study_uid"] for a in answers}
+    expected = sorted(answers, key=lambda a: Priority(a["priority"]).rank)  # stable: arrival order kept
+    assert [i["study_uid"] for i in items] == [a["study_uid"] for a in expected]
+    assert all(i["status"] == "triaged" for i in items)
+
+
+def test_filters_pages_and_bad_parameters(fed):
+    base, answers = fed
+    routine = [a["study_uid"] for a in answers if a["priority"] == "ROUTINE"]
+    _, body = get(base, "/v1/worklist?priority=ROUTINE")
+    assert [i["study_uid"] for i in body["items"]] == routine
+    _, first = get(base, "/v1/worklist?limit=3")
+    _, second = get(base, f"/v1/worklist?limit=3&offset={first['next_offset']}")
+    _, whole = get(base, "/v1/worklist")
+    assert [i["study_uid"] for i in first["items"] + second["items"]] == [i["study_uid"] for i in whole["items"]][:6]
+    _, future = get(base, "/v1/worklist?since=2999-01-01T00:00:00%2B00:00")
+    assert future["items"] == []
+    for query in ("priority=HIGH", "status=done", "limit=0", "since=yesterday", "since=2026-01-01T00:00:00"):
+        status, error = get(base, f"/v1/worklist?{query}")
+        assert (status, error["error"]["code"]) == (400, "invalid_parameter"), query
+
+
+def test_study_finding_and_review(fed):
+    base, answers = fed
+    answer = answers[0]
+    status, study = get(base, f"/v1/studies/{answer['study_uid']}")
+    assert status == 200 and study["instances"][0]["sop_uid"] == answer["sop_uid"]
+    status, finding = get(base, study["findings"][0]["links"]["finding"])
+    assert status == 200 and finding["rle"] == answer["rle"] and finding["score"] == pytest.approx(answer["score"])
+    request = urllib.request.Request(f"{base}/v1/studies/{answer['study_uid']}/ack?by=reader1", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.loads(response.read())["status"] == "reviewed"
+    _, reviewed = get(base, "/v1/worklist?status=reviewed")
+    assert [i["study_uid"] for i in reviewed["items"]] == [answer["study_uid"]]
+    assert get(base, "/v1/studies/1.2.3.4")[0] == 404
+    assert get(base, "/v1/findings/1.2.3.4")[0] == 404
+    for path in (f"{answer['study_uid']}/{answer['sop_uid']}/passwd", f"{answer['study_uid']}/..%2e/SEG.dcm",
+                 f"x{answer['study_uid']}/{answer['sop_uid']}/SR.dcm"):
+        status, error = get(base, f"/v1/results/{path}")
+        assert (status, error["error"]["code"]) == (400, "invalid_parameter"), path
+    status, error = get(base, f"/v1/results/{answer['study_uid']}/{answer['sop_uid']}/SEG.dcm")
+    assert status == 404  # HTTP triage makes no DICOM results (the PACS path does)
