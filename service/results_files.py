@@ -7,10 +7,10 @@ DICOM UIDs, so no request can make the service read or write outside this folder
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
+
+from service.spool import durable_write
 
 #: file name → the link name the API uses for it
 RESULT_FILES = {"SEG.dcm": "seg", "SR.dcm": "sr", "SC.dcm": "overlay_dicom", "overlay.png": "overlay_png"}
@@ -33,20 +33,10 @@ class ResultsFolder:
         return self.root / check_uid(study_uid, "study_uid") / check_uid(sop_uid, "sop_uid") / name
 
     def write(self, study_uid: str, sop_uid: str, name: str, data: bytes) -> Path:
-        """Write atomically (temporary file, fsync, rename): a reader never sees half an object."""
+        """Write atomically and durably (`service.spool.durable_write`): a reader never sees half an object."""
         target = self.path(study_uid, sop_uid, name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return target
+        return durable_write(target, data)
 
     def present(self, study_uid: str, sop_uid: str) -> list[str]:
         """The result files that exist for an instance, in the fixed order."""

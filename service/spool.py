@@ -68,6 +68,24 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def durable_write(final: Path, data: bytes, prefix: str = ".tmp-", suffix: str = "") -> Path:
+    """Write `data` to `final` atomically and durably: a temporary file in the same folder, written,
+    flushed and fsynced, renamed over `final`, then the folder fsynced (so the new name survives a crash).
+    On failure the temporary file is removed and the exception propagates."""
+    fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=prefix, suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(final.parent)
+    return final
+
+
 class Spool:
     """Instances waiting for triage, one file per SOP Instance UID. Thread-safe (every write is its own file)."""
 
@@ -97,19 +115,7 @@ class Spool:
         On return the bytes and the directory entry are on stable storage. On any failure the temporary
         file is removed and the exception propagates (the caller answers "out of resources").
         """
-        final = self.path(sop_uid)
-        fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=f"{TEMP_PREFIX}{sop_uid}.", suffix=TEMP_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, final)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.directory)
-        return final
+        return durable_write(self.path(sop_uid), data, prefix=f"{TEMP_PREFIX}{sop_uid}.", suffix=TEMP_SUFFIX)
 
     def read(self, sop_uid: str) -> bytes:
         """The spooled bytes; FileNotFoundError when the instance is not (or no longer) spooled."""

@@ -1,25 +1,20 @@
 """A real Orthanc PACS for tests: Debian's `orthanc` + `orthanc-dicomweb`, on unusual loopback ports.
 
 Orthanc 1.10 binds all interfaces; `RemoteAccessAllowed: false` makes its HTTP side refuse anything but
-localhost, and the ports are chosen free at random. Stopped by PID (SIGTERM, then SIGKILL).
+localhost, and the ports are chosen free at random. Stopped by PID (`tests.servers.server_process`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.servers import free_port
+from tests.servers import free_port, server_process
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -80,28 +75,6 @@ def orthanc_server(workdir: Path, modalities: dict[str, tuple[str, str, int]], a
     }
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=1))
-    with (workdir / "orthanc.log").open("wb") as log:
-        process = subprocess.Popen([ORTHANC, str(config_path)], cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env={**os.environ})
-        try:
-            base = f"http://127.0.0.1:{http_port}"
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"Orthanc exited with {process.returncode}; see {workdir / 'orthanc.log'}")
-                try:
-                    with urllib.request.urlopen(f"{base}/system", timeout=2):
-                        break
-                except (urllib.error.URLError, OSError):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"Orthanc did not answer within {timeout_s} s") from None
-                    time.sleep(0.3)
-            yield Orthanc(base, dicom_port, aet)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    with server_process([ORTHANC, str(config_path)], workdir / "orthanc.log", timeout_s=timeout_s, cwd=workdir,
+                        ready_path="/system", port=http_port) as base:
+        yield Orthanc(base, dicom_port, aet)
