@@ -39,6 +39,8 @@ class Metrics:
     ready: Any  # Gauge{role}: 1 once the model worker is loaded and warmed
     notification_seconds: Any  # Histogram: C-STORE receipt → finding on the worklist
     deliveries: Any  # Counter{destination, outcome}: delivery attempts (destination names are configuration)
+    spool_depth: Any  # Gauge: instances acknowledged to the PACS and not yet triaged
+    delivery_states: Any  # Gauge{state}: result objects by delivery state (pending, delivered, failed)
 
 
 @functools.cache
@@ -69,6 +71,10 @@ def metrics() -> Metrics:
                                        buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)),
         deliveries=Counter("ptx_delivery_attempts", "Attempts to send a result object, by destination and outcome",
                            ["destination", "outcome"]),
+        spool_depth=Gauge("ptx_spool_depth", "Instances received over DICOM and not yet triaged",
+                          multiprocess_mode="livemax"),
+        delivery_states=Gauge("ptx_deliveries", "Result objects by delivery state", ["state"],
+                              multiprocess_mode="livemax"),
     )
 
 

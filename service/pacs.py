@@ -77,10 +77,29 @@ class Pacs:
             self.dispatcher.start()
         await self.intake.start()
         await asyncio.to_thread(self.listener.start)
+        self._gauges = asyncio.get_running_loop().create_task(self._watch())
         log.info("DICOM listener %s on port %s; %s destination(s)", self.settings.dicom_ae_title,
                  self.listener.port, 0 if self.dispatcher is None else len(self.dispatcher.senders))
 
+    async def _watch(self, every_s: float = 5.0) -> None:
+        """Spool depth and delivery states as gauges (queries, so on a timer, not per scrape)."""
+        from service.metrics import child, metrics
+
+        registry = metrics()
+        while True:
+            try:
+                depth = await asyncio.to_thread(lambda: len(self.spool.pending()))
+                counts = await asyncio.to_thread(self.store.delivery_counts)
+                registry.spool_depth.set(depth)
+                for state, count in counts.items():
+                    child(registry.delivery_states, state=state.value).set(count)
+            except Exception:  # noqa: BLE001 -- a failed reading must not stop the next one
+                log.warning("could not read spool depth / delivery states", exc_info=True)
+            await asyncio.sleep(every_s)
+
     async def stop(self) -> None:
+        if getattr(self, "_gauges", None) is not None:
+            self._gauges.cancel()
         await asyncio.to_thread(self.listener.stop)
         await self.intake.stop()
         if self.dispatcher is not None:

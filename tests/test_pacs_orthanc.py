@@ -117,6 +117,12 @@ def test_orthanc_sends_films_worklist_fills_and_seg_sr_come_back(tmp_path, films
                 api_mask = np.array(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"]))), dtype=bool)
                 assert np.array_equal(mask, api_mask), sop
 
-            text = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
-            assert "ptx_time_to_notification_seconds_count" in text
+            def gauges() -> str | None:  # gauges are refreshed every 5 s: wait for a reading after the work
+                text = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
+                return text if 'ptx_deliveries{state="pending"} 0.0' in text and "ptx_spool_depth 0.0" in text \
+                    else None
+
+            text = wait_for(gauges, 30, "the spool and delivery gauges to settle at 0")
+            assert f"ptx_time_to_notification_seconds_count {len(expected)}.0" in text
             assert 'ptx_delivery_attempts_total{destination="orthanc",outcome="ok"}' in text
+            assert 'ptx_deliveries{state="failed"} 0.0' in text
