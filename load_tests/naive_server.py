@@ -11,7 +11,7 @@ architecture and nothing else:
 * PyTorch eager, fp32, `torch.inference_mode`, intra-op threads = CPU cores, batch of one film;
 * both models on every film (no gating), each with its mirrored pass when hflip TTA is on (as the service);
 * the service's own decoding (`read_radiograph`), preprocessing (`to_input`), post-processing
-  (`film_mask`: triplet threshold at the film's size) and answer (`build_finding`, `Finding.to_json`).
+  (`film_result`: triplet threshold at the film's size) and answer (`build_finding`, `Finding.to_json`).
 
 The gate decides only what is *reported* (a mask for films scoring ≥ gate, as the service does), not what
 is computed, so both servers answer the same thing for the same file and the benchmark can check it.
@@ -43,7 +43,7 @@ from service.finding import Finding, PriorityBands, build_finding
 from service.imaging import read_radiograph
 from service.masks import MillimetreMorphology
 from service.model_set import resolve
-from service.pipeline import CascadeResult, film_mask
+from service.pipeline import film_result
 from service.postprocess import TripletThreshold
 from service.preprocess import InputSpec, to_input
 from service.radiograph import RadiographError
@@ -131,12 +131,10 @@ class NaiveTriage:
         probability = self._forward(self.segmenter, film, self.segmenter_spec)[0, 0].numpy()
         timings["segment"] = (time.perf_counter() - mark) * 1000
         mark = time.perf_counter()
-        rows, columns = film.shape
-        if score >= self.gate:
-            mask, peak = film_mask(probability, rows, columns, self.triplet, self.triplet_reference_size)
-        else:  # computed but not reported, as the service (which never computes it) reports nothing
-            mask, peak = np.zeros((rows, columns), dtype=bool), 0.0
-        result = CascadeResult(score, score >= self.operating_point, score >= self.gate, mask, peak)
+        # Below the gate the map is computed but not reported, as the service (which never computes it) reports
+        # nothing.
+        result = film_result(*film.shape, score, probability if score >= self.gate else None,
+                             self.operating_point, self.triplet, self.triplet_reference_size)
         finding = build_finding(radiograph, result, self.operating_point, self.bands, self.morphology, self.models)
         timings["postprocess"] = (time.perf_counter() - mark) * 1000
         timings["total"] = (time.perf_counter() - started) * 1000

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
 
 DICOM_BODY = {
     "required": True,
@@ -29,6 +30,11 @@ BATCH_BODY = {
         "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
                                 "description": "one `file` field per film (PTX_MAX_FILES_PER_REQUEST at most)"}}}}},
 }
+
+
+def error(code: str, message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Every error the API sends has one shape: {"error": {"code", "message"}} (`ErrorOut`)."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 class _Out(BaseModel):

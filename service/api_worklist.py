@@ -19,6 +19,7 @@ import bentoml
 from fastapi import APIRouter, Query, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
+from service.api_schema import error
 from service.finding import Priority
 from service.results_files import RESULT_FILES, ResultsFolder
 from service.store import StudyStatus
@@ -26,10 +27,6 @@ from service.store.base import DeliveryRecord, FindingRecord, WorklistItem
 
 router = APIRouter()
 MAX_PAGE = 500
-
-
-def _error(code: str, message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -58,9 +55,9 @@ def _delivery(record: DeliveryRecord) -> dict[str, Any]:
             "next_attempt_at": _iso(record.next_attempt_at), "delivered_at": _iso(record.delivered_at)}
 
 
-def _parts() -> tuple[Any, ResultsFolder]:
-    service = bentoml.get_current_service()
-    return service.store, service.results
+def _service() -> Any:
+    """The running edge (`service.app.Triage`): its `store`, `results` folder and `in_thread`."""
+    return bentoml.get_current_service()
 
 
 @router.get("/worklist", summary="The reading worklist: priority first, then arrival")
@@ -79,10 +76,10 @@ async def worklist(status: str | None = Query(None, description="pending, triage
         if not 1 <= limit <= MAX_PAGE or offset < 0:
             raise ValueError(f"limit must be 1..{MAX_PAGE} and offset >= 0")
     except ValueError as exc:
-        return _error("invalid_parameter", str(exc), 400)
-    store, _ = _parts()
-    items = await bentoml.get_current_service().in_thread(
-        lambda: store.worklist(status_value, priority_value, since_value, limit + 1, offset))
+        return error("invalid_parameter", str(exc), 400)
+    service = _service()
+    items = await service.in_thread(
+        lambda: service.store.worklist(status_value, priority_value, since_value, limit + 1, offset))
     page = items[:limit]
     body: dict[str, Any] = {"items": [_item(i) for i in page], "limit": limit, "offset": offset,
                             "next_offset": offset + limit if len(items) > limit else None}
@@ -91,17 +88,16 @@ async def worklist(status: str | None = Query(None, description="pending, triage
 
 @router.get("/studies/{study_uid}", summary="One study: instances, findings with links to the results, deliveries")
 async def study(study_uid: str) -> Response:
-    store, results = _parts()
-    service = bentoml.get_current_service()
-    record = await service.in_thread(store.study, study_uid)
+    service = _service()
+    record = await service.in_thread(service.store.study, study_uid)
     if record is None:
-        return _error("not_found", f"no study {study_uid} on the worklist", 404)
-    deliveries = await service.in_thread(lambda: store.deliveries(study_uid=study_uid))
+        return error("not_found", f"no study {study_uid} on the worklist", 404)
+    deliveries = await service.in_thread(lambda: service.store.deliveries(study_uid=study_uid))
     body = _item(record)
     body["instances"] = [{"sop_uid": i.sop_uid, "series_uid": i.series_uid, "status": i.status.value,
                           "error_code": i.error_code, "source": i.source, "received_at": _iso(i.received_at)}
                          for i in record.instances]
-    body["findings"] = [_finding(f, results, study_uid) for f in record.findings]
+    body["findings"] = [_finding(f, service.results, study_uid) for f in record.findings]
     body["deliveries"] = [_delivery(d) for d in deliveries]
     return JSONResponse(body)
 
@@ -110,23 +106,22 @@ async def study(study_uid: str) -> Response:
 async def acknowledge(study_uid: str, request: Request) -> Response:
     by = request.query_params.get("by")
     if by is not None and (len(by) > 64 or not by.isprintable()):
-        return _error("invalid_parameter", "by: at most 64 printable characters (a reader's login, not a name)", 400)
-    store, _ = _parts()
-    known = await bentoml.get_current_service().in_thread(lambda: store.acknowledge(study_uid, by))
+        return error("invalid_parameter", "by: at most 64 printable characters (a reader's login, not a name)", 400)
+    service = _service()
+    known = await service.in_thread(lambda: service.store.acknowledge(study_uid, by))
     if not known:
-        return _error("not_found", f"no study {study_uid} on the worklist", 404)
+        return error("not_found", f"no study {study_uid} on the worklist", 404)
     return JSONResponse({"study_uid": study_uid, "status": StudyStatus.REVIEWED.value})
 
 
 @router.get("/findings/{sop_uid}", summary="The stored finding of one instance (no mask image; RLE included)")
 async def finding(sop_uid: str) -> Response:
-    store, results = _parts()
-    service = bentoml.get_current_service()
-    found = await service.in_thread(store.finding, sop_uid)
+    service = _service()
+    found = await service.in_thread(service.store.finding, sop_uid)
     if found is None:
-        return _error("not_found", f"no finding for instance {sop_uid}", 404)
+        return error("not_found", f"no finding for instance {sop_uid}", 404)
     study_uid, record = found
-    body = _finding(record, results, study_uid)
+    body = _finding(record, service.results, study_uid)
     body["rle"] = record.rle
     body["study_uid"] = study_uid
     return JSONResponse(body)
@@ -134,12 +129,11 @@ async def finding(sop_uid: str) -> Response:
 
 @router.get("/results/{study_uid}/{sop_uid}/{name}", summary="A result object: SEG.dcm, SR.dcm, SC.dcm or overlay.png")
 async def result_file(study_uid: str, sop_uid: str, name: str) -> Response:
-    _, results = _parts()
     try:
-        path = results.path(study_uid, sop_uid, name)
+        path = _service().results.path(study_uid, sop_uid, name)
     except ValueError as exc:
-        return _error("invalid_parameter", str(exc), 400)
+        return error("invalid_parameter", str(exc), 400)
     if not path.is_file():
-        return _error("not_found", f"no {name} for instance {sop_uid}", 404)
+        return error("not_found", f"no {name} for instance {sop_uid}", 404)
     media = "image/png" if name.endswith(".png") else "application/dicom"
     return FileResponse(path, media_type=media)

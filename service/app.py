@@ -33,9 +33,10 @@ from fastapi import FastAPI, Query
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut
+from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut, error
 from service.api_worklist import router as worklist_router
 from service.finding import Finding
+from service.imaging import read_radiograph
 from service.metrics import child, metrics
 from service.model_set import ModelSet, resolve
 from service.radiograph import RadiographError
@@ -64,11 +65,6 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return error(self.code, self.message, self.status, self.headers)
-
-
-def error(code: str, message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    """Every error has one shape: {"error": {"code", "message"}}."""
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def overloaded(message: str) -> ApiError:
@@ -216,7 +212,7 @@ async def inspect(request: Request) -> JSONResponse:
     service = _service()
     try:
         (_, payload), = await _payloads(request, many=False)
-        radiograph = await service.in_thread(service.edge_decode_only, payload)
+        radiograph = await service.in_thread(read_radiograph, payload, service.edge.policy)
     except ApiError as exc:
         return _refused(exc)
     except RadiographError as exc:
@@ -381,11 +377,6 @@ class Triage:
     async def in_thread(self, function: Any, *args: Any) -> Any:
         """CPU work off the event loop, at most `decode_threads` at once."""
         return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)
-
-    def edge_decode_only(self, payload: bytes) -> Any:
-        from service.imaging import read_radiograph
-
-        return read_radiograph(payload, self.edge.policy)
 
     async def _model(self, role: str, batch: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """One film through a batched model call; records its queue wait."""

@@ -14,8 +14,6 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-STAGES = ("decode", "preprocess", "classify", "segment", "postprocess", "total")
-MODEL_ROLES = ("classifier", "segmenter")
 # Model latency per image on a CPU is ~1-20 ms; a whole request up to seconds; queues up to max_latency_ms.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)

@@ -53,6 +53,7 @@ class Pacs:
                  on_attempt: Callable[[str, bool], None] | None = None) -> None:
         self.settings, self.store, self.results, self.triage = settings, store, results, triage
         self.spool = Spool(settings.data_dir / "spool")
+        self._gauges: asyncio.Task[None] | None = None
         destinations = parse_destinations(settings.destinations)
         self.dispatcher = None
         if destinations:
@@ -98,7 +99,7 @@ class Pacs:
             await asyncio.sleep(every_s)
 
     async def stop(self) -> None:
-        if getattr(self, "_gauges", None) is not None:
+        if self._gauges is not None:
             self._gauges.cancel()
         await asyncio.to_thread(self.listener.stop)
         await self.intake.stop()
@@ -120,8 +121,9 @@ class Pacs:
         made = build_results(source, finding, overlay=True)
         study, sop = str(finding.study_uid), str(finding.sop_uid)
         written = []
-        for ds in made.datasets():
-            kind = "SEG" if ds.Modality == "SEG" else "SR" if ds.Modality == "SR" else "SC"
+        for kind, ds in (("SEG", made.seg), ("SR", made.sr), ("SC", made.overlay)):  # SEG first: the SR cites it
+            if ds is None:
+                continue
             buffer = io.BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
             path = self.results.write(study, sop, f"{kind}.dcm", buffer.getvalue())

@@ -88,6 +88,18 @@ class CascadeResult:
     probability_max: float  # peak of the segmenter's map at its input size (0 when not segmented)
 
 
+def film_result(rows: int, columns: int, score: float, probability: np.ndarray | None, operating_point: float,
+                rule: TripletThreshold, reference_size: int = 1024) -> CascadeResult:
+    """A film's result from its score and, if it was segmented, the map at the segmenter's input size
+    (None: not gated, so an empty mask). The one place a score and a map become a result: the in-process
+    cascade, the HTTP edge and the benchmark's baseline all call it."""
+    if probability is None:
+        mask, peak = np.zeros((rows, columns), dtype=bool), 0.0
+    else:
+        mask, peak = film_mask(probability, rows, columns, rule, reference_size)
+    return CascadeResult(float(score), bool(score >= operating_point), probability is not None, mask, peak)
+
+
 @dataclass
 class Cascade:
     """Two backends with their input specs and the thresholds from their manifests, run in-process."""
@@ -112,12 +124,8 @@ class Cascade:
 
     def result(self, film: np.ndarray, score: float, probability: np.ndarray | None) -> CascadeResult:
         """One film's result from its score and, if it was gated, its segmenter map."""
-        rows, columns = film.shape
-        if probability is None:
-            mask, peak = np.zeros((rows, columns), dtype=bool), 0.0
-        else:
-            mask, peak = film_mask(probability, rows, columns, self.triplet, self.triplet_reference_size)
-        return CascadeResult(float(score), bool(score >= self.operating_point), probability is not None, mask, peak)
+        return film_result(*film.shape, score, probability, self.operating_point, self.triplet,
+                           self.triplet_reference_size)
 
     def run(self, films: Sequence[np.ndarray]) -> list[CascadeResult]:
         scores = self.classify(films)

@@ -19,7 +19,7 @@ from service.finding import Finding, PriorityBands, build_finding
 from service.imaging import read_radiograph
 from service.masks import MillimetreMorphology
 from service.model_set import ModelSet
-from service.pipeline import CascadeResult, film_mask
+from service.pipeline import film_result
 from service.preprocess import to_batch
 from service.radiograph import Radiograph
 from service.settings import Settings
@@ -80,13 +80,8 @@ class Edge:
         started = time.perf_counter()
         radiograph = prepared.radiograph
         models = self.models
-        if probability is None:
-            mask, peak = np.zeros((radiograph.rows, radiograph.columns), dtype=bool), 0.0
-        else:
-            mask, peak = film_mask(probability, radiograph.rows, radiograph.columns, models.triplet,
-                                   models.triplet_reference_size)
-        result = CascadeResult(float(score), bool(score >= models.operating_point), probability is not None,
-                               mask, peak)
+        result = film_result(radiograph.rows, radiograph.columns, score, probability, models.operating_point,
+                             models.triplet, models.triplet_reference_size)
         finding = build_finding(radiograph, result, models.operating_point, self.bands, self.morphology,
                                 models=self.model_labels, timings_ms=prepared.timings_ms)
         finding.timings_ms["postprocess"] = (time.perf_counter() - started) * 1e3  # the Finding's own dict

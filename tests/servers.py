@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,14 +35,36 @@ def wait_http(url: str, timeout_s: float, process: subprocess.Popen) -> None:
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
 
 
+def wait_port(port: int, process: subprocess.Popen | None = None, timeout_s: float = 10) -> None:
+    """Until something accepts TCP connections on 127.0.0.1:`port` (for servers that speak no HTTP)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM to the process's whole group, SIGKILL if it is still there after `grace_s`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 @contextlib.contextmanager
-def server_process(command: list[str], log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 90,
-                   cwd: Path = REPO, ready_path: str = "/readyz", port: int | None = None,
-                   started: list[subprocess.Popen] | None = None) -> Iterator[str]:
-    """Run `command` (which must listen on `port`) in its own process group until `ready_path` answers 200;
-    yield the base URL; stop the whole group (SIGTERM, then SIGKILL) however the block ends. `started`
-    receives the process (its pid is the group's), for tests that kill it themselves."""
-    port = port or free_port()
+def process_group(command: list[str], log_path: Path, ready: Callable[[subprocess.Popen], None],
+                  env: dict[str, str] | None = None, cwd: Path = REPO, grace_s: float = 20,
+                  started: list[subprocess.Popen] | None = None) -> Iterator[subprocess.Popen]:
+    """Run `command` in its own process group, logging to `log_path`; `ready(process)` waits until it serves;
+    stop the whole group (`stop_group`) however the block ends. `started` receives the process as soon as
+    it exists (its pid is the group's), for tests that kill it themselves."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -51,17 +73,21 @@ def server_process(command: list[str], log_path: Path, env: dict[str, str] | Non
         if started is not None:
             started.append(process)
         try:
-            base = f"http://127.0.0.1:{port}"
-            wait_http(f"{base}{ready_path}", timeout_s, process)
-            yield base
+            ready(process)
+            yield process
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            stop_group(process, grace_s)
+
+
+@contextlib.contextmanager
+def server_process(command: list[str], log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 90,
+                   cwd: Path = REPO, ready_path: str = "/readyz", port: int | None = None,
+                   started: list[subprocess.Popen] | None = None) -> Iterator[str]:
+    """An HTTP server (`process_group`) listening on `port`: yields its base URL once `ready_path` is 200."""
+    base = f"http://127.0.0.1:{port or free_port()}"
+    with process_group(command, log_path, lambda process: wait_http(f"{base}{ready_path}", timeout_s, process),
+                       env, cwd, started=started):
+        yield base
 
 
 @contextlib.contextmanager

@@ -17,13 +17,10 @@ import http.server
 import io
 import json
 import logging
-import os
 import random
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +37,7 @@ from pydicom.uid import (JPEGBaseline8Bit, ExplicitVRLittleEndian, SecondaryCapt
 from service.delivery import (Backoff, CStoreSender, DeliveryError, Destination, Dispatcher, StowSender,
                               make_senders, parse_destinations)
 from service.store import DeliveryKind, DeliveryState, ReceivedInstance, ResultsStore, open_store
-from tests.servers import free_port
+from tests.servers import free_port, process_group, wait_port
 
 STORESCP = shutil.which("storescp") or "/usr/bin/storescp"
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -87,38 +84,17 @@ def dataset_bytes(data: bytes) -> bytes:
     return data[144 + int.from_bytes(data[140:144], "little"):]
 
 
-def wait_port(port: int, process: subprocess.Popen | None = None, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"receiver exited with {process.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
-
-
 @contextlib.contextmanager
 def storescp(port: int, out: Path, *options: str, aet: str = "PACS") -> Iterator[Path]:
     """dcmtk's storescp on 127.0.0.1:`port`, writing what it receives, bit-preserving, into `out`."""
     if not Path(STORESCP).exists():
         pytest.fail("dcmtk's storescp is needed (apt-get install dcmtk)", pytrace=False)
     out.mkdir(parents=True, exist_ok=True)
-    with (out.parent / f"storescp-{port}.log").open("wb") as log:
-        process = subprocess.Popen([STORESCP, "--aetitle", aet, "--output-directory", str(out), "--bit-preserving",
-                                    "--acse-timeout", "5", "--dimse-timeout", "5", *options, str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_port(port, process)
-            yield out
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    command = [STORESCP, "--aetitle", aet, "--output-directory", str(out), "--bit-preserving",
+               "--acse-timeout", "5", "--dimse-timeout", "5", *options, str(port)]
+    with process_group(command, out.parent / f"storescp-{port}.log", lambda process: wait_port(port, process),
+                       grace_s=10):
+        yield out
 
 
 def received_file(out: Path, sop_uid: str) -> Path:
