@@ -97,7 +97,11 @@ def bento_server(log_path: Path, env: dict[str, str] | None = None, timeout_s: f
     """`bentoml serve [target]` on a free loopback port; yields the base URL once /readyz is 200.
 
     Without `target` BentoML reads bentofile.yaml (the repository's service); a bento tag serves a build.
+    Each server gets its own BENTOML_HOME (beside its log) unless `env` names one: BentoML wipes
+    `$BENTOML_HOME/prometheus_multiproc_dir` when a server starts, so two servers sharing a home erase
+    each other's metrics (seen: samples missing from /metrics while another suite ran).
     """
+    env = {"BENTOML_HOME": str(log_path.parent / f"{log_path.stem}-bentoml-home"), **(env or {})}
     port = free_port()
     command = [sys.executable, "-m", "bentoml", "serve", *([target] if target else []),
                "--host", "127.0.0.1", "--port", str(port)]
