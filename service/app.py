@@ -38,6 +38,7 @@ from service.api_worklist import router as worklist_router
 from service.finding import Finding
 from service.imaging import read_radiograph
 from service.metrics import child, metrics
+from service.manifest import ManifestError
 from service.model_set import ModelSet, resolve
 from service.radiograph import RadiographError
 from service.results_files import ResultsFolder
@@ -52,6 +53,13 @@ log = logging.getLogger("ptx.app")
 logging.getLogger("ptx").setLevel(logging.INFO)
 
 SETTINGS = load_settings()  # read once per process; BentoML imports this module in every worker
+# Which models, every file hash-verified against its manifest, at import: `bentoml serve` imports this module
+# before it starts any worker, so a missing, ambiguous or tampered model stops the command with its message
+# (instead of BentoML respawning workers that fail the same way every 10 s).
+try:
+    MODEL_SET: ModelSet = resolve(SETTINGS)
+except ManifestError as exc:
+    raise SystemExit(f"ptx-triage cannot start: {exc}") from None
 BODY_TYPES = ("application/dicom", "application/octet-stream", "image/png")
 MASK_FORMATS = ("png", "rle", "none")
 
@@ -85,11 +93,12 @@ class Models:
     """
 
     def __init__(self) -> None:
-        self.models = resolve(SETTINGS)
-        self.runner = ModelRunner(self.models, SETTINGS)
+        self.models = MODEL_SET
+        registry = metrics()
+        self.runner = ModelRunner(self.models, SETTINGS, on_health_change=lambda role, ready: registry.ready.labels(
+            role=role).set(1 if ready else 0))
         if SETTINGS.warmup:
             self.runner.warmup((1, SETTINGS.max_batch_size))
-        registry = metrics()
         for entry, backend in zip(self.models.entries(), (self.runner.classifier, self.runner.segmenter)):
             registry.model_info.labels(role=entry.role, name=entry.manifest.name, version=entry.manifest.version,
                                        backend=backend.name, provider=getattr(backend, "provider", "unknown")).set(1)
@@ -115,6 +124,11 @@ class Models:
     def segment(self, batch: np.ndarray) -> np.ndarray:
         """Packed probability maps for preprocessed segmenter inputs (gated films only)."""
         return self._observe("segmenter", batch, self.runner.segment(batch))
+
+    def __is_ready__(self) -> bool:
+        """Unready while a model is out of service after a failed run (see service/model_health.py); the
+        edge's /readyz follows, so an orchestrator stops routing here until a probe brings the model back."""
+        return self.runner.health.ready()
 
     @bentoml.api
     def backends(self) -> dict[str, str]:
@@ -290,7 +304,7 @@ class Triage:
 
     def __init__(self) -> None:
         # Admission control (`max_in_flight`) is per edge worker: with PTX_EDGE_WORKERS=n the box admits n times it.
-        self.model_set: ModelSet = resolve(SETTINGS)
+        self.model_set: ModelSet = MODEL_SET
         self.edge = Edge.from_settings(SETTINGS, self.model_set)
         self.limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)
         self.in_flight = 0
@@ -385,11 +399,15 @@ class Triage:
         try:
             packed = await _with_reconnect(call, batch)
         except BentoMLException as exc:
-            if exc.error_code == 503:
+            if exc.error_code == 503:  # BentoML's batcher: the queue cannot meet max_latency_ms
                 raise overloaded(f"the {role} queue is full (PTX_MAX_LATENCY_MS={SETTINGS.max_latency_ms}); "
                                  "retry later") from None
+            # A failed model (`ModelUnavailable`, out of service until its probe passes: BentoML answers it as
+            # a 500) or any other worker failure: no result rather than a wrong one, and a 503 because
+            # retrying later (or on another replica) can succeed.
             log.error("%s call failed: %s", role, exc)
-            raise ApiError(500, "model_error", f"the {role} failed; the film was not triaged") from None
+            raise ApiError(503, "model_unavailable", f"the {role} is out of service; the film was not triaged; "
+                                                   "retry later", {"Retry-After": str(SETTINGS.retry_after_s)}) from None
         except aiohttp.ClientConnectionError as exc:
             log.error("%s unreachable: %s", role, exc)
             raise ApiError(503, "model_unavailable", f"the {role} worker is unreachable; retry later",

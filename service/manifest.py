@@ -234,7 +234,7 @@ def verify_files(manifest: Manifest, directory: Path) -> None:
         actual = sha256_file(path)
         if actual != expected:
             raise ManifestError(
-                f"{filename}: sha256 is {actual[:_DIGEST_PREFIX]}…, manifest says {expected[:_DIGEST_PREFIX]}…: "
+                f"{path}: sha256 is {actual[:_DIGEST_PREFIX]}…, manifest says {expected[:_DIGEST_PREFIX]}…: "
                 "refusing a model file that differs from its manifest"
             )
 

@@ -8,6 +8,7 @@ the HTTP edge can tell a request's queue wait from compute without a second chan
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.backends import Backend
+from service.model_health import ModelHealth, ModelUnavailable, check_output
 from service.model_set import ModelEntry, ModelSet
 from service.pipeline import classify_scores, segment_maps
 from service.settings import Settings
@@ -59,31 +61,60 @@ def default_loader(entry: ModelEntry, settings: Settings) -> Backend:
 
 
 class ModelRunner:
-    """Both models, loaded once. Thread-compatible but not thread-safe: the worker runs one batch at a time
-    (on a CPU box both models want every core; on a GPU, one stream)."""
+    """Both models, loaded once, one run at a time (a lock: on a CPU box both models want every core; on a
+    GPU, one stream). A run that fails or answers NaN takes its model out of service (`ModelHealth`): calls
+    raise `ModelUnavailable` until a probe after the cool-down passes."""
 
-    def __init__(self, models: ModelSet, settings: Settings, loader: BackendLoader = default_loader) -> None:
+    def __init__(self, models: ModelSet, settings: Settings, loader: BackendLoader = default_loader,
+                 on_health_change: Callable[[str, bool], None] = lambda role, ready: None) -> None:
         self.models = models
         self.settings = settings
         self.classifier = loader(models.classifier, settings)
         self.segmenter = loader(models.segmenter, settings)
+        self._lock = threading.Lock()
         for entry, backend in ((models.classifier, self.classifier), (models.segmenter, self.segmenter)):
             log.info("%s: %s on %s (provider %s)", entry.role, entry.label, backend.name,
                      getattr(backend, "provider", "unknown"))
+        self.health = ModelHealth(settings.model_cooldown_s, {"classifier": self._probe_classifier,
+                                                              "segmenter": self._probe_segmenter},
+                                  on_change=on_health_change)
+        for role in ("classifier", "segmenter"):
+            self.health.remember(role)
 
     def classify(self, batch: np.ndarray) -> np.ndarray:
         """Packed scores (N, 3) for a preprocessed classifier batch."""
-        started = time.perf_counter()
-        scores = classify_scores(self.classifier, self._check(batch, self.models.classifier_spec.size),
-                                 self.settings.hflip_tta)
-        return pack(scores, time.perf_counter() - started)
+        batch = self._check(batch, self.models.classifier_spec.size)
+        return self._run("classifier", lambda: classify_scores(self.classifier, batch, self.settings.hflip_tta))
 
     def segment(self, batch: np.ndarray) -> np.ndarray:
         """Packed probability maps (N, S·S + 2) for a preprocessed segmenter batch."""
+        batch = self._check(batch, self.models.segmenter_spec.size)
+        return self._run("segmenter", lambda: segment_maps(self.segmenter, batch, self.settings.hflip_tta))
+
+    def _run(self, role: str, step: Callable[[], np.ndarray]) -> np.ndarray:
+        """`step` under the lock, its output checked (probabilities: finite, in [0, 1]), then packed."""
+        self.health.require(role)
         started = time.perf_counter()
-        maps = segment_maps(self.segmenter, self._check(batch, self.models.segmenter_spec.size),
-                            self.settings.hflip_tta)
-        return pack(maps, time.perf_counter() - started)
+        try:
+            with self._lock:
+                outputs = check_output(role, step(), 0.0, 1.0)
+        except Exception as exc:
+            self.health.failed(role, exc)
+            raise ModelUnavailable(role, f"its run failed: {type(exc).__name__}") from exc
+        return pack(outputs, time.perf_counter() - started)
+
+    def _probe_input(self, size: int, channels: int) -> np.ndarray:
+        return np.zeros((1, channels, size, size), dtype=np.float32)
+
+    def _probe_classifier(self) -> np.ndarray:
+        spec = self.models.classifier_spec
+        with self._lock:
+            return classify_scores(self.classifier, self._probe_input(spec.size, spec.channels), False)
+
+    def _probe_segmenter(self) -> np.ndarray:
+        spec = self.models.segmenter_spec
+        with self._lock:
+            return segment_maps(self.segmenter, self._probe_input(spec.size, spec.channels), False)
 
     @staticmethod
     def _check(batch: np.ndarray, size: int) -> np.ndarray:

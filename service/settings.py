@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     mask_default: Literal["png", "rle", "none"] = "png"
     reject_inverted: bool = False
     warmup: bool = True  # run each model once per batch size before /readyz says ready
+    # A model whose run fails (or answers NaN) is out of service, /readyz unready, calls 503, for this long;
+    # then a probe (the warm-up input, compared with its output at start) brings it back.
+    model_cooldown_s: float = Field(default=30.0, ge=0)
     # PACS side (service/pacs.py): off unless dicom_port is set. Spool and results under data_dir.
     dicom_port: int | None = Field(default=None, ge=1, le=65535)
     dicom_host: str = "0.0.0.0"  # PACS and modalities call from other hosts
