@@ -160,6 +160,25 @@ async def _with_reconnect(call: Any, batch: np.ndarray) -> Any:
     raise AssertionError("unreachable")
 
 
+async def until_available(call: Any, pause_s: float) -> Any:
+    """`await call()`, again every `pause_s` while it raises a 503 (a model out of service, a full batch queue).
+
+    For the DICOM intake: an acknowledged film waits in the spool for the model to come back, without
+    spending one of its attempts -- it must not be failed (and dropped from the spool) for an outage.
+    """
+    warned = False
+    while True:
+        try:
+            return await call()
+        except ApiError as exc:
+            if exc.status != 503:
+                raise
+            if not warned:
+                log.warning("intake waiting for the service (%s); the film stays spooled", exc.code)
+                warned = True
+            await asyncio.sleep(pause_s)
+
+
 def _service() -> Triage:
     return bentoml.get_current_service()  # type: ignore[no-any-return]
 
@@ -331,7 +350,7 @@ class Triage:
         while not await self.__is_ready__():
             await asyncio.sleep(0.5)
         registry = metrics()
-        self.pacs = Pacs(SETTINGS, self.store, self.results, lambda data: self.triage(data, admit=False),
+        self.pacs = Pacs(SETTINGS, self.store, self.results, self.triage_when_available,
                          observe_notification=registry.notification_seconds.observe,
                          on_attempt=lambda destination, ok: child(
                              registry.deliveries, destination=destination, outcome="ok" if ok else "failed").inc())
@@ -344,6 +363,10 @@ class Triage:
         if self.pacs is not None:
             await self.pacs.stop()
         self.store.close()
+
+    async def triage_when_available(self, payload: bytes) -> Finding:
+        """`triage` for the DICOM intake (see `until_available`)."""
+        return await until_available(lambda: self.triage(payload, admit=False), SETTINGS.retry_after_s)
 
     def record(self, finding: Finding) -> None:
         """Put an HTTP-triaged film on the worklist (PTX_RECORD_HTTP), as the PACS path does."""

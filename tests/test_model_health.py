@@ -3,6 +3,7 @@ service, nothing computed by a failing model is returned, a probe after the cool
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -127,3 +128,25 @@ def test_the_runner_returns_no_result_from_a_failing_model_and_recovers(mode):
     time.sleep(0.25)
     assert runner.health.ready() and changes[-1] == ("classifier", True)
     np.testing.assert_allclose(runner.classify(film)[:, :-2], good[:, :-2], atol=1e-6)
+
+
+def test_the_intake_waits_out_a_503_without_failing_the_film():
+    from service.app import ApiError, until_available  # imports BentoML: only in this test
+
+    outcomes = [ApiError(503, "model_unavailable", "out"), ApiError(503, "overloaded", "full"), "finding"]
+    calls = []
+
+    async def call():
+        calls.append(1)
+        outcome = outcomes[len(calls) - 1]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert asyncio.run(until_available(call, 0.01)) == "finding" and len(calls) == 3
+
+    async def bad_request():
+        raise ApiError(400, "not_dicom", "no")
+
+    with pytest.raises(ApiError, match="no"):  # anything but a 503 is the intake's to handle
+        asyncio.run(until_available(bad_request, 0.01))
