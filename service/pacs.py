@@ -22,6 +22,7 @@ from PIL import Image
 from pydicom import dcmread
 
 from service.delivery import Backoff, Dispatcher, make_senders, parse_destinations
+from service.dicom_allowlist import CallingAeAllowlist
 from service.dicom_listener import DicomListener
 from service.dicom_results import build_results
 from service.finding import Finding
@@ -63,9 +64,7 @@ class Pacs:
                                          max_attempts=settings.delivery_max_attempts, on_attempt=on_attempt)
         self.intake = Intake(self.spool, store, triage, workers=settings.intake_workers,
                              on_finding=self._on_finding, observe_notification=observe_notification)
-        allowed = None
-        if settings.dicom_allowed_aes:
-            allowed = {ae.strip() for ae in settings.dicom_allowed_aes.split(",") if ae.strip()}
+        allowed = CallingAeAllowlist.parse(settings.dicom_allowed_aes) if settings.dicom_allowed_aes else None
         assert settings.dicom_port is not None
         self.listener = DicomListener(self.spool, store, port=settings.dicom_port, host=settings.dicom_host,
                                       ae_title=settings.dicom_ae_title, allowed_calling_aes=allowed,
