@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from service import auth
 from service.deidentify import Pseudonymiser
 from service.deidentify import from_settings as deidentify_settings
-from tests.servers import free_port, process_group, wait_http
+from tests.servers import free_port, process_group
 
 TOKEN_A = "tok-a-3f9c1e7d5b2a4c6e8f0a1b2c3d4e5f60"
 TOKEN_B = "tok-b-0a1b2c3d4e5f60718293a4b5c6d7e8f9"
