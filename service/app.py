@@ -13,7 +13,8 @@ the same cores; on a GPU the two models share one device anyway. Each model stil
 The edge keeps the GIL-heavy, per-film work (DICOM parsing, PNG/RLE) away from the batch dispatcher.
 
 Errors are JSON `{"error": {"code", "message"}}`: 400 not DICOM / bad parameter, 413 too large, 415 media
-type, 422 rejected radiograph (the imaging code), 503 overloaded (with Retry-After), 500 model failure.
+type, 422 rejected radiograph (the imaging code), 503 overloaded (with Retry-After), 500 model failure;
+401 without the bearer token when one is configured (service/auth.py, around BentoML's endpoints too).
 BentoML serves /healthz, /livez, /readyz (ready once the models are loaded and warmed) and /metrics.
 """
 
@@ -296,9 +297,9 @@ class Triage:
 
     Authentication: set PTX_API_TOKEN (or PTX_API_TOKEN_FILE, one token per line) and every endpoint asks
     for `Authorization: Bearer <token>` (401 otherwise), except /healthz, /livez, /readyz
-    (PTX_AUTH_OPEN_HEALTH=true) and this page with /docs.json (PTX_AUTH_OPEN_DOCS=true); /metrics is
-    protected unless PTX_AUTH_OPEN_METRICS=true. TLS comes from a reverse proxy (docs/security.md). The OpenAPI
-    page says the same (BentoML writes that page itself: `auth.BearerAuth` adds the text and the scheme).
+    (PTX_AUTH_OPEN_HEALTH=true) and the OpenAPI page with /docs.json (PTX_AUTH_OPEN_DOCS=true); /metrics is
+    protected unless PTX_AUTH_OPEN_METRICS=true. TLS comes from a reverse proxy (docs/security.md). The
+    OpenAPI page says the same (BentoML writes that page itself: `auth.BearerAuth` adds the text and scheme).
     """
 
     models = bentoml.depends(Models)

@@ -122,6 +122,41 @@ def test_the_openapi_document_declares_the_scheme() -> None:
     assert "is **off**" in off["info"]["description"] and "security" not in off
 
 
+def asgi_app() -> object:
+    """A stand-in for BentoML's app: /docs.json sent in two chunks, anything else a plain 200."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def docs(_: object) -> StreamingResponse:
+        spec = json.dumps({"info": {"description": "BentoML"}, "paths": {"/readyz": {"get": {}}}}).encode()
+        async def chunks():  # noqa: ANN202
+            yield spec[:10]
+            yield spec[10:]
+        return StreamingResponse(chunks(), media_type="application/json")
+
+    async def other(_: object) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    return Starlette(routes=[Route("/docs.json", docs), Route("/v1/worklist", other), Route("/readyz", other)])
+
+
+def test_the_middleware_documents_auth_even_when_off() -> None:
+    from starlette.testclient import TestClient
+
+    with TestClient(auth.BearerAuth(asgi_app(), None)) as client:  # type: ignore[arg-type]
+        assert client.get("/v1/worklist").status_code == 200  # off: nothing is refused
+        spec = client.get("/docs.json").json()
+        assert "is **off**" in spec["info"]["description"] and "security" not in spec
+    with TestClient(auth.BearerAuth(asgi_app(), auth.AuthConfig.from_tokens([TOKEN_A]))) as client:
+        response = client.get("/docs.json")
+        assert response.json()["security"] == [{"bearerAuth": []}]
+        assert int(response.headers["content-length"]) == len(response.content)
+        assert client.get("/v1/worklist").status_code == 401
+        assert client.get("/v1/worklist", headers={"Authorization": f"Bearer {TOKEN_A}"}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
 # --------------------------------------------------------------------------------------------------------------
 # A real server: token file (two tokens), health and metrics protected, de-identified answers
 
