@@ -13,7 +13,8 @@ the same cores; on a GPU the two models share one device anyway. Each model stil
 The edge keeps the GIL-heavy, per-film work (DICOM parsing, PNG/RLE) away from the batch dispatcher.
 
 Errors are JSON `{"error": {"code", "message"}}`: 400 not DICOM / bad parameter, 413 too large, 415 media
-type, 422 rejected radiograph (the imaging code), 503 overloaded (with Retry-After), 500 model failure.
+type, 422 rejected radiograph (the imaging code), 503 overloaded (with Retry-After), 500 model failure;
+401 without the bearer token when one is configured (service/auth.py, around BentoML's endpoints too).
 BentoML serves /healthz, /livez, /readyz (ready once the models are loaded and warmed) and /metrics.
 """
 
@@ -33,6 +34,7 @@ from fastapi import FastAPI, Query
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from service import auth, deidentify
 from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut, error
 from service.api_worklist import router as worklist_router
 from service.finding import Finding
@@ -60,6 +62,8 @@ try:
     MODEL_SET: ModelSet = resolve(SETTINGS)
 except ManifestError as exc:
     raise SystemExit(f"ptx-triage cannot start: {exc}") from None
+AUTH = auth.from_settings(SETTINGS)  # None: no token configured, authentication off (service/auth.py)
+DEIDENTIFY = deidentify.from_settings(SETTINGS)  # None: answers carry the DICOM UIDs
 BODY_TYPES = ("application/dicom", "application/octet-stream", "image/png")
 MASK_FORMATS = ("png", "rle", "none")
 
@@ -250,7 +254,7 @@ async def inspect(request: Request) -> JSONResponse:
         return _refused(exc)
     except RadiographError as exc:
         return _refused(ApiError(exc.http_status, exc.code.value, exc.message))
-    return JSONResponse(radiograph.metadata())
+    return JSONResponse(_private(radiograph.metadata()))
 
 
 @http.post("/triage", response_model=TriageOut, openapi_extra={"requestBody": DICOM_BODY}, responses=ERRORS,
@@ -272,7 +276,7 @@ async def triage(request: Request, mask: str | None = MASK_QUERY) -> JSONRespons
     except Exception:  # noqa: BLE001 -- a bug must not take the service down or leak a traceback
         log.exception("triage failed")
         return _refused(ApiError(500, "internal_error", "the film could not be triaged (internal error, logged)"))
-    return JSONResponse(finding.to_json(mask_format))
+    return JSONResponse(_private(finding.to_json(mask_format)))
 
 
 @http.post("/triage/batch", response_model=BatchOut, openapi_extra={"requestBody": BATCH_BODY}, responses=ERRORS,
@@ -301,8 +305,13 @@ async def triage_batch(request: Request, mask: str | None = MASK_QUERY) -> JSONR
             log.error("triage failed in a batch", exc_info=outcome)
             _count_rejection("internal_error")
             item = {"error": {"code": "internal_error", "message": "the film could not be triaged (logged)"}}
-        results.append({"filename": filename, **item})
+        results.append(_private({"filename": filename, **item}))
     return JSONResponse({"results": results})
+
+
+def _private(body: dict[str, Any]) -> dict[str, Any]:
+    """The answer as sent: with PTX_DEIDENTIFY_RESPONSES its UIDs pseudonymised and file names dropped."""
+    return body if DEIDENTIFY is None else DEIDENTIFY.answer(body)
 
 
 def _count_rejection(code: str) -> None:
@@ -317,7 +326,14 @@ def _refused(exc: ApiError) -> JSONResponse:
 @bentoml.service(name="ptx-triage", workers=SETTINGS.edge_workers, traffic={"timeout": 300})
 @bentoml.asgi_app(http, path="/v1")
 class Triage:
-    """The HTTP edge. Ready once the model worker is (models loaded and warmed)."""
+    """The HTTP edge. Ready once the model worker is (models loaded and warmed).
+
+    Authentication: set PTX_API_TOKEN (or PTX_API_TOKEN_FILE, one token per line) and every endpoint asks
+    for `Authorization: Bearer <token>` (401 otherwise), except /healthz, /livez, /readyz
+    (PTX_AUTH_OPEN_HEALTH=true) and the OpenAPI page with /docs.json (PTX_AUTH_OPEN_DOCS=true); /metrics is
+    protected unless PTX_AUTH_OPEN_METRICS=true. TLS comes from a reverse proxy (docs/security.md). The
+    OpenAPI page says the same (BentoML writes that page itself: `auth.BearerAuth` adds the text and scheme).
+    """
 
     models = bentoml.depends(Models)
 
@@ -479,3 +495,10 @@ class Triage:
               priority=finding.priority.value).inc()
         return finding
 
+
+# Around everything this service serves, BentoML's /metrics and health endpoints included (with AUTH None it
+# only documents how to switch authentication on); the model worker (Models) gets none: only the edge reaches
+# it, over BentoML's local socket, without a token.
+Triage.add_asgi_middleware(auth.BearerAuth, config=AUTH)
+if AUTH is not None:
+    log.info("bearer authentication on: %r", AUTH)

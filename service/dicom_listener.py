@@ -1,6 +1,6 @@
 """The DICOM storage SCP: modalities and PACS send chest radiographs here with C-STORE (and check us with C-ECHO).
 
-    association ──calling AE allowed? under the limit?──▶ accepted (else A-ASSOCIATE-RJ)
+    association ──calling AE allowed from that address? under the limit?──▶ accepted (else A-ASSOCIATE-RJ)
     C-STORE ──▶ spool.write (fsync, atomic rename) ──▶ store.receive ──▶ 0x0000 ──▶ on_received(sop_uid)
                   └─ any failure ─────────────────────────────────────▶ 0xA700 (the sender retries)
 
@@ -45,6 +45,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.acceptance import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE
+from service.dicom_allowlist import CallingAeAllowlist
 from service.spool import Spool, is_dicom_uid
 from service.store import InstanceRecord, InstanceStatus, ReceivedInstance, ResultsStore, StudyRecord, utc_now
 
@@ -102,15 +103,18 @@ class _Keys:
 class DicomListener:
     """A pynetdicom storage SCP over a spool and the results store.
 
-    `allowed_calling_aes`: calling AE titles allowed to associate (None: any); others get A-ASSOCIATE-RJ
-    "rejected-permanent, service-user, calling AE title not recognised". `max_associations`: concurrent
+    `allowed_calling_aes`: who may associate (None: anyone), a `CallingAeAllowlist` or its entries (`AE`,
+    `AE@10.0.0.5`, `AE@10.1.0.0/16`); others get A-ASSOCIATE-RJ "rejected-permanent, service-user, calling
+    AE title not recognised" (also for a known title from an address it is not allowed from: PS3.8 has no
+    reason for addresses, and the caller need not learn that the title itself was right). `max_associations`: concurrent
     associations; one more gets "rejected-transient, service-provider (presentation), local limit exceeded".
     `on_received(sop_uid)` is called after a new instance is durably received (the intake's wake-up; it must
     not block). `port=0` binds a free port (see `port` after `start`).
     """
 
     def __init__(self, spool: Spool, store: ResultsStore, *, port: int, host: str = "0.0.0.0",
-                 ae_title: str = DEFAULT_AE_TITLE, allowed_calling_aes: Iterable[str] | None = None,
+                 ae_title: str = DEFAULT_AE_TITLE,
+                 allowed_calling_aes: CallingAeAllowlist | Iterable[str] | None = None,
                  max_associations: int = 10, max_pdu: int = DEFAULT_MAX_PDU,
                  on_received: Callable[[str], None] | None = None, network_timeout_s: float = 60.0,
                  clock: Callable[[], datetime] = utc_now) -> None:
@@ -119,10 +123,9 @@ class DicomListener:
         self.spool, self.store = spool, store
         self.host, self._port = host, port
         self.ae_title = ae_title
-        self.allowed_calling_aes = (None if allowed_calling_aes is None
-                                    else sorted({title.strip() for title in allowed_calling_aes}))
-        if self.allowed_calling_aes == []:
-            raise ValueError("allowed_calling_aes is empty: nobody could send; pass None to allow any calling AE")
+        self.allowlist = (allowed_calling_aes if allowed_calling_aes is None
+                          or isinstance(allowed_calling_aes, CallingAeAllowlist)
+                          else CallingAeAllowlist.parse(allowed_calling_aes))  # ValueError when empty
         self.on_received = on_received
         self.clock = clock
         self.ae = self._build_ae(max_associations, max_pdu, network_timeout_s)
@@ -133,7 +136,6 @@ class DicomListener:
         ae.maximum_associations = max_associations
         ae.maximum_pdu_size = max_pdu
         ae.network_timeout = network_timeout_s
-        ae.require_calling_aet = list(self.allowed_calling_aes or [])
         ae.add_supported_context(Verification)
         syntaxes = decodable_transfer_syntaxes()
         for sop_class in STORAGE_SOP_CLASSES:
@@ -146,12 +148,13 @@ class DicomListener:
         """Listen in background threads (one per association); returns at once."""
         if self._server is not None:
             raise RuntimeError("the DICOM listener is already running")
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+        handlers = [(evt.EVT_REQUESTED, self._on_requested),
+                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_ABORTED, self._on_aborted)]
         self._server = self.ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
         log.info("DICOM listener %s on %s:%d (calling AEs: %s, at most %d associations)", self.ae_title, self.host,
-                 self.port, ", ".join(self.allowed_calling_aes) if self.allowed_calling_aes else "any",
+                 self.port, self.allowlist.describe() if self.allowlist else "any",
                  self.ae.maximum_associations)
 
     @property
@@ -186,7 +189,26 @@ class DicomListener:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # --- association events (logging only: pynetdicom enforces the allowlist and the limit) ---------------
+    # --- association events (the allowlist here; pynetdicom enforces the association limit) ------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """The allowlist, checked on the A-ASSOCIATE-RQ before any negotiation: an unknown caller gets
+        A-ASSOCIATE-RJ (permanent, service-user, calling AE title not recognised) and the socket closes.
+        Done here rather than with pynetdicom's `require_calling_aet`, which knows titles but not addresses.
+        The log names the calling AE and the address (equipment, not patient data)."""
+        if self.allowlist is None:
+            return
+        assoc = event.assoc
+        calling_ae = str(assoc.requestor.primitive.calling_ae_title or "").strip()
+        address = str(assoc.requestor.address)
+        if self.allowlist.allows(calling_ae, address):
+            return
+        log.warning("association from calling AE %r at %s:%s rejected: not in PTX_DICOM_ALLOWED_AES%s",
+                    calling_ae, address, assoc.requestor.port,
+                    " from that address" if calling_ae in self.allowlist.entries else "")
+        assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
+        assoc.is_rejected = True
+        assoc.kill()
 
     @staticmethod
     def _peer(event: evt.Event) -> str:
@@ -197,7 +219,7 @@ class DicomListener:
         log.info("association accepted from %s", self._peer(event))
 
     def _on_rejected(self, event: evt.Event) -> None:
-        log.warning("association rejected from %s (calling AE not allowed, or the association limit reached)",
+        log.warning("association rejected from %s (the association limit, PTX_DICOM_MAX_ASSOCIATIONS, reached)",
                     self._peer(event))
 
     def _on_aborted(self, event: evt.Event) -> None:

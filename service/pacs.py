@@ -22,11 +22,13 @@ from PIL import Image
 from pydicom import dcmread
 
 from service.delivery import Backoff, Dispatcher, make_senders, parse_destinations
+from service.dicom_allowlist import CallingAeAllowlist
 from service.dicom_listener import DicomListener
 from service.dicom_results import build_results
 from service.finding import Finding
 from service.intake import Intake
 from service.results_files import ResultsFolder
+from service.retention import SWEEP_EVERY_S, Retention
 from service.settings import Settings
 from service.spool import Spool
 from service.store import ResultsStore
@@ -54,6 +56,9 @@ class Pacs:
         self.settings, self.store, self.results, self.triage = settings, store, results, triage
         self.spool = Spool(settings.data_dir / "spool")
         self._gauges: asyncio.Task[None] | None = None
+        self._sweeps: asyncio.Task[None] | None = None
+        self.retention = (Retention(store, results, self.spool, settings.retention_days)
+                          if settings.retention_days > 0 else None)
         destinations = parse_destinations(settings.destinations)
         self.dispatcher = None
         if destinations:
@@ -63,9 +68,7 @@ class Pacs:
                                          max_attempts=settings.delivery_max_attempts, on_attempt=on_attempt)
         self.intake = Intake(self.spool, store, triage, workers=settings.intake_workers,
                              on_finding=self._on_finding, observe_notification=observe_notification)
-        allowed = None
-        if settings.dicom_allowed_aes:
-            allowed = {ae.strip() for ae in settings.dicom_allowed_aes.split(",") if ae.strip()}
+        allowed = CallingAeAllowlist.parse(settings.dicom_allowed_aes) if settings.dicom_allowed_aes else None
         assert settings.dicom_port is not None
         self.listener = DicomListener(self.spool, store, port=settings.dicom_port, host=settings.dicom_host,
                                       ae_title=settings.dicom_ae_title, allowed_calling_aes=allowed,
@@ -79,6 +82,8 @@ class Pacs:
         await self.intake.start()
         await asyncio.to_thread(self.listener.start)
         self._gauges = asyncio.get_running_loop().create_task(self._watch())
+        if self.retention is not None:
+            self._sweeps = asyncio.get_running_loop().create_task(self._sweep())
         log.info("DICOM listener %s on port %s; %s destination(s)", self.settings.dicom_ae_title,
                  self.listener.port, 0 if self.dispatcher is None else len(self.dispatcher.senders))
 
@@ -98,9 +103,20 @@ class Pacs:
                 log.warning("could not read spool depth / delivery states", exc_info=True)
             await asyncio.sleep(every_s)
 
+    async def _sweep(self, every_s: float = SWEEP_EVERY_S) -> None:
+        """PTX_RETENTION_DAYS: old result folders and leftover spool files removed, at start and hourly."""
+        assert self.retention is not None
+        while True:
+            try:
+                await asyncio.to_thread(self.retention.sweep)
+            except Exception:  # noqa: BLE001 -- a failed sweep must not stop the next one
+                log.warning("retention sweep failed", exc_info=True)
+            await asyncio.sleep(every_s)
+
     async def stop(self) -> None:
-        if self._gauges is not None:
-            self._gauges.cancel()
+        for task in (self._gauges, self._sweeps):
+            if task is not None:
+                task.cancel()
         await asyncio.to_thread(self.listener.stop)
         await self.intake.stop()
         if self.dispatcher is not None:

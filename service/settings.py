@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     dicom_port: int | None = Field(default=None, ge=1, le=65535)
     dicom_host: str = "0.0.0.0"  # PACS and modalities call from other hosts
     dicom_ae_title: str = Field(default="PTXTRIAGE", min_length=1, max_length=16)
-    dicom_allowed_aes: str | None = None  # comma-separated calling AE titles; None: any
+    dicom_allowed_aes: str | None = None  # comma-separated AE, AE@10.0.0.5, AE@10.1.0.0/16; None: any
     dicom_max_associations: int = Field(default=10, ge=1)
     intake_workers: int = Field(default=2, ge=1, le=64)
     record_http: bool = False  # also put films triaged over HTTP on the worklist
@@ -66,6 +66,25 @@ class Settings(BaseSettings):
     delivery_max_attempts: int = Field(default=10, ge=1)
     delivery_backoff_s: float = Field(default=30.0, gt=0)
     delivery_backoff_max_s: float = Field(default=3600.0, gt=0)
+    # Access control and privacy (service/auth.py, docs/security.md). No token: authentication off.
+    api_token: SecretStr | None = None  # bearer token for every endpoint but the open ones
+    api_token_file: Path | None = None  # one token per line (two during a rotation); read at start
+    auth_open_health: bool = True  # /healthz, /livez, /readyz without a token (kubelet probes send none)
+    auth_open_metrics: bool = False  # /metrics without a token (Prometheus can send one: authorization.credentials)
+    auth_open_docs: bool = True  # the OpenAPI page and /docs.json without a token (they hold no data)
+    deidentify_responses: bool = False  # triage/inspect answers without UIDs (pseudonyms with deidentify_key)
+    deidentify_key: SecretStr | None = None  # HMAC key for UID pseudonyms; unset: UIDs are left out
+    retention_days: float = Field(default=30.0, ge=0)  # results and leftover spool files; 0 keeps them forever
+
+    @field_validator("dicom_allowed_aes")
+    @classmethod
+    def _allowlist(cls, value: str | None) -> str | None:
+        """Parse it now, so a bad entry stops start-up with its message rather than the PACS side later."""
+        if value is not None:
+            from service.dicom_allowlist import CallingAeAllowlist
+
+            CallingAeAllowlist.parse(value)
+        return value
 
 def load_settings(config_file: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Settings from the TOML file (argument, else $PTX_CONFIG_FILE) with environment variables on top."""

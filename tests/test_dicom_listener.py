@@ -36,6 +36,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, ComputedRadiographyImageStorage, Verification  # type: ignore
 
 from service.backends.onnxruntime_cpu import OnnxRuntimeCPU
+from service.dicom_allowlist import CallingAeAllowlist
 from service.dicom_listener import OUT_OF_RESOURCES, DicomListener
 from service.finding import Finding
 from service.intake import INTERNAL_ERROR, SPOOL_MISSING, Intake
@@ -301,6 +302,47 @@ def test_unknown_calling_ae_is_rejected_at_association(tmp_path: Path) -> None:
         statuses = send_with_pynetdicom(rx.port, [small_film()], calling_ae="MODALITY1")
         assert [s.Status for s in statuses] == [0x0000]
         assert [r.source for r in rx.instances().values()] == ["dicom:MODALITY1"]
+
+
+def test_allowlist_entries_tie_a_calling_ae_to_addresses() -> None:
+    allow = CallingAeAllowlist.parse("PACS1@10.0.0.5, MOD@10.1.0.0/16, MOD@fd00::/8, WORKSTATION ,")
+    assert allow.allows("PACS1", "10.0.0.5") and not allow.allows("PACS1", "10.0.0.6")
+    assert allow.allows("MOD", "10.1.255.3") and not allow.allows("MOD", "10.2.0.1")
+    assert allow.allows("MOD", "fd00::17") and not allow.allows("MOD", "fe80::1")
+    assert allow.allows("PACS1", "::ffff:10.0.0.5")  # an IPv4 peer on a dual-stack socket
+    assert allow.allows("WORKSTATION", "192.0.2.1") and allow.allows("WORKSTATION ", "::1")  # bare: anywhere
+    assert not allow.allows("pacs1", "10.0.0.5") and not allow.allows("OTHER", "10.0.0.5")
+    assert not allow.allows("PACS1", "not-an-address")
+    # A bare title and an address entry for the same title: the bare one wins (any address).
+    assert CallingAeAllowlist.parse(["A@10.0.0.1", "A"]).allows("A", "192.0.2.9")
+    assert CallingAeAllowlist.parse(["A", "A@10.0.0.1"]).allows("A", "192.0.2.9")
+    assert CallingAeAllowlist.parse("A@10.0.0.1,A@10.0.0.2").describe() == "A@10.0.0.1/32, A@10.0.0.2/32"
+    for bad, why in (("PACS1@pacs.example.org", "not an IP address"), ("@10.0.0.1", "AE title"),
+                     ("A" * 17, "AE title"), (" , ", "empty"), ("PACS1@10.0.0.300", "not an IP address")):
+        with pytest.raises(ValueError, match=why):
+            CallingAeAllowlist.parse(bad)
+    with pytest.raises(ValueError, match="dicom_allowed_aes"):
+        load_settings(environ={"PTX_DICOM_ALLOWED_AES": "PACS1@pacs.example.org"})
+
+
+def test_a_known_calling_ae_from_another_address_is_rejected_at_association(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ptx.dicom")
+    allowed = ["MODALITY1@127.0.0.0/8", "PACS1@10.0.0.5", "ANYWHERE"]
+    with receiver(tmp_path, allowed_calling_aes=allowed) as rx:
+        remote_only = scu("PACS1").associate("127.0.0.1", rx.port, ae_title="PTXTRIAGE")
+        assert remote_only.is_rejected and rejection(remote_only) == (0x01, 0x01, 0x03)
+        stranger = scu("INTRUDER").associate("127.0.0.1", rx.port, ae_title="PTXTRIAGE")
+        assert stranger.is_rejected and rejection(stranger) == (0x01, 0x01, 0x03)
+        echo = subprocess.run([ECHOSCU, "-aet", "PACS1", "-aec", "PTXTRIAGE", "127.0.0.1", str(rx.port)],
+                              capture_output=True, text=True, timeout=30)
+        assert echo.returncode != 0 and "Calling AE Title Not Recognized" in echo.stdout + echo.stderr
+        assert [s.Status for s in send_with_pynetdicom(rx.port, [small_film()], calling_ae="MODALITY1")] == [0]
+        assert [s.Status for s in send_with_pynetdicom(rx.port, [small_film()], calling_ae="ANYWHERE")] == [0]
+        assert sorted(r.source for r in rx.instances().values()) == ["dicom:ANYWHERE", "dicom:MODALITY1"]
+    rejected = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert any("'PACS1' at 127.0.0.1" in line and "from that address" in line for line in rejected), rejected
+    assert any("'INTRUDER' at 127.0.0.1" in line for line in rejected), rejected
 
 
 def test_a_ct_image_gets_no_presentation_context(tmp_path: Path, realdata: Path) -> None:
