@@ -13,7 +13,7 @@ the same cores; on a GPU the two models share one device anyway. Each model stil
 The edge keeps the GIL-heavy, per-film work (DICOM parsing, PNG/RLE) away from the batch dispatcher.
 
 Errors are JSON `{"error": {"code", "message"}}`: 400 not DICOM / bad parameter, 413 too large, 415 media
-type, 422 rejected radiograph (the imaging code), 503 overloaded (with Retry-After), 500 model failure;
+type, 422 rejected radiograph (the imaging code), 503 overloaded or model out of service (with Retry-After), 500 a bug;
 401 without the bearer token when one is configured (service/auth.py, around BentoML's endpoints too).
 BentoML serves /healthz, /livez, /readyz (ready once the models are loaded and warmed) and /metrics.
 """
