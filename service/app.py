@@ -60,9 +60,9 @@ SETTINGS = load_settings()  # read once per process; BentoML imports this module
 # (instead of BentoML respawning workers that fail the same way every 10 s).
 try:
     MODEL_SET: ModelSet = resolve(SETTINGS)
-except ManifestError as exc:
+    AUTH = auth.from_settings(SETTINGS)  # None: no token configured, authentication off (service/auth.py)
+except (ManifestError, auth.TokenError) as exc:  # the messages name the file / setting, never a token
     raise SystemExit(f"ptx-triage cannot start: {exc}") from None
-AUTH = auth.from_settings(SETTINGS)  # None: no token configured, authentication off (service/auth.py)
 DEIDENTIFY = deidentify.from_settings(SETTINGS)  # None: answers carry the DICOM UIDs
 BODY_TYPES = ("application/dicom", "application/octet-stream", "image/png")
 MASK_FORMATS = ("png", "rle", "none")
