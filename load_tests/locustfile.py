@@ -16,4 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Locust imports this file by path
 
-from load_tests.scenarios.steady import Steady  # noqa: E402,F401 -- the user class Locust runs
+from load_tests.scenarios.steady import Steady  # noqa: E402 -- the user class Locust runs
+
+__all__ = ["Steady"]
