@@ -211,9 +211,23 @@ def load(folder: Path) -> Corpus:
     return Corpus(folder, manifest, pools)
 
 
-def pick(rng: random.Random, corpus: Corpus) -> tuple[Film, bytes, str]:
+def parse_mix(text: str) -> dict[str, float]:
+    """`positive=22,negative=75,reject=3` → weights by pool; every pool named once, weights >= 0, some > 0."""
+    weights: dict[str, float] = {}
+    for item in text.split(","):
+        kind, _, value = item.partition("=")
+        kind = kind.strip()
+        if kind not in MIX or kind in weights:
+            raise ValueError(f"mix {text!r}: {kind!r} is not one of {', '.join(MIX)} or is repeated")
+        weights[kind] = float(value)
+    if set(weights) != set(MIX) or min(weights.values()) < 0 or not sum(weights.values()) > 0:
+        raise ValueError(f"mix {text!r}: give a weight >= 0 for each of {', '.join(MIX)}, not all 0")
+    return weights
+
+
+def pick(rng: random.Random, corpus: Corpus, mix: dict[str, float] = MIX) -> tuple[Film, bytes, str]:
     """One request of the mix: a film (or reject) and the mask to ask for, drawn from `rng`."""
-    kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+    kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     film, payload = rng.choice(corpus.pools[kind])
     mask = "none" if kind == "reject" else rng.choices(list(MASKS), weights=list(MASKS.values()))[0]
     return film, payload, mask

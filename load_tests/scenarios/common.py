@@ -21,24 +21,20 @@ ten equal slices of a steady or soak run), and prints the summary as one `SUMMAR
 
 from __future__ import annotations
 
-import csv
 import functools
 import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from locust import FastHttpUser, events, task
 
-from load_tests.corpus import DEFAULT_DIR, Corpus, Film, load, pick
+from load_tests.corpus import DEFAULT_DIR, MIX, Corpus, load, parse_mix, pick
+from load_tests.scenarios.summary import Sample, equal_windows, expectation_problem, summarise, write_row, write_rows
 
 HEADERS = {"Content-Type": "application/dicom"}
 SHED = "shed 503"
-FILM_KINDS = ("positive", "negative")
 
 
 # --- options ----------------------------------------------------------------------------------------------
@@ -49,6 +45,8 @@ def _arguments(parser) -> None:
     group.add_argument("--corpus", default=str(DEFAULT_DIR), env_var="PTX_LOAD_CORPUS",
                        help="corpus folder built by `python -m load_tests.corpus` (default %(default)s)")
     group.add_argument("--mix-seed", type=int, default=0, help="seed of the users' request draws")
+    group.add_argument("--mix", default=",".join(f"{kind}={weight}" for kind, weight in MIX.items()),
+                       help="request weights by pool (default %(default)s)")
     group.add_argument("--summary-warmup", type=float, default=0.0,
                        help="seconds at the start left out of the summary row (not of the windows)")
     group.add_argument("--retry-after-cap", type=float, default=5.0,
@@ -61,17 +59,6 @@ def corpus_at(folder: str) -> Corpus:
 
 
 # --- the record -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Sample:
-    """One request as the summary sees it; times in seconds since the test started."""
-
-    start: float
-    end: float
-    kind: str  # positive, negative, reject
-    outcome: str  # ok, shed, failed
-    users: int  # users running when it was sent
-
 
 class Recorder:
     """Every request of the run, in memory (a 10-minute soak at ~20 req/s is ~12,000 small tuples)."""
@@ -110,24 +97,6 @@ def _record(request_type, name, response_time, response_length, exception=None, 
 _USER_NUMBERS = itertools.count()
 
 
-def expectation_problem(film: Film, status: int, body: object) -> str | None:
-    """Why an answer (not a 503) is not what the corpus expects for `film`; None when it is."""
-    if status != film.status:
-        return f"expected {film.status}, got {status}: {str(body)[:200]}"
-    if not isinstance(body, dict):
-        return f"{status} with a body that is not a JSON object"
-    if film.code is not None:
-        code = (body.get("error") or {}).get("code") if isinstance(body.get("error"), dict) else None
-        return None if code == film.code else f"expected error code {film.code}, got {code}"
-    score = body.get("score")
-    if not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
-        return f"200 without a score in [0, 1]: {score!r}"
-    if body.get("label") != film.label:
-        return f"{film.path}: expected label {film.label} (corpus score {film.score:.4f}), got {body.get('label')} " \
-               f"(score {score:.4f})"
-    return None
-
-
 class TriageUser(FastHttpUser):
     """A PACS router posting films for triage, one request after another (the scenario sets the pacing)."""
 
@@ -140,10 +109,11 @@ class TriageUser(FastHttpUser):
         self.corpus = corpus_at(options.corpus)
         self.rng = random.Random(f"{options.mix_seed}:{next(_USER_NUMBERS)}")
         self.retry_after_cap = options.retry_after_cap
+        self.mix = parse_mix(options.mix)
 
     @task
     def triage(self) -> None:
-        film, payload, mask = pick(self.rng, self.corpus)
+        film, payload, mask = pick(self.rng, self.corpus, self.mix)
         name = f"reject {film.code}" if film.kind == "reject" else f"{film.kind} mask={mask}"
         context = {"kind": film.kind, "users": self.environment.runner.user_count}
         wait = 0.0
@@ -174,63 +144,6 @@ class TriageUser(FastHttpUser):
 
 # --- the summary ------------------------------------------------------------------------------------------
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(values, q)) if len(values) else math.nan
-
-
-def summarise(samples: Sequence[Sample], start: float, end: float) -> dict:
-    """Figures for the requests that started in [start, end) s: counts by outcome, the 503 share of all
-    requests, latency percentiles (ms) and throughput of triaged films (200 for a positive or negative
-    film), and the share of answered requests that were positive films."""
-    chosen = [s for s in samples if start <= s.start < end]
-    triaged = [s for s in chosen if s.kind in FILM_KINDS and s.outcome == "ok"]
-    latencies = [(s.end - s.start) * 1000 for s in triaged]
-    shed = sum(s.outcome == "shed" for s in chosen)
-    failures = sum(s.outcome == "failed" for s in chosen)
-    answered = len(chosen) - shed
-    last_end = max((s.end for s in chosen), default=start)
-    duration = max(min(end, last_end) - start, 1e-9) if chosen else 0.0
-    return {
-        "requests": len(chosen), "failures": failures, "shed_503": shed,
-        "shed_share": round(shed / len(chosen), 4) if chosen else 0.0,
-        "triaged": len(triaged),
-        "positives": sum(s.kind == "positive" and s.outcome == "ok" for s in chosen),
-        "rejects_ok": sum(s.kind == "reject" and s.outcome == "ok" for s in chosen),
-        "positive_share": round(sum(s.kind == "positive" for s in chosen if s.outcome != "shed") / answered, 4)
-        if answered else math.nan,
-        "p50_ms": round(_percentile(latencies, 50), 1), "p95_ms": round(_percentile(latencies, 95), 1),
-        "p99_ms": round(_percentile(latencies, 99), 1),
-        "duration_s": round(duration, 2),
-        "throughput_films_s": round(len(triaged) / duration, 3) if duration else 0.0,
-        "requests_s": round(len(chosen) / duration, 3) if duration else 0.0,
-        "users_max": max((s.users for s in chosen), default=0),
-    }
-
-
-def equal_windows(count: int = 10) -> Callable[[float], list[tuple[str, float, float]]]:
-    """Windows for a run of `length` s: `count` equal slices."""
-    def windows(length: float) -> list[tuple[str, float, float]]:
-        step = length / count
-        digits = 0 if step >= 10 else 1
-        return [(f"{i * step:.{digits}f}-{(i + 1) * step:.{digits}f}s", i * step, (i + 1) * step)
-                for i in range(count)]
-    return windows
-
-
-def write_row(path: Path, row: dict) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        writer.writeheader()
-        writer.writerow(row)
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["window"])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 @events.test_stop.add_listener
 def _report(environment, **_kwargs) -> None:
     if RECORD.started is None:
@@ -243,7 +156,7 @@ def _report(environment, **_kwargs) -> None:
                for label, a, b in windows_of(length)]
     row = {"scenario": SCENARIO["name"],
            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(RECORD.started)),
-           "warmup_s": options.summary_warmup,
+           "warmup_s": options.summary_warmup, "mix": options.mix,
            **summarise(samples, options.summary_warmup, math.inf)}
     if SCENARIO["extra"]:
         row.update(SCENARIO["extra"](samples, windows))

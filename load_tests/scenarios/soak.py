@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # Locust imports t
 
 from locust import constant_pacing, events  # noqa: E402
 
-from load_tests.scenarios.common import SCENARIO, Sample, TriageUser  # noqa: E402
+from load_tests.scenarios.common import SCENARIO, TriageUser  # noqa: E402
+from load_tests.scenarios.summary import Sample  # noqa: E402
 
 
 @events.init_command_line_parser.add_listener
