@@ -46,7 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = REPO / "load_tests" / "scenarios"
-SECTION = "## Capacity: the steady mix at increasing load (issue #6)"
+SECTION = "## Load scenarios and capacity (issue #6)"
 SATURATION_SHARE = 0.95  # the saturation point: the fewest users reaching this share of the top throughput
 COMPASS_RATIO = 4.0  # p99 at half of saturation over the single-request latency
 
@@ -115,6 +115,7 @@ def run_scenario(scenario: str, base: str, users: int, seconds: float, warmup_s:
 @dataclass(frozen=True)
 class Analysis:
     single_ms: float  # L1: median latency at one user, sequential
+    single_p99_ms: float  # the same step's p99: the films' own spread (encodings, sizes), before any queueing
     sustainable: Step | None  # highest throughput with p99 <= bound and no failure or 503
     saturation: Step  # fewest users reaching SATURATION_SHARE of the top throughput
     top_throughput: float  # X_sat
@@ -131,7 +132,7 @@ def analyse(ladder: list[Step], bound_ms: float) -> Analysis:
     within = [step for step in ladder if step.clean and step.p99_ms <= bound_ms]
     sustainable = max(within, key=lambda step: step.throughput) if within else None
     crossed = next((step for step in ladder if step.p99_ms > bound_ms), None)
-    return Analysis(float(single.summary["p50_ms"]), sustainable, saturation, top, crossed)
+    return Analysis(float(single.summary["p50_ms"]), single.p99_ms, sustainable, saturation, top, crossed)
 
 
 def half_load_plan(top_throughput: float, single_s: float, idle_factor: float = 4.0) -> tuple[int, float]:
@@ -201,6 +202,11 @@ def markdown(command: str, started: dt.datetime, setting: str, steps: list[Step]
             f"{verdict} it."
             + ("" if half.clean else f" (That run had {half.summary['failures']} failures and "
                                      f"{half.summary['shed_503']} 503s: the offered rate was not all served.)"))
+        lines.append(
+            f"- For scale: the 1-user step's own p99 is {_ms(analysis.single_p99_ms)} ms "
+            f"({analysis.single_p99_ms / analysis.single_ms:.1f}× its median: the mix's films differ, JPEG 2000 "
+            f"costs most to decode), so p99 at 50 % of saturation is "
+            f"{half.p99_ms / analysis.single_p99_ms:.1f}× the single-request p99.")
     return "\n".join(lines) + "\n"
 
 

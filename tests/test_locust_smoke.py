@@ -192,7 +192,7 @@ def test_capacity_analysis() -> None:
     ladder = [step(1, 10, 150, p50=80), step(2, 18, 300), step(4, 30, 700), step(8, 31, 1500),
               step(16, 31.5, 2600)]
     result = analyse(ladder, bound_ms=2000)
-    assert result.single_ms == 80
+    assert result.single_ms == 80 and result.single_p99_ms == 150
     assert result.sustainable.users == 8  # highest throughput with p99 under the bound
     assert result.top_throughput == 31.5 and result.saturation.users == 4  # 30 >= 0.95 x 31.5
     assert result.crossed.users == 16
