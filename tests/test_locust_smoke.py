@@ -126,7 +126,7 @@ def test_burst_sheds_with_503_and_recovers(service, tmp_path: Path) -> None:
     base, corpus = service
     row, stats = locust("burst", base, corpus, tmp_path / "burst", "--burst-low-users", "2",
                         "--burst-peak-users", "16", "--burst-low-s", "2", "--burst-peak-s", "3",
-                        "--burst-recover-s", "5")
+                        "--burst-recover-s", "6")
     no_failures(stats)  # 503s are counted apart, not as failures
     assert int(row["failures"]) == 0
     assert int(row["shed_503"]) > 0 and stats["shed 503"]["requests"] == int(row["shed_503"])
@@ -146,7 +146,7 @@ def test_soak_paces_its_users_and_rejects_get_their_codes(service, tmp_path: Pat
                         "--pace-s", "0.5", "--mix", "positive=22,negative=38,reject=40")
     no_failures(stats)  # a reject answered with another status or code would be a failure
     requests = int(row["requests"])
-    assert 8 <= requests <= 24  # 2 users x 1 request per 0.5 s x ~5 s, give or take start-up and a slow answer
+    assert 6 <= requests <= 24  # 2 users x 1 request per 0.5 s x ~5 s, give or take start-up and a slow answer
     assert int(row["rejects_ok"]) >= 1
     assert sum(counts["requests"] for name, counts in stats.items() if name.startswith("reject ")) \
         == int(row["rejects_ok"])
