@@ -30,6 +30,20 @@ def test_bentoml_build_packages_service_and_models_and_the_bento_serves(tmp_path
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     assert info["service"] == "service.app:Triage"
 
+    # What `bentoml containerize` would build (Docker cannot run here): the generated Dockerfile installs the
+    # bento's requirements.txt, which holds every serving requirement of requirements/serve.txt.
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "FROM python:3.11" in dockerfile and "EXPOSE 3000" in dockerfile
+    assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile
+    assert (bento / "env" / "docker" / "entrypoint.sh").is_file()
+
+    def requirements(text: str) -> set[str]:
+        lines = (line.split("#")[0].strip() for line in text.splitlines())
+        return {line.replace(" ", "") for line in lines if line}
+
+    wanted = requirements((REPO / "requirements" / "serve.txt").read_text())
+    assert wanted and wanted <= requirements((bento / "env" / "python" / "requirements.txt").read_text())
+
     with bento_server(tmp_path / "bento.log", env={"BENTOML_HOME": str(tmp_path / "bentoml"),
                                                    "PYTHONPATH": "", "PTX_DATA_DIR": str(tmp_path / "data")}, target=tag,
                       cwd=tmp_path) as base:  # outside the repository: the bento's own copy must serve

@@ -1,0 +1,1 @@
+"""Locust scenarios against the triage service: steady, burst, soak (one locustfile each; see common.py)."""
