@@ -37,7 +37,7 @@ from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageO
 from service.api_worklist import router as worklist_router
 from service.finding import Finding
 from service.imaging import read_radiograph
-from service.metrics import child, metrics
+from service.metrics import child, metrics, start_resource_sampler
 from service.model_set import ModelSet, resolve
 from service.radiograph import RadiographError
 from service.results_files import ResultsFolder
@@ -85,6 +85,7 @@ class Models:
     """
 
     def __init__(self) -> None:
+        self._report_resources()  # first: memory is worth watching while the models load, too
         self.models = resolve(SETTINGS)
         self.runner = ModelRunner(self.models, SETTINGS)
         if SETTINGS.warmup:
@@ -96,6 +97,15 @@ class Models:
             registry.ready.labels(role=entry.role).set(1)
         self._children = {role: (registry.batch_size.labels(model=role), registry.model_batch_seconds.labels(model=role))
                           for role in ("classifier", "segmenter")}
+
+    @staticmethod
+    def _report_resources() -> None:
+        """GPU visibility (with provider=cpu in ptx_model_info: a GPU box running on the CPU), and the sampler of
+        this process's memory and the GPU's."""
+        from service.backends.onnxruntime import probe_gpu  # here: the edge never loads onnxruntime
+
+        metrics().gpu_visible.set(1 if probe_gpu() is not None else 0)
+        start_resource_sampler("models", gpu=True)
 
     def _observe(self, model: str, batch: np.ndarray, packed: np.ndarray) -> np.ndarray:
         """Batch size and run time, per batch (children cached: `labels()` costs more than `observe()`)."""
@@ -300,6 +310,7 @@ class Triage:
         self.pacs: Any = None
         self._pacs_task: asyncio.Task[None] | None = None
         metrics()  # create the metric families now, so /metrics lists them before the first request
+        start_resource_sampler("edge")
 
     @bentoml.on_startup
     async def _start_pacs(self) -> None:
@@ -317,11 +328,20 @@ class Triage:
         while not await self.__is_ready__():
             await asyncio.sleep(0.5)
         registry = metrics()
-        self.pacs = Pacs(SETTINGS, self.store, self.results, lambda data: self.triage(data, admit=False),
+        self.pacs = Pacs(SETTINGS, self.store, self.results, self._triage_spooled,
                          observe_notification=registry.notification_seconds.observe,
                          on_attempt=lambda destination, ok: child(
-                             registry.deliveries, destination=destination, outcome="ok" if ok else "failed").inc())
+                             registry.deliveries, destination=destination, outcome="ok" if ok else "failed").inc(),
+                         on_dicom_outcome=lambda outcome: child(registry.dicom_received, outcome=outcome).inc())
         await self.pacs.start()
+
+    async def _triage_spooled(self, data: bytes) -> Finding:
+        """The intake's triage: no admission control; a refused film counts in ptx_rejections_total as over HTTP."""
+        try:
+            return await self.triage(data, admit=False)
+        except RadiographError as exc:
+            _count_rejection(exc.code.value)
+            raise
 
     @bentoml.on_shutdown
     async def _stop_pacs(self) -> None:
