@@ -174,6 +174,33 @@ def test_dashboard_is_well_formed():
     assert GPU_ONLY <= set(used_names()), "the GPU allowlist names metrics the dashboard no longer uses"
 
 
+def test_the_listener_reports_each_c_store_outcome(tmp_path):
+    """ptx_dicom_received_total{outcome}'s source: one outcome per answered C-STORE, the answer unchanged."""
+    from tests.test_dicom_listener import FullSpool, receiver, send_with_pynetdicom, small_film
+
+    outcomes: list[str] = []
+    good, no_study = small_film(), small_film(StudyInstanceUID=None)
+    with receiver(tmp_path / "a", on_outcome=outcomes.append) as rx:
+        statuses = [s.Status for s in send_with_pynetdicom(rx.port, [good, no_study, good])]
+    assert statuses == [0x0000, 0xC000, 0x0000] and outcomes == ["received", "refused", "duplicate"]
+    with receiver(tmp_path / "b", spool=FullSpool(tmp_path / "full"), on_outcome=outcomes.append) as rx:
+        assert send_with_pynetdicom(rx.port, [small_film()])[0].Status == 0xA700
+    assert outcomes[-1] == "failed"
+
+
+def test_resource_sampler_sets_memory_and_gpu_gauges():
+    """In-process (no multiprocess directory): this process's RSS under its role, and one gauge pair per GPU."""
+    from prometheus_client import REGISTRY
+
+    from service.metrics import sample_resources
+
+    sample_resources("test", gpu=True, gpu_memory=lambda: [(3 << 30, 80 << 30), (1 << 30, 80 << 30)])
+    rss = REGISTRY.get_sample_value("ptx_process_resident_memory_bytes", {"role": "test"})
+    assert rss is not None and rss > 20e6
+    assert REGISTRY.get_sample_value("ptx_gpu_memory_used_bytes", {"gpu": "1"}) == 1 << 30
+    assert REGISTRY.get_sample_value("ptx_gpu_memory_total_bytes", {"gpu": "0"}) == 80 << 30
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The real thing: service + Prometheus
 
