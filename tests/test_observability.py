@@ -300,9 +300,12 @@ def test_every_dashboard_and_alert_metric_has_data_in_a_real_prometheus(monitore
     wait_until(lambda: with_data() >= wanted, DATA_TIMEOUT_S, missing)
 
     # The C-STORE counter and the intake's rejection, as Prometheus sees them.
-    outcomes = {s["metric"]["outcome"]: float(s["value"][1])
+    def outcomes() -> dict[str, float]:
+        return {s["metric"]["outcome"]: float(s["value"][1])
                 for s in prometheus.query("sum by (outcome) (ptx_dicom_received_total)")}
-    assert outcomes == {"received": len(sent) - 1, "duplicate": 1}
+
+    expected = {"received": len(sent) - 1, "duplicate": 1}
+    wait_until(lambda: outcomes() == expected, 15, lambda: f"C-STOREs by outcome: {outcomes()}, expected {expected}")
     wait_until(lambda: prometheus.query('ptx_rejections_total{code="not_chest"} == 1'), 30,
                lambda: "the intake's not_chest refusal is not counted in ptx_rejections_total")
 
