@@ -325,6 +325,9 @@ def test_every_dashboard_and_alert_metric_has_data_in_a_real_prometheus(monitore
     gpu_on_cpu = "ptx_gpu_visible 1.0" in text and 'provider="cpu"' in text
     assert states()["PtxGpuNotUsed"] == ("pending" if gpu_on_cpu else "inactive")
     assert states()["PtxServiceDown"] == states()["PtxNotReady"] == "inactive"
+    if "ptx_gpu_visible 1.0" in text:  # a GPU box: the allowlisted GPU metrics must have data after all
+        wait_until(lambda: all(prometheus.query(name) for name in GPU_ONLY), 30,
+                   lambda: f"a GPU is visible, yet no data for {sorted(GPU_ONLY)} (NVML not readable?)")
 
     # Every rule evaluated without error, and every dashboard query runs and (nearly all) return series.
     loaded = prometheus.rules()
