@@ -39,8 +39,8 @@ from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageO
 from service.api_worklist import router as worklist_router
 from service.finding import Finding
 from service.imaging import read_radiograph
-from service.metrics import child, metrics
 from service.manifest import ManifestError
+from service.metrics import child, metrics, start_resource_sampler
 from service.model_set import ModelSet, resolve
 from service.radiograph import RadiographError
 from service.results_files import ResultsFolder
@@ -97,6 +97,7 @@ class Models:
     """
 
     def __init__(self) -> None:
+        self._report_resources()  # first: memory is worth watching while the models load, too
         self.models = MODEL_SET
         registry = metrics()
         self.runner = ModelRunner(self.models, SETTINGS, on_health_change=lambda role, ready: registry.ready.labels(
@@ -109,6 +110,15 @@ class Models:
             registry.ready.labels(role=entry.role).set(1)
         self._children = {role: (registry.batch_size.labels(model=role), registry.model_batch_seconds.labels(model=role))
                           for role in ("classifier", "segmenter")}
+
+    @staticmethod
+    def _report_resources() -> None:
+        """GPU visibility (with provider=cpu in ptx_model_info: a GPU box running on the CPU), and the sampler of
+        this process's memory and the GPU's."""
+        from service.backends.onnxruntime import probe_gpu  # here: the edge never loads onnxruntime
+
+        metrics().gpu_visible.set(1 if probe_gpu() is not None else 0)
+        start_resource_sampler("models", gpu=True)
 
     def _observe(self, model: str, batch: np.ndarray, packed: np.ndarray) -> np.ndarray:
         """Batch size and run time, per batch (children cached: `labels()` costs more than `observe()`)."""
@@ -349,6 +359,7 @@ class Triage:
         self.pacs: Any = None
         self._pacs_task: asyncio.Task[None] | None = None
         metrics()  # create the metric families now, so /metrics lists them before the first request
+        start_resource_sampler("edge")
 
     @bentoml.on_startup
     async def _start_pacs(self) -> None:
@@ -366,11 +377,21 @@ class Triage:
         while not await self.__is_ready__():
             await asyncio.sleep(0.5)
         registry = metrics()
-        self.pacs = Pacs(SETTINGS, self.store, self.results, self.triage_when_available,
+        self.pacs = Pacs(SETTINGS, self.store, self.results, self._triage_spooled,
                          observe_notification=registry.notification_seconds.observe,
                          on_attempt=lambda destination, ok: child(
-                             registry.deliveries, destination=destination, outcome="ok" if ok else "failed").inc())
+                             registry.deliveries, destination=destination, outcome="ok" if ok else "failed").inc(),
+                         on_dicom_outcome=lambda outcome: child(registry.dicom_received, outcome=outcome).inc())
         await self.pacs.start()
+
+    async def _triage_spooled(self, data: bytes) -> Finding:
+        """The intake's triage: no admission control, 503s waited out (`until_available`); a refused film
+        counts in ptx_rejections_total as over HTTP."""
+        try:
+            return await until_available(lambda: self.triage(data, admit=False), SETTINGS.retry_after_s)
+        except RadiographError as exc:
+            _count_rejection(exc.code.value)
+            raise
 
     @bentoml.on_shutdown
     async def _stop_pacs(self) -> None:
@@ -379,10 +400,6 @@ class Triage:
         if self.pacs is not None:
             await self.pacs.stop()
         self.store.close()
-
-    async def triage_when_available(self, payload: bytes) -> Finding:
-        """`triage` for the DICOM intake (see `until_available`)."""
-        return await until_available(lambda: self.triage(payload, admit=False), SETTINGS.retry_after_s)
 
     def record(self, finding: Finding) -> None:
         """Put an HTTP-triaged film on the worklist (PTX_RECORD_HTTP), as the PACS path does."""

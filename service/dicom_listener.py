@@ -66,6 +66,10 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # "refused: out of resources": the sender keeps the instance and retries
 CANNOT_UNDERSTAND = 0xC000  # the dataset lacks what we need to key it (not worth retrying unchanged)
 
+# Outcomes of a C-STORE, for `on_outcome` (the label of ptx_dicom_received_total)
+RECEIVED, DUPLICATE, REFUSED, FAILED = "received", "duplicate", "refused", "failed"
+OUTCOMES = (RECEIVED, DUPLICATE, REFUSED, FAILED)
+
 
 def decodable_transfer_syntaxes(candidates: Iterable[UID] = CANDIDATE_TRANSFER_SYNTAXES) -> list[UID]:
     """The candidates whose pixel data this installation can decode (uncompressed ones always can)."""
@@ -109,7 +113,8 @@ class DicomListener:
     reason for addresses, and the caller need not learn that the title itself was right). `max_associations`: concurrent
     associations; one more gets "rejected-transient, service-provider (presentation), local limit exceeded".
     `on_received(sop_uid)` is called after a new instance is durably received (the intake's wake-up; it must
-    not block). `port=0` binds a free port (see `port` after `start`).
+    not block). `on_outcome(outcome)` is called once per C-STORE answered, with one of `OUTCOMES` (a metrics
+    counter: the C-STORE rate by outcome). `port=0` binds a free port (see `port` after `start`).
     """
 
     def __init__(self, spool: Spool, store: ResultsStore, *, port: int, host: str = "0.0.0.0",
@@ -117,7 +122,7 @@ class DicomListener:
                  allowed_calling_aes: CallingAeAllowlist | Iterable[str] | None = None,
                  max_associations: int = 10, max_pdu: int = DEFAULT_MAX_PDU,
                  on_received: Callable[[str], None] | None = None, network_timeout_s: float = 60.0,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now, on_outcome: Callable[[str], None] | None = None) -> None:
         if max_associations < 1:
             raise ValueError(f"max_associations must be at least 1, got {max_associations}")
         self.spool, self.store = spool, store
@@ -127,6 +132,7 @@ class DicomListener:
                           or isinstance(allowed_calling_aes, CallingAeAllowlist)
                           else CallingAeAllowlist.parse(allowed_calling_aes))  # ValueError when empty
         self.on_received = on_received
+        self.on_outcome = on_outcome
         self.clock = clock
         self.ae = self._build_ae(max_associations, max_pdu, network_timeout_s)
         self._server: ThreadedAssociationServer | None = None
@@ -232,18 +238,28 @@ class DicomListener:
     # --- C-STORE --------------------------------------------------------------------------------------------
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
-        """Spool, record, then answer. Never success before both are durable."""
+        """Spool, record, then answer (`_store`); report the outcome."""
+        answer, outcome = self._store(event)
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(outcome)
+            except Exception:  # noqa: BLE001 -- counting must never change the answer
+                log.warning("on_outcome failed", exc_info=True)
+        return answer
+
+    def _store(self, event: evt.Event) -> tuple[int | Dataset, str]:
+        """Spool, record, then answer, with the outcome (`OUTCOMES`). Never success before both are durable."""
         calling_ae = (event.assoc.requestor.ae_title or "").strip() or "unknown"
         sop_uid = str(event.request.AffectedSOPInstanceUID or "")
         try:
             keys = self._keys(event, sop_uid)
         except ValueError as exc:
             log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, CANNOT_UNDERSTAND, exc)
-            return _status(CANNOT_UNDERSTAND, str(exc))
+            return _status(CANNOT_UNDERSTAND, str(exc)), REFUSED
         try:
             if self._known(keys) is not None:
                 log.info("C-STORE %s from %s: already received; success without queueing again", sop_uid, calling_ae)
-                return SUCCESS
+                return SUCCESS, DUPLICATE
             path = self.spool.write(sop_uid, event.encoded_dataset())
             received = ReceivedInstance(sop_uid=keys.sop_uid, study_uid=keys.study_uid, series_uid=keys.series_uid,
                                         sop_class_uid=keys.sop_class_uid, source=f"dicom:{calling_ae}",
@@ -252,18 +268,18 @@ class DicomListener:
         except Exception as exc:  # noqa: BLE001 -- disk full, database locked...: the sender must retry
             log.error("C-STORE %s from %s not stored (%s); answered 0x%04X so the sender retries", sop_uid,
                       calling_ae, type(exc).__name__, OUT_OF_RESOURCES)
-            return _status(OUT_OF_RESOURCES, "could not store the instance durably; retry later")
+            return _status(OUT_OF_RESOURCES, "could not store the instance durably; retry later"), FAILED
         if not new:
             self._discard_if_finished(keys)
             log.info("C-STORE %s from %s: already received (concurrent copy); success", sop_uid, calling_ae)
-            return SUCCESS
+            return SUCCESS, DUPLICATE
         log.info("C-STORE %s from %s: received (study %s)", sop_uid, calling_ae, keys.study_uid)
         if self.on_received is not None:
             try:
                 self.on_received(sop_uid)
             except Exception:  # noqa: BLE001 -- the instance is durable; the intake's poll will find it
                 log.exception("on_received failed for %s; the intake will find it when it polls", sop_uid)
-        return SUCCESS
+        return SUCCESS, RECEIVED
 
     @staticmethod
     def _keys(event: evt.Event, sop_uid: str) -> _Keys:

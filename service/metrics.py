@@ -11,8 +11,14 @@ anything a request can choose freely, so the number of series stays fixed whatev
 from __future__ import annotations
 
 import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("ptx.metrics")
 
 # Model latency per image on a CPU is ~1-20 ms; a whole request up to seconds; queues up to max_latency_ms.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -39,6 +45,11 @@ class Metrics:
     deliveries: Any  # Counter{destination, outcome}: delivery attempts (destination names are configuration)
     spool_depth: Any  # Gauge: instances acknowledged to the PACS and not yet triaged
     delivery_states: Any  # Gauge{state}: result objects by delivery state (pending, delivered, failed)
+    dicom_received: Any  # Counter{outcome}: C-STOREs answered by the listener (received, duplicate, refused, failed)
+    resident_memory: Any  # Gauge{role}: resident memory of the service's processes (edge, models), summed per role
+    gpu_visible: Any  # Gauge: 1 when the model worker sees an NVIDIA GPU (whether or not a model runs on it)
+    gpu_memory_used: Any  # Gauge{gpu}: device memory in use (all processes), where NVML answers
+    gpu_memory_total: Any  # Gauge{gpu}: device memory size, where NVML answers
 
 
 @functools.cache
@@ -73,6 +84,17 @@ def metrics() -> Metrics:
                           multiprocess_mode="livemax"),
         delivery_states=Gauge("ptx_deliveries", "Result objects by delivery state", ["state"],
                               multiprocess_mode="livemax"),
+        dicom_received=Counter("ptx_dicom_received", "C-STORE requests answered by the DICOM listener, by outcome",
+                               ["outcome"]),
+        # prometheus_client's process collector does not run in multiprocess mode: each process samples itself.
+        resident_memory=Gauge("ptx_process_resident_memory_bytes", "Resident memory of the service's processes, "
+                              "summed per role (edge, models)", ["role"], multiprocess_mode="livesum"),
+        gpu_visible=Gauge("ptx_gpu_visible", "1 when the model worker sees an NVIDIA GPU, used or not",
+                          multiprocess_mode="livemax"),
+        gpu_memory_used=Gauge("ptx_gpu_memory_used_bytes", "GPU memory in use (every process on the device)",
+                              ["gpu"], multiprocess_mode="livemax"),
+        gpu_memory_total=Gauge("ptx_gpu_memory_total_bytes", "GPU memory size", ["gpu"],
+                               multiprocess_mode="livemax"),
     )
 
 
@@ -87,3 +109,63 @@ def child(metric: Any, **labels: str) -> Any:
     if found is None:
         found = _children[key] = metric.labels(**labels)
     return found
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resources: sampled by a daemon thread in each process, because nothing else exports them in multiprocess mode
+
+RESOURCE_INTERVAL_S = 10.0
+
+
+def _gpu_memory() -> list[tuple[int, int]]:
+    """(used, total) bytes of each NVIDIA device NVML sees; [] without a GPU or a driver (the usual CPU box).
+
+    NVML (`nvidia-ml-py`, a BentoML dependency) rather than torch.cuda: it sees every process's allocations,
+    ONNX Runtime's and TensorRT's included, not only torch's own allocator.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 -- no libnvidia-ml, no driver: nothing to report
+        return []
+    try:
+        devices = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        return [(int(info.used), int(info.total)) for info in map(pynvml.nvmlDeviceGetMemoryInfo, devices)]
+    except Exception:  # noqa: BLE001 -- a driver hiccup must not stop the sampler
+        log.debug("NVML could not read GPU memory", exc_info=True)
+        return []
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def sample_resources(role: str, gpu: bool = False, gpu_memory: Callable[[], list[tuple[int, int]]] = _gpu_memory
+                     ) -> None:
+    """One reading: this process's resident memory under `role`; with `gpu`, each device's memory."""
+    import psutil
+
+    registry = metrics()
+    child(registry.resident_memory, role=role).set(psutil.Process().memory_info().rss)
+    if gpu:
+        for index, (used, total) in enumerate(gpu_memory()):
+            child(registry.gpu_memory_used, gpu=str(index)).set(used)
+            child(registry.gpu_memory_total, gpu=str(index)).set(total)
+
+
+def start_resource_sampler(role: str, gpu: bool = False, interval_s: float = RESOURCE_INTERVAL_S) -> threading.Thread:
+    """Sample now (so /metrics has the values from the start), then every `interval_s` in a daemon thread."""
+
+    def loop() -> None:
+        while True:
+            try:
+                sample_resources(role, gpu)
+            except Exception:  # noqa: BLE001 -- a failed reading must not end the sampling
+                log.warning("could not sample process resources", exc_info=True)
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=loop, name=f"ptx-resources-{role}", daemon=True)
+    thread.start()
+    return thread

@@ -52,7 +52,8 @@ class Pacs:
     def __init__(self, settings: Settings, store: ResultsStore, results: ResultsFolder,
                  triage: Callable[[bytes], Awaitable[Finding]],
                  observe_notification: Callable[[float], None] | None = None,
-                 on_attempt: Callable[[str, bool], None] | None = None) -> None:
+                 on_attempt: Callable[[str, bool], None] | None = None,
+                 on_dicom_outcome: Callable[[str], None] | None = None) -> None:
         self.settings, self.store, self.results, self.triage = settings, store, results, triage
         self.spool = Spool(settings.data_dir / "spool")
         self._gauges: asyncio.Task[None] | None = None
@@ -73,7 +74,7 @@ class Pacs:
         self.listener = DicomListener(self.spool, store, port=settings.dicom_port, host=settings.dicom_host,
                                       ae_title=settings.dicom_ae_title, allowed_calling_aes=allowed,
                                       max_associations=settings.dicom_max_associations,
-                                      on_received=self.intake.notify)
+                                      on_received=self.intake.notify, on_outcome=on_dicom_outcome)
 
     async def start(self) -> None:
         """Intake first (its start-up scan must not race the listener's first writes), then the listener."""
