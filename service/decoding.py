@@ -57,9 +57,19 @@ def _reason(exc: BaseException) -> str:
     return (text[:_MAX_REASON] + "…") if len(text) > _MAX_REASON else text or type(exc).__name__
 
 
+class DecoderPanic(Exception):
+    """A decoder written in Rust panicked (pyo3 raises PanicException, a BaseException, which `except
+    Exception` lets through: found by fuzzing pylibjpeg-rle with a corrupt RLE segment)."""
+
+
 def _decode_with(ds: Dataset, plugin: str) -> np.ndarray:
     ds.pixel_array_options(decoding_plugin=plugin)
-    return ds.pixel_array
+    try:
+        return ds.pixel_array
+    except BaseException as exc:
+        if isinstance(exc, Exception) or type(exc).__name__ != "PanicException":
+            raise
+        raise DecoderPanic(f"the decoder failed ({_reason(exc)})") from None
 
 
 def decode_pixels(ds: Dataset) -> np.ndarray:

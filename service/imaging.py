@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -20,8 +21,9 @@ from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from service import grayscale
 from service.acceptance import AcceptancePolicy
@@ -47,6 +49,7 @@ def read_radiograph(source: Source, policy: AcceptancePolicy = DEFAULT_POLICY) -
     data = _load(source, policy.max_file_bytes)
     if data[: len(PNG_SIGNATURE)] == PNG_SIGNATURE:
         return _read_png(data, policy)
+    check_inflated_size(data, policy.max_file_bytes)
     ds, inferred_syntax = parse_dicom(data)
     header = check_header(ds, policy)
     stored = decode_pixels(ds)
@@ -96,6 +99,39 @@ def _load(source: Source, max_bytes: int) -> bytes:
     return data
 
 
+def check_inflated_size(data: bytes, max_bytes: int) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file whose dataset inflates beyond `max_bytes`.
+
+    pydicom inflates the whole dataset in memory before parsing it; deflate reaches ~1000:1, so a 600 KB
+    upload became a 1.5 GB allocation (found by fuzzing). The inflated size is counted here first, in
+    bounded chunks whose output is discarded, so the limit on the body also bounds what it inflates to.
+    """
+    if data[128:132] != b"DICM":
+        return  # no file meta group, so no deflated transfer syntax
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)
+    except Exception:  # noqa: BLE001 -- not a Part 10 file with a readable meta group: parse_dicom decides
+        return
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated, chunk = 0, 1 << 20
+    pending = stream.read()
+    while pending and not inflater.eof:
+        try:
+            inflated += len(inflater.decompress(pending, chunk))
+        except zlib.error:
+            return  # corrupt deflate data: pydicom's own parse reports it
+        if inflated > max_bytes:
+            raise RadiographError(
+                RejectionCode.TOO_LARGE,
+                f"the deflated dataset inflates beyond the limit of {max_bytes} bytes (PTX_MAX_FILE_BYTES)",
+            )
+        pending = inflater.unconsumed_tail
+
+
 def parse_dicom(data: bytes) -> tuple[Dataset, bool]:
     """Parse DICOM Part 10 bytes, or a dataset without preamble and meta (ACR-NEMA style).
 
@@ -110,6 +146,7 @@ def parse_dicom(data: bytes) -> tuple[Dataset, bool]:
         raise RadiographError(
             RejectionCode.NOT_DICOM, f"the DICOM header could not be parsed ({type(exc).__name__})"
         ) from exc
+    _convert_elements(ds)
     if "TransferSyntaxUID" in ds.file_meta:
         return ds, False
     implicit, little = ds.original_encoding
@@ -117,6 +154,29 @@ def parse_dicom(data: bytes) -> tuple[Dataset, bool]:
         ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
     )
     return ds, True
+
+
+def _convert_elements(ds: Dataset) -> None:
+    """Convert every element now, so a value pydicom cannot read fails here, named by its tag.
+
+    pydicom converts raw elements on first access; left lazy, an unknown VR or an undecodable value would
+    raise (NotImplementedError, for one) from whichever check touches it first, outside any handler meant
+    for it (found by fuzzing). Sequence items are walked with a stack, not recursion: nesting depth is
+    whatever the sender wrote.
+    """
+    pending: list[Dataset] = [ds.file_meta, ds] if hasattr(ds, "file_meta") else [ds]
+    while pending:
+        current = pending.pop()
+        for tag in list(current.keys()):
+            try:
+                element = current[tag]
+            except Exception as exc:  # pydicom raises NotImplementedError, ValueError, KeyError... per VR
+                raise RadiographError(
+                    RejectionCode.INVALID_ATTRIBUTE,
+                    f"element ({tag.group:04X},{tag.element:04X}) cannot be read ({type(exc).__name__})",
+                ) from None
+            if element.VR == "SQ" and element.value:
+                pending.extend(item for item in element.value if isinstance(item, Dataset))
 
 
 def _read_without_preamble(data: bytes) -> Dataset:

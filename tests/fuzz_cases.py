@@ -1,0 +1,239 @@
+"""Bad input for the fuzz tests and the long fuzz run: mutated real DICOMs, crafted worst cases, outcome checks.
+
+Shared by `tests/test_fuzz_*.py` (small, derandomised budgets in CI) and `load_tests/fuzz_long.py` (a large
+budget, run by hand), so both exercise the same mutations and hold the service to the same rule: the
+only outcomes of `read_radiograph` are a `Radiograph` or a `RadiographError` with a known code.
+
+Mutations are structure-aware where it matters: besides byte flips, insertions, deletions and truncation,
+the value length fields of real elements (found by parsing the file once) are set huge or undefined, which
+is how a hostile or broken sender reaches the allocation paths of a DICOM parser.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from hypothesis import strategies as st
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.sequence import Sequence
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from service.imaging import read_radiograph
+from service.radiograph import Radiograph, RadiographError, RejectionCode
+from tests.dicom_factory import dataset
+
+KNOWN_CODES = frozenset(RejectionCode)
+HUGE_LENGTHS = (0xFFFFFFFF, 0xFFFFFFFE, 0x7FFFFFFF, 0x80000000, 0x10000000, 0xFFFF, 0x7FFF)
+# Small and medium real files: quick enough to decode hundreds of times in CI. The 4 MB Canon film and the
+# 1.6 MB hip film are in the long run (`ALL_FILES`).
+SUITE_FILES = (
+    "chest/siim_cr_jpegbaseline_mono2.dcm",
+    "other/MR_small_RLE.dcm",
+    "other/MR_small_jpeg_ls_lossless.dcm",
+    "other/MR_small_bigendian.dcm",
+    "other/MR_small_implicit.dcm",
+    "other/image_dfl.dcm",
+    "other/CT_small.dcm",
+    "other/SC_rgb_jpeg_dcmtk.dcm",
+    "other/reportsi.dcm",
+    "corrupt/JPEG2000-embedded-sequence-delimiter.dcm",
+    "corrupt/MR_truncated.dcm",
+    "corrupt/badVR.dcm",
+    "corrupt/meta_missing_tsyntax.dcm",
+)
+ALL_FILES = SUITE_FILES + (
+    "chest/siim_cr_jpegbaseline_mono1_flagged.dcm",
+    "chest/philips_cr_j2k_lossy_mono1.dcm",
+    "chest/canon_dx_j2k_lossless_mono1_inverse.dcm",
+    "other/cr_extremity_j2k_mono1.dcm",
+    "other/cr_hip_jpegls_lossless.dcm",
+    "other/examples_palette.dcm",
+    "other/waveform_ecg.dcm",
+    "corrupt/cr_hip_jpeg_extended_bad_sos.dcm",
+)
+
+
+@dataclass(frozen=True)
+class LengthField:
+    """Where a real element's value length is stored in the file, and how wide it is."""
+
+    offset: int
+    size: int  # 2 or 4 bytes
+    little_endian: bool
+
+
+@functools.lru_cache(maxsize=64)
+def length_fields(data: bytes) -> tuple[LengthField, ...]:
+    """The value length fields of the top-level elements of a file (empty when pydicom cannot parse it)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception:  # noqa: BLE001 -- a file pydicom cannot parse simply has no known fields
+        return ()
+    fields = []
+    for raw in list(ds._dict.values()) + list(ds.file_meta._dict.values()):  # noqa: SLF001 -- raw offsets
+        tell = getattr(raw, "value_tell", None)
+        if tell is None:
+            continue
+        implicit = bool(getattr(raw, "is_implicit_VR", False))
+        wide = implicit or raw.VR in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV")
+        size = 4 if wide else 2
+        if tell - size >= 0:
+            fields.append(LengthField(tell - size, size, bool(getattr(raw, "is_little_endian", True))))
+    return tuple(fields)
+
+
+def set_length(data: bytes, field: LengthField, value: int) -> bytes:
+    value &= (1 << (8 * field.size)) - 1
+    encoded = value.to_bytes(field.size, "little" if field.little_endian else "big")
+    return data[: field.offset] + encoded + data[field.offset + field.size:]
+
+
+@st.composite
+def mutated(draw: st.DrawFn, files: dict[str, bytes]) -> bytes:
+    """A real file with 1-4 mutations: flips, overwrites, insertions, deletions, truncation, huge lengths."""
+    name = draw(st.sampled_from(sorted(files)))
+    data = bytearray(files[name])
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(("flip", "set", "insert", "delete", "truncate", "length", "length", "u32")))
+        if not data:
+            break
+        at = draw(st.integers(0, len(data) - 1))
+        if kind == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set":
+            data[at] = draw(st.sampled_from((0x00, 0xFF, 0x7F, 0x80, 0xFE)))
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=64))
+        elif kind == "delete":
+            del data[at: at + draw(st.integers(1, 4096))]
+        elif kind == "truncate":
+            del data[at:]
+        elif kind == "u32":  # any 4 bytes set to a huge integer (a length, an offset, a dimension)
+            data[at: at + 4] = draw(st.sampled_from(HUGE_LENGTHS)).to_bytes(4, "little")
+        else:
+            fields = length_fields(bytes(data))
+            if fields:
+                field = draw(st.sampled_from(fields))
+                data = bytearray(set_length(bytes(data), field, draw(st.sampled_from(HUGE_LENGTHS))))
+    return bytes(data)
+
+
+PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "PatientAddress")
+
+
+@functools.lru_cache(maxsize=64)
+def patient_values(data: bytes) -> tuple[str, ...]:
+    """The patient attribute values of an (unmutated) file: none of them may appear in a rejection."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        values = [str(ds.get(keyword, "") or "") for keyword in PATIENT_KEYWORDS]
+    except Exception:  # noqa: BLE001
+        return ()
+    return tuple(v for v in values if len(v) >= 6) + ("Sentinel", "SENTINEL-ID")
+
+
+def check_outcome(data: bytes, policy=None, secrets: tuple[str, ...] = ("Sentinel", "SENTINEL-ID")
+                  ) -> Radiograph | RadiographError:
+    """Run `read_radiograph`; return its Radiograph or its named rejection. Anything else propagates (a bug).
+
+    A rejection must carry a known code and a short message without any of `secrets` (patient values).
+    """
+    try:
+        radiograph = read_radiograph(data, policy) if policy is not None else read_radiograph(data)
+    except RadiographError as exc:
+        assert exc.code in KNOWN_CODES, f"unknown rejection code {exc.code!r}"
+        assert exc.message and len(exc.message) < 1000, f"a rejection must say why, briefly: {exc.message[:300]!r}"
+        leaked = [s for s in secrets if s in exc.message]
+        assert not leaked, f"the rejection quotes patient data: {exc.message!r}"
+        return exc
+    assert isinstance(radiograph, Radiograph)
+    pixels = radiograph.pixels
+    assert pixels.ndim == 2 and pixels.dtype == np.float32 and np.isfinite(pixels).all()
+    return radiograph
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Crafted worst cases (each a deterministic test, and part of the long run's corpus)
+
+
+def to_bytes(ds: Dataset, little_endian: bool = True, implicit_vr: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def nested_sequences(depth: int) -> bytes:
+    """A chest film whose header holds a sequence nested `depth` levels deep (written without recursion)."""
+    ds = dataset()
+    innermost = Dataset()
+    innermost.CodeValue = "X"
+    for _ in range(depth):
+        outer = Dataset()
+        outer.ContentSequence = Sequence([innermost])
+        innermost = outer
+    ds.ContentSequence = innermost.ContentSequence
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    # pydicom's writer recurses per level too: raise the limit for writing only, in this helper.
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, depth * 20 + 1000))
+    try:
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+    finally:
+        sys.setrecursionlimit(limit)
+    return out.getvalue()
+
+
+def deflate_bomb(inflated_bytes: int) -> bytes:
+    """A Deflated Explicit VR Little Endian file whose dataset inflates to about `inflated_bytes`."""
+    ds = dataset()
+    header = to_bytes(dataset())  # a whole file, to take its preamble and meta group
+    meta = Dataset()
+    meta.file_meta = ds.file_meta
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    # The body: one OB element of `inflated_bytes` zeros (private tag), compressed chunk by chunk.
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    element = (0x0009).to_bytes(2, "little") + (0x0010).to_bytes(2, "little") + b"OB\x00\x00" \
+        + int(inflated_bytes).to_bytes(4, "little")
+    chunks = [compressor.compress(element)]
+    zeros = bytes(1 << 20)
+    left = inflated_bytes
+    while left > 0:
+        chunks.append(compressor.compress(zeros[: min(left, len(zeros))]))
+        left -= len(zeros)
+    chunks.append(compressor.flush())
+    meta_bytes = _file_meta_bytes(ds)
+    del header
+    return meta_bytes + b"".join(chunks)
+
+
+def _file_meta_bytes(ds: Dataset) -> bytes:
+    """Preamble, 'DICM' and the file meta group of `ds`, as pydicom writes them."""
+    from pydicom.filewriter import write_file_meta_info
+
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    buffer.write(b"\x00" * 128 + b"DICM")
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    write_file_meta_info(buffer, ds.file_meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def explicit_le(ds: Dataset) -> Dataset:
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def load_files(root: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    return {name: (root / name).read_bytes() for name in names if (root / name).is_file()}
