@@ -52,7 +52,7 @@ def read_radiograph(source: Source, policy: AcceptancePolicy = DEFAULT_POLICY) -
     check_inflated_size(data, policy.max_file_bytes)
     ds, inferred_syntax = parse_dicom(data)
     header = check_header(ds, policy)
-    stored = decode_pixels(ds)
+    stored = decode_pixels(ds, policy.decode_timeout_s, policy.decode_memory_mb, policy.decode_workers)
     pixels, window_source, window_warnings = to_display(stored, ds, header)
     spacing, spacing_source = pixel_spacing(ds)
     warnings = list(header.warnings) + window_warnings
