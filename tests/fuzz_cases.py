@@ -22,8 +22,7 @@ import pydicom
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.sequence import Sequence
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from service.imaging import read_radiograph
 from service.radiograph import Radiograph, RadiographError, RejectionCode
@@ -163,58 +162,47 @@ def check_outcome(data: bytes, policy=None, secrets: tuple[str, ...] = ("Sentine
 # Crafted worst cases (each a deterministic test, and part of the long run's corpus)
 
 
-def to_bytes(ds: Dataset, little_endian: bool = True, implicit_vr: bool = False) -> bytes:
+def to_bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 
-def nested_sequences(depth: int) -> bytes:
-    """A chest film whose header holds a sequence nested `depth` levels deep (written without recursion)."""
-    ds = dataset()
-    innermost = Dataset()
-    innermost.CodeValue = "X"
-    for _ in range(depth):
-        outer = Dataset()
-        outer.ContentSequence = Sequence([innermost])
-        innermost = outer
-    ds.ContentSequence = innermost.ContentSequence
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    # pydicom's writer recurses per level too: raise the limit for writing only, in this helper.
-    import sys
+def _item(elements: bytes) -> bytes:
+    return b"\xfe\xff\x00\xe0" + len(elements).to_bytes(4, "little") + elements
 
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, depth * 20 + 1000))
-    try:
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-    finally:
-        sys.setrecursionlimit(limit)
-    return out.getvalue()
+
+def nested_sequences(depth: int, undefined_length: bool = False) -> bytes:
+    """A chest film with a Content Sequence nested `depth` levels deep, encoded by hand (pydicom's writer
+    recurses per level, so it cannot write what we want to read)."""
+    leaf = b"\x08\x00\x00\x01SH\x02\x00X "  # (0008,0100) Code Value
+    body = leaf
+    for _ in range(depth):
+        item = _item(body)
+        if undefined_length:  # undefined length sequence and item, closed by delimiters
+            item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + body + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+            body = b"\x40\x00\x30\xa7SQ\x00\x00\xff\xff\xff\xff" + item + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+        else:
+            body = b"\x40\x00\x30\xa7SQ\x00\x00" + len(item).to_bytes(4, "little") + item
+    film = to_bytes(dataset())
+    # (0040,A730) sorts before (7FE0,0010): insert it just before Pixel Data.
+    at = film.index(b"\xe0\x7f\x10\x00")
+    return film[:at] + body + film[at:]
 
 
 def deflate_bomb(inflated_bytes: int) -> bytes:
-    """A Deflated Explicit VR Little Endian file whose dataset inflates to about `inflated_bytes`."""
+    """A Deflated Explicit VR Little Endian file whose dataset inflates to about `inflated_bytes` of zeros."""
     ds = dataset()
-    header = to_bytes(dataset())  # a whole file, to take its preamble and meta group
-    meta = Dataset()
-    meta.file_meta = ds.file_meta
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    # The body: one OB element of `inflated_bytes` zeros (private tag), compressed chunk by chunk.
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    element = (0x0009).to_bytes(2, "little") + (0x0010).to_bytes(2, "little") + b"OB\x00\x00" \
-        + int(inflated_bytes).to_bytes(4, "little")
-    chunks = [compressor.compress(element)]
-    zeros = bytes(1 << 20)
-    left = inflated_bytes
+    # One private OB element holding the zeros: (0009,0010) OB, 4-byte length.
+    chunks = [compressor.compress(b"\x09\x00\x10\x00OB\x00\x00" + inflated_bytes.to_bytes(4, "little"))]
+    zeros, left = bytes(1 << 20), inflated_bytes
     while left > 0:
         chunks.append(compressor.compress(zeros[: min(left, len(zeros))]))
         left -= len(zeros)
     chunks.append(compressor.flush())
-    meta_bytes = _file_meta_bytes(ds)
-    del header
-    return meta_bytes + b"".join(chunks)
+    return _file_meta_bytes(ds) + b"".join(chunks)
 
 
 def _file_meta_bytes(ds: Dataset) -> bytes:
@@ -228,11 +216,6 @@ def _file_meta_bytes(ds: Dataset) -> bytes:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     write_file_meta_info(buffer, ds.file_meta, enforce_standard=True)
     return buffer.getvalue()
-
-
-def explicit_le(ds: Dataset) -> Dataset:
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
 
 
 def load_files(root: Path, names: tuple[str, ...]) -> dict[str, bytes]:
