@@ -30,7 +30,7 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Query
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut, error
@@ -158,11 +158,15 @@ async def _read_body(request: Request) -> bytes:
         raise ApiError(413, "too_large", f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes "
                                          "(PTX_MAX_FILE_BYTES)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"request body exceeds the limit of {limit} bytes (PTX_MAX_FILE_BYTES)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "too_large", f"request body exceeds the limit of {limit} bytes (PTX_MAX_FILE_BYTES)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client went away mid-body: its fault, not an internal error (found by fuzzing)
+        raise ApiError(400, "incomplete_body", f"the client closed the connection after {size} bytes of the body "
+                                               f"({declared or 'unknown'} declared)") from None
     body = b"".join(chunks)
     request._body = body  # noqa: SLF001 -- lets Starlette's form parser reuse the bytes already read
     return body
