@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse
 
 from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut, error
 from service.api_worklist import router as worklist_router
+from service.decode_pool import shared_pool
 from service.finding import Finding
 from service.imaging import read_radiograph
 from service.metrics import child, metrics
@@ -296,6 +297,9 @@ class Triage:
         # Admission control (`max_in_flight`) is per edge worker: with PTX_EDGE_WORKERS=n the box admits n times it.
         self.model_set: ModelSet = resolve(SETTINGS)
         self.edge = Edge.from_settings(SETTINGS, self.model_set)
+        if self.edge.policy.decode_timeout_s is not None:  # decode workers up before the first compressed film
+            shared_pool(self.edge.policy.decode_timeout_s, self.edge.policy.decode_memory_mb,
+                        self.edge.policy.decode_workers).prestart()
         self.limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)
         self.in_flight = 0
         self.described = False

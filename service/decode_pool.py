@@ -180,6 +180,13 @@ class DecodePool:
             return answer[1]  # type: ignore[no-any-return]
         raise RadiographError(RejectionCode(answer[1]), answer[2])
 
+    def prestart(self) -> None:
+        """Start every worker now (they import in the background), so no request waits for a start-up."""
+        with self._lock:
+            while self._started < self.size:
+                self._started += 1
+                self._idle.put(_Worker(self._context, self._decode, self.memory_mb))
+
     def close(self) -> None:
         """Stop the idle workers (busy ones are stopped by whoever holds them, or with the process)."""
         while True:
@@ -197,11 +204,16 @@ _POOLS: dict[tuple[int, float, int], DecodePool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def decode_isolated(ds: Dataset, timeout_s: float, memory_mb: int = DEFAULT_MEMORY_MB, workers: int = 2) -> np.ndarray:
-    """Decode `ds` in this process's shared pool for these limits (one pool per setting, made on first use)."""
+def shared_pool(timeout_s: float, memory_mb: int = DEFAULT_MEMORY_MB, workers: int = 2) -> DecodePool:
+    """This process's pool for these limits (one per setting, made on first use)."""
     key = (workers, timeout_s, memory_mb)
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None:
             pool = _POOLS[key] = DecodePool(workers, timeout_s, memory_mb)
-    return pool.decode(ds)
+    return pool
+
+
+def decode_isolated(ds: Dataset, timeout_s: float, memory_mb: int = DEFAULT_MEMORY_MB, workers: int = 2) -> np.ndarray:
+    """Decode `ds` in this process's shared pool for these limits."""
+    return shared_pool(timeout_s, memory_mb, workers).decode(ds)

@@ -197,3 +197,18 @@ def test_the_edge_and_the_dicom_intake_decode_under_the_limit() -> None:
     assert (policy.decode_timeout_s, policy.decode_memory_mb, policy.decode_workers) == (3.5, 1024, 3)
     off = load_settings(environ={"PTX_DECODE_TIMEOUT_S": "0"})
     assert Edge.from_settings(off, resolve(off)).policy.decode_timeout_s is None
+
+
+def test_prestarted_workers_answer_the_first_decode_without_a_start_up(realdata: Path) -> None:
+    pool = DecodePool(size=2, timeout_s=30)
+    try:
+        pool.prestart()
+        assert pool._idle.qsize() == 2  # noqa: SLF001
+        for worker in list(pool._idle.queue):  # noqa: SLF001
+            worker.wait_ready(60)
+        pids = {worker.process.pid for worker in pool._idle.queue}  # noqa: SLF001
+        ds = pydicom.dcmread(realdata / "chest/siim_cr_jpegbaseline_mono2.dcm")
+        np.testing.assert_array_equal(pool.decode(ds), decode_here(ds))
+        assert pool._started == 2 and {w.process.pid for w in pool._idle.queue} == pids  # noqa: SLF001 -- no new one
+    finally:
+        pool.close()
