@@ -115,10 +115,10 @@ def check_inflated_size(data: bytes, max_bytes: int) -> None:
     stream = io.BytesIO(data)
     try:
         read_preamble(stream, False)
-        meta = _read_file_meta_info(stream)
+        syntax = _read_file_meta_info(stream).get("TransferSyntaxUID")  # converted here: may raise too
     except Exception:  # noqa: BLE001 -- not a Part 10 file with a readable meta group: parse_dicom decides
         return
-    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+    if syntax != DeflatedExplicitVRLittleEndian:
         return
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     inflated, chunk = 0, 1 << 20
