@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -54,7 +53,7 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
     from hypothesis import HealthCheck, given, seed as seeded, settings
     from hypothesis import strategies as st
 
-    from tests.fuzz_cases import ALL_FILES, check_outcome, load_files, mutated, patient_values
+    from tests.fuzz_cases import ALL_FILES, apply_plan, check_outcome, load_files, patient_values, plans
     from tests.realdata import realdata_dir
 
     outcomes: collections.Counter[str] = collections.Counter()
@@ -76,8 +75,8 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
         def run(data: st.DataObject, permissive: bool) -> None:
             if out_of_time():
                 return
-            name = data.draw(st.sampled_from(sorted(files)))
-            mutant = data.draw(mutated({name: files[name]}))
+            plan = data.draw(plans(tuple(files)))
+            mutant, name = apply_plan(plan, files), plan.name
             signal.alarm(case_timeout_s)
             try:
                 outcome = check_outcome(mutant, permissive_policy() if permissive else None, patient_values(files[name]))

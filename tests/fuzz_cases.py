@@ -68,7 +68,7 @@ class LengthField:
     little_endian: bool
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)
 def length_fields(data: bytes) -> tuple[LengthField, ...]:
     """The value length fields of the top-level elements of a file (empty when pydicom cannot parse it)."""
     try:
@@ -94,34 +94,56 @@ def set_length(data: bytes, field: LengthField, value: int) -> bytes:
     return data[: field.offset] + encoded + data[field.offset + field.size:]
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Which file to mutate and how: small, so Hypothesis can keep thousands of them (it keeps what a
+    strategy returns; returning the mutated bytes themselves grew a long run to gigabytes)."""
+
+    name: str
+    ops: tuple[tuple[str, int, int, bytes], ...]  # (kind, position seed, argument, inserted bytes)
+
+
+OPERATIONS = ("flip", "set", "insert", "delete", "truncate", "length", "length", "u32")
+
+
 @st.composite
-def mutated(draw: st.DrawFn, files: dict[str, bytes]) -> bytes:
-    """A real file with 1-4 mutations: flips, overwrites, insertions, deletions, truncation, huge lengths."""
-    name = draw(st.sampled_from(sorted(files)))
-    data = bytearray(files[name])
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(("flip", "set", "insert", "delete", "truncate", "length", "length", "u32")))
+def plans(draw: st.DrawFn, names: tuple[str, ...]) -> Plan:
+    """1-4 mutations of one of `names`: flips, overwrites, insertions, deletions, truncation, huge lengths."""
+    name = draw(st.sampled_from(sorted(names)))
+    ops = tuple((draw(st.sampled_from(OPERATIONS)), draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**16)),
+                 draw(st.binary(min_size=1, max_size=64))) for _ in range(draw(st.integers(1, 4))))
+    return Plan(name, ops)
+
+
+def apply_plan(plan: Plan, files: dict[str, bytes]) -> bytes:
+    data = bytearray(files[plan.name])
+    for kind, position, argument, inserted in plan.ops:
         if not data:
             break
-        at = draw(st.integers(0, len(data) - 1))
+        at = position % len(data)
         if kind == "flip":
-            data[at] ^= 1 << draw(st.integers(0, 7))
+            data[at] ^= 1 << (argument % 8)
         elif kind == "set":
-            data[at] = draw(st.sampled_from((0x00, 0xFF, 0x7F, 0x80, 0xFE)))
+            data[at] = (0x00, 0xFF, 0x7F, 0x80, 0xFE)[argument % 5]
         elif kind == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=64))
+            data[at:at] = inserted
         elif kind == "delete":
-            del data[at: at + draw(st.integers(1, 4096))]
+            del data[at: at + 1 + argument % 4096]
         elif kind == "truncate":
             del data[at:]
         elif kind == "u32":  # any 4 bytes set to a huge integer (a length, an offset, a dimension)
-            data[at: at + 4] = draw(st.sampled_from(HUGE_LENGTHS)).to_bytes(4, "little")
+            data[at: at + 4] = HUGE_LENGTHS[argument % len(HUGE_LENGTHS)].to_bytes(4, "little")
         else:
             fields = length_fields(bytes(data))
             if fields:
-                field = draw(st.sampled_from(fields))
-                data = bytearray(set_length(bytes(data), field, draw(st.sampled_from(HUGE_LENGTHS))))
+                field = fields[position % len(fields)]
+                data = bytearray(set_length(bytes(data), field, HUGE_LENGTHS[argument % len(HUGE_LENGTHS)]))
     return bytes(data)
+
+
+def mutated(files: dict[str, bytes]) -> st.SearchStrategy[bytes]:
+    """A mutated real file (the bytes themselves: for strategies that build on them, e.g. multipart bodies)."""
+    return plans(tuple(files)).map(lambda plan: apply_plan(plan, files))
 
 
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "PatientAddress")
