@@ -222,6 +222,9 @@ async def inspect(request: Request) -> JSONResponse:
         return _refused(exc)
     except RadiographError as exc:
         return _refused(ApiError(exc.http_status, exc.code.value, exc.message))
+    except Exception:  # noqa: BLE001 -- as in triage: a bug answers our JSON 500, logged, never a bare traceback
+        log.exception("inspect failed")
+        return _refused(ApiError(500, "internal_error", "the file could not be inspected (internal error, logged)"))
     return JSONResponse(radiograph.metadata())
 
 

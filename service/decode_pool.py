@@ -142,13 +142,25 @@ class DecodePool:
                 except BaseException:
                     self._started -= 1
                     raise
-        return self._idle.get()
+        try:  # every worker busy: more callers than `size` (the edge never has more; a library user might)
+            return self._idle.get(timeout=self.timeout_s + STARTUP_TIMEOUT_S)
+        except queue.Empty:
+            raise RadiographError(
+                RejectionCode.DECODE_TIMEOUT,
+                f"all {self.size} decode workers stayed busy beyond the decode time limit of {self.timeout_s:g} s "
+                "(PTX_DECODE_TIMEOUT_S)",
+            ) from None
 
     def _discard(self, worker: _Worker) -> None:
+        """Kill `worker` and start its replacement now (a caller may be waiting for a free worker)."""
         worker.kill()
         self.replaced += 1
-        with self._lock:
-            self._started -= 1  # the next borrower starts a fresh one
+        try:
+            self._idle.put(_Worker(self._context, self._decode, self.memory_mb))
+        except Exception:  # noqa: BLE001 -- could not start one: the next borrower tries again
+            log.exception("could not start a replacement decode worker")
+            with self._lock:
+                self._started -= 1
 
     def decode(self, ds: Dataset) -> np.ndarray:
         """Decode `ds` in a worker; RadiographError DECODE_TIMEOUT when it overruns `timeout_s`."""

@@ -212,3 +212,21 @@ def test_prestarted_workers_answer_the_first_decode_without_a_start_up(realdata:
         assert pool._started == 2 and {w.process.pid for w in pool._idle.queue} == pids  # noqa: SLF001 -- no new one
     finally:
         pool.close()
+
+
+def test_a_caller_waiting_for_the_only_worker_gets_its_replacement() -> None:
+    """One worker, stuck: a second caller waits, and decodes on the replacement as soon as the first is cut off."""
+    pool = DecodePool(size=1, timeout_s=TIMEOUT_S, memory_mb=512, decode=misbehaving)
+    try:
+        pool.decode(dataset())
+        stuck = threading.Thread(target=lambda: pytest.raises(RadiographError, pool.decode, marked(SLOW)))
+        stuck.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        ds = dataset()
+        np.testing.assert_array_equal(pool.decode(ds), decode_here(ds))
+        assert time.monotonic() - started < TIMEOUT_S + 10
+        stuck.join(timeout=30)
+        assert pool.replaced == 1 and pool._started == 1  # noqa: SLF001
+    finally:
+        pool.close()
