@@ -20,6 +20,7 @@ see `load_tests/bench_decode_isolation.py` and docs/benchmarks.md for the measur
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import queue
 import resource
@@ -116,14 +117,16 @@ class DecodePool:
     def __init__(self, size: int, timeout_s: float, memory_mb: int = DEFAULT_MEMORY_MB,
                  decode: Callable[[Dataset], np.ndarray] | None = None) -> None:
         from service.decoding import decode_here
-        from training.parallel import safe_context
 
         if size < 1 or timeout_s <= 0 or memory_mb < 64:
             raise ValueError(f"DecodePool needs size >= 1, timeout_s > 0, memory_mb >= 64; got {size}, "
                              f"{timeout_s}, {memory_mb}")
         self.size, self.timeout_s, self.memory_mb = size, timeout_s, memory_mb
         self._decode = decode or decode_here
-        self._context = safe_context()
+        # forkserver, never a plain fork of a threaded server (the reasoning of training.parallel.safe_context;
+        # not imported from there: a built bento ships service/ only, plus training's networks)
+        self._context = multiprocessing.get_context(
+            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
         self._started = 0
         self._lock = threading.Lock()
