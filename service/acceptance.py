@@ -41,6 +41,11 @@ class AcceptancePolicy:
     max_pixels: int = 40_000_000
     max_file_bytes: int = 512 * 1024 * 1024
     reject_inverted: bool = False
+    # Compressed pixel data decoded in killable worker processes (service.decode_pool) when set: the
+    # service sets it (PTX_DECODE_TIMEOUT_S); None decodes in the calling thread (training, tools).
+    decode_timeout_s: float | None = None
+    decode_memory_mb: int = 2048  # address space a decode worker may add (PTX_DECODE_MEMORY_MB)
+    decode_workers: int = 2  # decode worker processes at most (the service: PTX_DECODE_THREADS)
     frontal_views: frozenset[str] = frozenset({"PA", "AP", ""})
 
     def __post_init__(self) -> None:

@@ -31,12 +31,13 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Query
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from service import auth, deidentify
 from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut, error
 from service.api_worklist import router as worklist_router
+from service.decode_pool import shared_pool
 from service.finding import Finding
 from service.imaging import read_radiograph
 from service.manifest import ManifestError
@@ -205,11 +206,15 @@ async def _read_body(request: Request) -> bytes:
         raise ApiError(413, "too_large", f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes "
                                          "(PTX_MAX_FILE_BYTES)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"request body exceeds the limit of {limit} bytes (PTX_MAX_FILE_BYTES)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "too_large", f"request body exceeds the limit of {limit} bytes (PTX_MAX_FILE_BYTES)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client went away mid-body: its fault, not an internal error (found by fuzzing)
+        raise ApiError(400, "incomplete_body", f"the client closed the connection after {size} bytes of the body "
+                                               f"({declared or 'unknown'} declared)") from None
     body = b"".join(chunks)
     request._body = body  # noqa: SLF001 -- lets Starlette's form parser reuse the bytes already read
     return body
@@ -264,6 +269,9 @@ async def inspect(request: Request) -> JSONResponse:
         return _refused(exc)
     except RadiographError as exc:
         return _refused(ApiError(exc.http_status, exc.code.value, exc.message))
+    except Exception:  # noqa: BLE001 -- as in triage: a bug answers our JSON 500, logged, never a bare traceback
+        log.exception("inspect failed")
+        return _refused(ApiError(500, "internal_error", "the file could not be inspected (internal error, logged)"))
     return JSONResponse(_private(radiograph.metadata()))
 
 
@@ -351,6 +359,9 @@ class Triage:
         # Admission control (`max_in_flight`) is per edge worker: with PTX_EDGE_WORKERS=n the box admits n times it.
         self.model_set: ModelSet = MODEL_SET
         self.edge = Edge.from_settings(SETTINGS, self.model_set)
+        if self.edge.policy.decode_timeout_s is not None:  # decode workers up before the first compressed film
+            shared_pool(self.edge.policy.decode_timeout_s, self.edge.policy.decode_memory_mb,
+                        self.edge.policy.decode_workers).prestart()
         self.limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)
         self.in_flight = 0
         self.described = False

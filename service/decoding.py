@@ -10,9 +10,13 @@ tried before the data is called corrupt.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -21,6 +25,9 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
     RLELossless,
 )
 
@@ -57,17 +64,85 @@ def _reason(exc: BaseException) -> str:
     return (text[:_MAX_REASON] + "…") if len(text) > _MAX_REASON else text or type(exc).__name__
 
 
+class DecoderPanic(Exception):
+    """A decoder written in Rust panicked (pyo3 raises PanicException, a BaseException, which `except
+    Exception` lets through: found by fuzzing pylibjpeg-rle with a corrupt RLE segment)."""
+
+
 def _decode_with(ds: Dataset, plugin: str) -> np.ndarray:
     ds.pixel_array_options(decoding_plugin=plugin)
-    return ds.pixel_array
+    try:
+        return ds.pixel_array
+    except BaseException as exc:
+        if isinstance(exc, Exception) or type(exc).__name__ != "PanicException":
+            raise
+        raise DecoderPanic(f"the decoder failed ({_reason(exc)})") from None
 
 
-def decode_pixels(ds: Dataset) -> np.ndarray:
+def codestream_size(tsyntax: UID, frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG / JPEG-LS (SOF) or JPEG 2000 (SIZ) codestream declares; None if unknown.
+
+    Decoders allocate what the codestream declares, not what the DICOM header says: a JPEG-LS frame edited
+    to declare 65535x65535 made CharLS allocate until a 3 GB limit stopped it, 49 s later; a JPEG to
+    12288x12288, 940 MB and 6 s (found by fuzzing). Comparing with Rows x Columns first costs nothing.
+    """
+    try:
+        if tsyntax in JPEG2000TransferSyntaxes:
+            start = 0
+            if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 wrapper: find the codestream box
+                start = frame.find(b"jp2c") + 4
+            if frame[start: start + 4] != b"\xff\x4f\xff\x51":  # SOC, then SIZ
+                return None
+            x, y, x0, y0 = struct.unpack(">IIII", frame[start + 8: start + 24])
+            return y - y0, x - x0
+        if tsyntax in JPEGTransferSyntaxes or tsyntax in JPEGLSTransferSyntaxes:
+            info = _get_jpg_parameters(frame)
+            return (int(info["height"]), int(info["width"])) if "height" in info else None
+    except (struct.error, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return None
+
+
+def _check_codestream(ds: Dataset, tsyntax: UID) -> None:
+    if not tsyntax.is_encapsulated or tsyntax == RLELossless:
+        return  # RLE decodes into the size the header gives, which the policy has bounded
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:  # noqa: BLE001 -- broken encapsulation: the decoder reports it as corrupt data
+        return
+    declared = codestream_size(tsyntax, frame)
+    expected = (int(ds.Rows), int(ds.Columns))
+    if declared is not None and declared != expected and declared[0] > 0:
+        raise RadiographError(
+            RejectionCode.CORRUPT_PIXEL_DATA,
+            f"the {_describe(tsyntax)} codestream declares {declared[0]}x{declared[1]} pixels, but Rows (0028,0010) "
+            f"x Columns (0028,0011) is {expected[0]}x{expected[1]}; not decoded",
+        )
+
+
+def decode_pixels(ds: Dataset, timeout_s: float | None = None, memory_mb: int = 2048, workers: int = 2) -> np.ndarray:
     """Decode the single frame of `ds` to its stored values (no grey-scale transform applied).
+
+    With `timeout_s`, compressed pixel data is decoded in a worker process (`service.decode_pool`) that is
+    killed if it takes longer (answered DECODE_TIMEOUT), with its address space capped at `memory_mb` more
+    than it holds after start-up, at most `workers` of them per process; uncompressed data is always read in this thread
+    (reading it costs a copy, bounded by the size limits already checked).
 
     Raises RadiographError: UNSUPPORTED_TRANSFER_SYNTAX when no installed plugin handles the syntax,
     CORRUPT_PIXEL_DATA when the data does not decode or decodes to the wrong shape.
     """
+    tsyntax = UID(ds.file_meta.TransferSyntaxUID)
+    if tsyntax.is_compressed:
+        _check_codestream(ds, tsyntax)
+    if timeout_s is not None and tsyntax.is_compressed:
+        from service.decode_pool import decode_isolated
+
+        return decode_isolated(ds, timeout_s, memory_mb, workers)
+    return decode_here(ds)
+
+
+def decode_here(ds: Dataset) -> np.ndarray:
+    """`decode_pixels` in the calling thread (and in the decode pool's worker processes)."""
     tsyntax = UID(ds.file_meta.TransferSyntaxUID)
     try:
         decoder = get_decoder(tsyntax)

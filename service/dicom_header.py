@@ -11,6 +11,7 @@ Messages quote only image-description attributes (never patient attributes), cle
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from pydicom.datadict import tag_for_keyword
@@ -30,10 +31,36 @@ def _tag(keyword: str) -> str:
     return f"{keyword} ({Tag(tag).group:04X},{Tag(tag).element:04X})" if tag is not None else keyword
 
 
-def _quote(value: object, limit: int = 64) -> str:
-    """A header value fit for an error message: printable ASCII only, shortened."""
+def _quote(value: object, limit: int = 16) -> str:
+    """A header value fit for an error message: printable ASCII only, shortened.
+
+    Short by default (16, the longest CS value): a broken length field can make an element swallow the
+    elements after it, patient name included, so a long value is never quoted whole.
+    """
     text = "".join(ch for ch in str(value) if 32 <= ord(ch) < 127)
     return repr(text[:limit] + ("…" if len(text) > limit else ""))
+
+
+_CODE_STRING = re.compile(r"[A-Z0-9 _\\.-]{1,16}")
+_UID_SYNTAX = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def _code(value: str) -> str:
+    """A code string (Modality, Body Part...) for a message: quoted when it looks like one, else described.
+
+    Anything else (a value that swallowed other elements through a broken length) is not quoted at all.
+    """
+    if _CODE_STRING.fullmatch(value):
+        return repr(value)
+    return f"an invalid code string ({len(value)} characters)"
+
+
+def uid_text(value: object) -> str:
+    """A UID for a message: its registered name, the UID itself, or 'not a valid UID' (never the raw bytes)."""
+    text = str(value).strip("\x00 ")
+    if len(text) <= 64 and _UID_SYNTAX.fullmatch(text):
+        return str(UID(text).name)
+    return f"not a valid UID ({len(text)} characters)"
 
 
 def _invalid(keyword: str, problem: str) -> RadiographError:
@@ -121,7 +148,7 @@ def _check_pixel_module(ds: Dataset) -> tuple[int, int, int, int, str]:
         raise RadiographError(
             RejectionCode.NO_PIXEL_DATA,
             f"the object has no {_tag('PixelData')}"
-            + (f" (SOP Class: {UID(str(ds.SOPClassUID)).name})" if "SOPClassUID" in ds else ""),
+            + (f" (SOP Class: {uid_text(ds.SOPClassUID)})" if "SOPClassUID" in ds else ""),
         )
     if "PixelData" not in ds:
         raise RadiographError(RejectionCode.NOT_RADIOGRAPH, "float pixel data is not a radiograph")
@@ -138,7 +165,7 @@ def _check_pixel_module(ds: Dataset) -> tuple[int, int, int, int, str]:
     if samples != 1 or photometric not in MONOCHROME:
         raise RadiographError(
             RejectionCode.COLOUR,
-            f"{_tag('PhotometricInterpretation')} is {_quote(photometric or 'absent')} with "
+            f"{_tag('PhotometricInterpretation')} is {_code(photometric) if photometric else 'absent'} with "
             f"{_tag('SamplesPerPixel')} {samples}; only single-sample MONOCHROME1/MONOCHROME2 is accepted",
         )
     bits_allocated = read_int(ds, "BitsAllocated")
@@ -169,19 +196,19 @@ def _check_policy(ds: Dataset, policy: AcceptancePolicy, modality: str, body_par
     if policy.sop_classes is not None and sop_class and sop_class not in policy.sop_classes:
         raise RadiographError(
             RejectionCode.NOT_RADIOGRAPH,
-            f"{_tag('SOPClassUID')} is {UID(sop_class).name}; accepted: "
+            f"{_tag('SOPClassUID')} is {uid_text(sop_class)}; accepted: "
             + ", ".join(sorted(UID(uid).name for uid in policy.sop_classes)),
         )
     if policy.modalities is not None and modality not in policy.modalities:
         raise RadiographError(
             RejectionCode.NOT_RADIOGRAPH,
-            f"{_tag('Modality')} is {_quote(modality) if modality else 'absent'}; accepted: "
+            f"{_tag('Modality')} is {_code(modality) if modality else 'absent'}; accepted: "
             + ", ".join(sorted(policy.modalities)),
         )
     if body_part and not policy.is_chest(body_part):
         raise RadiographError(
             RejectionCode.NOT_CHEST,
-            f"{_tag('BodyPartExamined')} is {_quote(body_part)}; a chest film names one of "
+            f"{_tag('BodyPartExamined')} is {_code(body_part)}; a chest film names one of "
             + ", ".join(policy.body_part_tokens or ()),
         )
     return sop_class
@@ -209,7 +236,7 @@ def check_header(ds: Dataset, policy: AcceptancePolicy) -> ImageHeader:
     if not tsyntax.is_transfer_syntax:
         raise RadiographError(
             RejectionCode.UNSUPPORTED_TRANSFER_SYNTAX,
-            f"{_tag('TransferSyntaxUID')} is {_quote(tsyntax)}, not a transfer syntax any installed decoder knows",
+            f"{_tag('TransferSyntaxUID')} is {uid_text(tsyntax)}, not a transfer syntax any installed decoder knows",
         )
     _check_native_length(ds, tsyntax, rows, columns, bits_allocated)
     modality = read_text(ds, "Modality")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -20,8 +21,9 @@ from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from service import grayscale
 from service.acceptance import AcceptancePolicy
@@ -37,6 +39,7 @@ Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
 
 DEFAULT_POLICY = AcceptancePolicy()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_SEQUENCE_DEPTH = 32  # nesting in an image header (real ones: a few levels)
 _FIRST_GROUPS = (0x0000, 0x0002, 0x0008)  # where a dataset without a preamble (ACR-NEMA) starts
 # Integer extremes: pydicom indexes VOI LUTs with integers (float input gives wrong results there).
 _PROBE = np.array([-(2**31), 2**31 - 1], dtype=np.int64)
@@ -47,9 +50,13 @@ def read_radiograph(source: Source, policy: AcceptancePolicy = DEFAULT_POLICY) -
     data = _load(source, policy.max_file_bytes)
     if data[: len(PNG_SIGNATURE)] == PNG_SIGNATURE:
         return _read_png(data, policy)
+    check_inflated_size(data, policy.max_file_bytes)
     ds, inferred_syntax = parse_dicom(data)
-    header = check_header(ds, policy)
-    stored = decode_pixels(ds)
+    try:
+        header = check_header(ds, policy)
+    except RadiographError as exc:
+        raise _truncated_pixel_data(data, exc) from None
+    stored = decode_pixels(ds, policy.decode_timeout_s, policy.decode_memory_mb, policy.decode_workers)
     pixels, window_source, window_warnings = to_display(stored, ds, header)
     spacing, spacing_source = pixel_spacing(ds)
     warnings = list(header.warnings) + window_warnings
@@ -96,6 +103,39 @@ def _load(source: Source, max_bytes: int) -> bytes:
     return data
 
 
+def check_inflated_size(data: bytes, max_bytes: int) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file whose dataset inflates beyond `max_bytes`.
+
+    pydicom inflates the whole dataset in memory before parsing it; deflate reaches ~1000:1, so a 600 KB
+    upload became a 1.5 GB allocation (found by fuzzing). The inflated size is counted here first, in
+    bounded chunks whose output is discarded, so the limit on the body also bounds what it inflates to.
+    """
+    if data[128:132] != b"DICM":
+        return  # no file meta group, so no deflated transfer syntax
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, False)
+        syntax = _read_file_meta_info(stream).get("TransferSyntaxUID")  # converted here: may raise too
+    except Exception:  # noqa: BLE001 -- not a Part 10 file with a readable meta group: parse_dicom decides
+        return
+    if syntax != DeflatedExplicitVRLittleEndian:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated, chunk = 0, 1 << 20
+    pending = stream.read()
+    while pending and not inflater.eof:
+        try:
+            inflated += len(inflater.decompress(pending, chunk))
+        except zlib.error:
+            return  # corrupt deflate data: pydicom's own parse reports it
+        if inflated > max_bytes:
+            raise RadiographError(
+                RejectionCode.TOO_LARGE,
+                f"the deflated dataset inflates beyond the limit of {max_bytes} bytes (PTX_MAX_FILE_BYTES)",
+            )
+        pending = inflater.unconsumed_tail
+
+
 def parse_dicom(data: bytes) -> tuple[Dataset, bool]:
     """Parse DICOM Part 10 bytes, or a dataset without preamble and meta (ACR-NEMA style).
 
@@ -106,10 +146,16 @@ def parse_dicom(data: bytes) -> tuple[Dataset, bool]:
         ds = dcmread(io.BytesIO(data))
     except InvalidDicomError:
         ds = _read_without_preamble(data)
+    except RecursionError:  # undefined-length sequences nested ~300 deep: pydicom's reader recurses per level
+        raise RadiographError(
+            RejectionCode.NOT_DICOM,
+            "the DICOM header could not be parsed: sequences are nested deeper than the parser follows",
+        ) from None
     except Exception as exc:  # pydicom raises many types on a broken header: all mean "not parseable DICOM"
         raise RadiographError(
             RejectionCode.NOT_DICOM, f"the DICOM header could not be parsed ({type(exc).__name__})"
         ) from exc
+    _convert_elements(ds)
     if "TransferSyntaxUID" in ds.file_meta:
         return ds, False
     implicit, little = ds.original_encoding
@@ -117,6 +163,41 @@ def parse_dicom(data: bytes) -> tuple[Dataset, bool]:
         ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
     )
     return ds, True
+
+
+def _convert_elements(ds: Dataset) -> None:
+    """Convert every element now, so a value pydicom cannot read fails here, named by its tag.
+
+    Sequences deeper than MAX_SEQUENCE_DEPTH are refused: converting a level re-reads everything below it,
+    so depth costs quadratic time (20,000 levels in a 530 KB file took 2 s; the body limit allows 512 MB).
+
+    pydicom converts raw elements on first access; left lazy, an unknown VR or an undecodable value would
+    raise (NotImplementedError, for one) from whichever check touches it first, outside any handler meant
+    for it (found by fuzzing). Sequence items are walked with a stack, not recursion: nesting depth is
+    whatever the sender wrote.
+    """
+    pending: list[tuple[Dataset, int]] = [(ds, 0)]
+    if hasattr(ds, "file_meta"):
+        pending.append((ds.file_meta, 0))
+    while pending:
+        current, depth = pending.pop()
+        for tag in list(current.keys()):
+            try:
+                element = current[tag]
+            except Exception as exc:  # pydicom raises NotImplementedError, ValueError, KeyError... per VR
+                raise RadiographError(
+                    RejectionCode.INVALID_ATTRIBUTE,
+                    f"element ({tag.group:04X},{tag.element:04X}) cannot be read ({type(exc).__name__})",
+                ) from None
+            if element.VR != "SQ" or not element.value:
+                continue
+            if depth >= MAX_SEQUENCE_DEPTH:
+                raise RadiographError(
+                    RejectionCode.INVALID_ATTRIBUTE,
+                    f"sequence ({tag.group:04X},{tag.element:04X}) is nested deeper than {MAX_SEQUENCE_DEPTH} "
+                    "levels; an image header needs far fewer",
+                )
+            pending.extend((item, depth + 1) for item in element.value if isinstance(item, Dataset))
 
 
 def _read_without_preamble(data: bytes) -> Dataset:
@@ -132,6 +213,23 @@ def _read_without_preamble(data: bytes) -> Dataset:
     if not tags or tags[0].group not in _FIRST_GROUPS or not any(t.group == 0x7FE0 or t.group == 0x0028 for t in tags):
         raise not_dicom
     return ds
+
+
+def _truncated_pixel_data(data: bytes, error: RadiographError) -> RadiographError:
+    """NO_PIXEL_DATA for a file whose Pixel Data tag is there is a truncated file, not an image-less one.
+
+    pydicom drops an element the file ends inside, so a transfer cut short inside the pixels would otherwise
+    be reported as "no Pixel Data" (found by cutting a real film at every kilobyte).
+    """
+    if error.code is not RejectionCode.NO_PIXEL_DATA:
+        return error
+    if b"\xe0\x7f\x10\x00" not in data and b"\x7f\xe0\x00\x10" not in data:
+        return error
+    return RadiographError(
+        RejectionCode.CORRUPT_PIXEL_DATA,
+        "Pixel Data (7FE0,0010) is present but could not be read: the file ends inside it, or its length "
+        "is wrong (a truncated transfer, usually)",
+    )
 
 
 def to_display(stored: np.ndarray, ds: Dataset, header: ImageHeader) -> tuple[np.ndarray, str, list[str]]:

@@ -28,6 +28,7 @@ class RejectionCode(str, Enum):
     TOO_LARGE = "too_large"
     UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
     CORRUPT_PIXEL_DATA = "corrupt_pixel_data"
+    DECODE_TIMEOUT = "decode_timeout"
     APPEARS_INVERTED = "appears_inverted"
 
     @property

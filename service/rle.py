@@ -17,6 +17,7 @@ Everything here is vectorised: the whole 12,954-row label file round-trips in se
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -52,25 +53,39 @@ def encode(mask: np.ndarray) -> str:
     return " ".join(map(str, pairs.tolist()))
 
 
-def _parse(rle: str) -> np.ndarray | None:
-    """Parse the integers of an RLE string; None for the empty mask."""
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _parse(rle: str, total: int) -> np.ndarray | None:
+    """Parse the integers of an RLE string; None for the empty mask.
+
+    Every value is checked against `total` (the mask's pixel count) before it becomes an int64: a start or
+    length beyond the mask can never be valid, and refusing it here keeps the running sums far from int64
+    overflow, so no crafted string can wrap a sum around and make `decode` allocate beyond the image.
+    """
+    if not isinstance(rle, str):
+        raise RLEError(f"RLE must be a string, got {type(rle).__name__}")
     text = rle.strip()
     if text in ("", EMPTY):
         return None
-    try:
-        values = np.array([int(token) for token in text.split()], dtype=np.int64)
-    except ValueError as exc:
-        raise RLEError(f"RLE holds a token that is not an integer: {exc}") from None
-    if values.size % 2:
-        raise RLEError(f"RLE must hold start/length pairs, got an odd count of {values.size} integers")
-    return values
+    tokens = text.split()
+    for token in tokens:
+        if not _INTEGER.fullmatch(token):
+            raise RLEError(f"RLE holds a token that is not an integer (decimal digits): {token[:20]!r}")
+        if len(token) > 20 or abs(int(token)) > total:
+            raise RLEError(f"RLE value {token[:20]}{'…' if len(token) > 20 else ''} exceeds the mask's "
+                           f"{total} pixels")
+    if len(tokens) % 2:
+        raise RLEError(f"RLE must hold start/length pairs, got an odd count of {len(tokens)} integers")
+    return np.array([int(token) for token in tokens], dtype=np.int64)
 
 
 def runs(rle: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Absolute column-major ``(starts, ends)`` of the runs of `rle`, checked against the mask size."""
     if height <= 0 or width <= 0:
         raise RLEError(f"mask size must be positive, got {height}x{width}")
-    values = _parse(rle)
+    total = height * width
+    values = _parse(rle, total)
     if values is None:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
@@ -81,7 +96,6 @@ def runs(rle: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         raise RLEError(f"RLE run length {int(lengths[lengths <= 0][0])} is not positive")
     ends = np.cumsum(gaps + lengths)
     starts = ends - lengths
-    total = height * width
     if ends[-1] > total:
         raise RLEError(f"RLE runs reach pixel {int(ends[-1])}, beyond the {height}x{width} mask ({total} pixels)")
     return starts, ends

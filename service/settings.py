@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=2, ge=1)
     max_files_per_request: int = Field(default=16, ge=1, le=256)
     max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    # Compressed pixel data is decoded in killable worker processes (service/decode_pool.py): a decode
+    # that overruns decode_timeout_s is answered 422 decode_timeout; 0 decodes in the edge's threads.
+    decode_timeout_s: float = Field(default=10.0, ge=0)
+    decode_memory_mb: int = Field(default=2048, ge=64)  # address space a decode worker may add
     mask_default: Literal["png", "rle", "none"] = "png"
     reject_inverted: bool = False
     warmup: bool = True  # run each model once per batch size before /readyz says ready
@@ -59,6 +63,7 @@ class Settings(BaseSettings):
     dicom_ae_title: str = Field(default="PTXTRIAGE", min_length=1, max_length=16)
     dicom_allowed_aes: str | None = None  # comma-separated AE, AE@10.0.0.5, AE@10.1.0.0/16; None: any
     dicom_max_associations: int = Field(default=10, ge=1)
+    dicom_max_pdu: int = Field(default=256 * 1024, ge=0)  # bytes we receive per P-DATA PDU (0: unlimited)
     intake_workers: int = Field(default=2, ge=1, le=64)
     record_http: bool = False  # also put films triaged over HTTP on the worklist
     destinations: str = ""  # comma-separated: [name=]dicom://AE@host:port, [name=]dicomweb+http://host:port/path

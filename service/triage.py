@@ -53,7 +53,9 @@ class Edge:
                                "backend": backends.get(entry.role)} for entry in models.entries()}
         return cls(
             models=models,
-            policy=AcceptancePolicy(max_file_bytes=settings.max_file_bytes, reject_inverted=settings.reject_inverted),
+            policy=AcceptancePolicy(max_file_bytes=settings.max_file_bytes, reject_inverted=settings.reject_inverted,
+                                    decode_timeout_s=settings.decode_timeout_s or None,
+                                    decode_memory_mb=settings.decode_memory_mb, decode_workers=settings.decode_threads),
             bands=PriorityBands(settings.stat_score, settings.stat_area_mm2),
             morphology=MillimetreMorphology() if settings.mm_morphology else None,
             model_labels=labels,
