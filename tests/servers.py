@@ -13,6 +13,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,8 +49,30 @@ def wait_port(port: int, process: subprocess.Popen | None = None, timeout_s: flo
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process below `pid`. BentoML's workers run in sessions of their own, so a signal to the
+    server's process group does not reach them: they must be found through the process tree."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the process, its group and every descendant at once: a crash of the whole service."""
+    below = descendants(process.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for child in below:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(below, timeout=10)
+    process.wait()
+
+
 def stop_group(process: subprocess.Popen, grace_s: float = 20) -> None:
-    """SIGTERM to the process's whole group, SIGKILL if it is still there after `grace_s`."""
+    """SIGTERM to the process's whole group, SIGKILL if it is still there after `grace_s`; then SIGKILL
+    whatever is left of its descendants (workers in their own sessions, orphaned by an earlier SIGKILL)."""
+    below = descendants(process.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -56,6 +80,10 @@ def stop_group(process: subprocess.Popen, grace_s: float = 20) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    _, alive = psutil.wait_procs(below, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 @contextlib.contextmanager

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import urllib.error
 import urllib.request
 
-import pydicom
 import pytest
 
 from service.finding import Priority

@@ -8,11 +8,6 @@ above what a broken model gives (AUC 0.5; Dice on positives 0 for an empty answe
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
-import pytest
-
 from service.imaging import read_radiograph
 from service.manifest import find_models
 from tests.servers import REPO

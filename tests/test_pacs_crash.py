@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import threading
 import time
 import urllib.error
@@ -16,7 +14,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from tests.servers import bento_server, free_port
+from tests.servers import bento_server, free_port, kill_tree
 from training.__main__ import main as training_main
 
 BURST = 60
@@ -82,7 +80,7 @@ def test_sigkill_mid_burst_loses_no_acknowledged_instance(tmp_path):
         while len(acknowledged) < BURST // 3:
             assert time.monotonic() < deadline, f"only {len(acknowledged)} C-STOREs acknowledged"
             time.sleep(0.02)
-        os.killpg(started[0].pid, signal.SIGKILL)  # the whole service: edge, model worker, listener
+        kill_tree(started[0])  # the whole service: arbiter, edge worker (listener, intake), model worker
         stop.set()
         sender.join(timeout=30)
     acked = list(acknowledged)
