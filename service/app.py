@@ -34,7 +34,7 @@ from fastapi import FastAPI, Query
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from service import auth, deidentify
+from service import auth, batching, deidentify
 from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut, error
 from service.api_worklist import router as worklist_router
 from service.decode_pool import shared_pool
@@ -65,6 +65,8 @@ try:
 except (ManifestError, auth.TokenError) as exc:  # the messages name the file / setting, never a token
     raise SystemExit(f"ptx-triage cannot start: {exc}") from None
 DEIDENTIFY = deidentify.from_settings(SETTINGS)  # None: answers carry the DICOM UIDs
+if SETTINGS.greedy_batching:
+    batching.install()  # before BentoML builds the model worker's batchers (service/batching.py says why)
 BODY_TYPES = ("application/dicom", "application/octet-stream", "image/png")
 MASK_FORMATS = ("png", "rle", "none")
 

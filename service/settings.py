@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     # 503 instead of queueing: generous, so ordinary load on a 2-core CPU never meets it.
     max_batch_size: int = Field(default=16, ge=1, le=256)
     max_latency_ms: int = Field(default=20000, ge=100)
+    greedy_batching: bool = True  # dispatch whenever the model is free (service/batching.py)
     # The HTTP edge: decode/post-process threads, admission control and per-request limits.
     edge_workers: int = Field(default=1, ge=1, le=64)  # HTTP edge processes (each decodes with decode_threads)
     decode_threads: int = Field(default=2, ge=1, le=64)
