@@ -9,7 +9,7 @@ CONSTRAINTS := -c constraints.txt
 PORT ?= 3000
 DEPS := pyproject.toml requirements/serve.txt constraints.txt
 
-.PHONY: serve test install-serve install-dev synth models clean
+.PHONY: serve test install-serve install-dev synth models lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ synth: $(VENV)/.dev-installed
 # The bundled demo models: synthetic data, training, export and evaluation (< 30 min on 2 CPU cores).
 models: $(VENV)/.dev-installed
 	$(BIN)/python -m training demo
+
+# The image's exact versions (bentofile.yaml installs requirements/serve.lock.txt): run after editing serve.txt.
+lock: $(BIN)/python
+	$(BIN)/python requirements/lock.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -31,7 +31,7 @@ def test_bentoml_build_packages_service_and_models_and_the_bento_serves(tmp_path
     assert info["service"] == "service.app:Triage"
 
     # What `bentoml containerize` would build (Docker cannot run here): the generated Dockerfile installs the
-    # bento's requirements.txt, which holds every serving requirement of requirements/serve.txt.
+    # bento's requirements.txt, which is the pinned lock (requirements/serve.lock.txt).
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "FROM python:3.11" in dockerfile and "EXPOSE 3000" in dockerfile
     assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile
@@ -41,8 +41,9 @@ def test_bentoml_build_packages_service_and_models_and_the_bento_serves(tmp_path
         lines = (line.split("#")[0].strip() for line in text.splitlines())
         return {line.replace(" ", "") for line in lines if line}
 
-    wanted = requirements((REPO / "requirements" / "serve.txt").read_text())
-    assert wanted and wanted <= requirements((bento / "env" / "python" / "requirements.txt").read_text())
+    wanted = requirements((REPO / "requirements" / "serve.lock.txt").read_text())
+    installed = requirements((bento / "env" / "python" / "requirements.txt").read_text())
+    assert wanted and wanted <= installed and all("==" in line for line in installed if not line.startswith("-"))
 
     with bento_server(tmp_path / "bento.log", env={"BENTOML_HOME": str(tmp_path / "bentoml"),
                                                    "PYTHONPATH": "", "PTX_DATA_DIR": str(tmp_path / "data")}, target=tag,
