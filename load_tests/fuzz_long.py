@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import resource
 import signal
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +68,21 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
     def out_of_time() -> bool:
         return time.monotonic() - started > seconds
 
+    @contextlib.contextmanager
+    def one_case(data: bytes) -> Iterator[None]:
+        """One case under the alarm: any exception but KeyboardInterrupt is a finding (pytest.fail raises a
+        BaseException too), recorded with its input; the run goes on."""
+        signal.alarm(case_timeout_s)
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            _record(findings, out, target, data, exc)
+            outcomes["FINDING"] += 1
+        finally:
+            signal.alarm(0)
+
     if target == "imaging":
         from service.acceptance import permissive_policy
 
@@ -77,17 +94,9 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
                 return
             plan = data.draw(plans(tuple(files)))
             mutant, name = apply_plan(plan, files), plan.name
-            signal.alarm(case_timeout_s)
-            try:
+            with one_case(mutant):
                 outcome = check_outcome(mutant, permissive_policy() if permissive else None, patient_values(files[name]))
                 outcomes["radiograph" if hasattr(outcome, "pixels") else outcome.code.value] += 1
-            except BaseException as exc:  # noqa: BLE001 -- every other outcome is a finding, the run goes on
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                _record(findings, out, target, mutant, exc)
-                outcomes["FINDING"] += 1
-            finally:
-                signal.alarm(0)
 
     elif target == "rle":
         import numpy as np
@@ -103,20 +112,14 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
         def run(text: str, height: int, width: int) -> None:
             if out_of_time():
                 return
-            signal.alarm(case_timeout_s)
-            try:
-                mask = rle.decode(text, height, width)
-                assert mask.shape == (height, width) and np.array_equal(rle.decode(rle.encode(mask), height, width), mask)
-                outcomes["mask"] += 1
-            except rle.RLEError:
-                outcomes["RLEError"] += 1
-            except BaseException as exc:  # noqa: BLE001
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                _record(findings, out, target, text.encode("utf-8", "replace"), exc)
-                outcomes["FINDING"] += 1
-            finally:
-                signal.alarm(0)
+            with one_case(text.encode("utf-8", "replace")):
+                try:
+                    mask = rle.decode(text, height, width)
+                    assert mask.shape == (height, width) and np.array_equal(rle.decode(rle.encode(mask), height, width),
+                                                                            mask)
+                    outcomes["mask"] += 1
+                except rle.RLEError:
+                    outcomes["RLEError"] += 1
 
     elif target == "http":
         import tests.test_fuzz_http as http_fuzz
@@ -130,18 +133,10 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
             if out_of_time():
                 return
             path, body, content_type = case
-            signal.alarm(case_timeout_s)
-            try:
+            with one_case(body):
                 status, answer = http_fuzz.exchange(url, http_fuzz.request_bytes(path, body, content_type))
                 http_fuzz.check_answer(status, answer, path)
                 outcomes[str(status)] += 1
-            except BaseException as exc:  # noqa: BLE001 -- pytest.fail raises a BaseException: a finding too
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
-                _record(findings, out, target, body, exc)
-                outcomes["FINDING"] += 1
-            finally:
-                signal.alarm(0)
     else:
         raise SystemExit(f"unknown target {target!r}")
 
