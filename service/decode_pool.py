@@ -11,7 +11,7 @@ the header checks have already bounded.
 Why our own small pool and not `concurrent.futures.ProcessPoolExecutor`: the executor cannot kill the one
 worker that overran without breaking every other decode in flight; here each decode owns one worker for
 its duration, and only that worker is replaced. Workers start from a forkserver (never a plain fork of a
-threaded server: see `training.parallel.safe_context`), lazily, one per concurrent decode at most.
+threaded server: see `service.processes.safe_context`), lazily, one per concurrent decode at most.
 
 Cost: the compressed frame goes to the worker and the decoded array comes back through a pipe (pickle);
 see `load_tests/bench_decode_isolation.py` and docs/benchmarks.md for the measured overhead.
@@ -20,7 +20,6 @@ see `load_tests/bench_decode_isolation.py` and docs/benchmarks.md for the measur
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import queue
 import resource
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 
+from service.processes import safe_context
 from service.radiograph import RadiographError, RejectionCode
 
 log = logging.getLogger("ptx.decode")
@@ -123,10 +123,7 @@ class DecodePool:
                              f"{timeout_s}, {memory_mb}")
         self.size, self.timeout_s, self.memory_mb = size, timeout_s, memory_mb
         self._decode = decode or decode_here
-        # forkserver, never a plain fork of a threaded server (the reasoning of training.parallel.safe_context;
-        # not imported from there: a built bento ships service/ only, plus training's networks)
-        self._context = multiprocessing.get_context(
-            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+        self._context = safe_context()  # forkserver, never a plain fork of a threaded server
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
         self._started = 0
         self._lock = threading.Lock()

@@ -24,7 +24,7 @@ from service import rle
 from service.acceptance import AcceptancePolicy
 from service.imaging import read_radiograph
 from service.preprocess import mask_to_input, resize
-from training.parallel import safe_context
+from service.processes import safe_context
 
 # Bump when what the cache holds changes meaning (resizing, quantisation, mask encoding).
 CACHE_FORMAT = 1

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.rle import EMPTY, encode
-from training.parallel import safe_context
+from service.processes import safe_context
 from training.synth import dicom_writer, lesions
 from training.synth.anatomy import Anatomy, render_anatomy
 from training.synth.shapes import ProceduralShapes, ShapeBank

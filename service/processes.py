@@ -1,4 +1,8 @@
-"""Worker processes that are safe to start from a process that already runs threads."""
+"""Worker processes that are safe to start from a process that already runs threads.
+
+In service/ because the service needs it too (the decode pool) and a built bento ships service/ only;
+training (the cache build, synth) uses the same function.
+"""
 
 from __future__ import annotations
 
