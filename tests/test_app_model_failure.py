@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 
 from service.manifest import sha256_file
 from tests.servers import REPO, bento_server, free_port
-from tests.test_app_triage import metrics_text, post
+from tests.test_app_triage import metrics_text, post, sample
 
 COOLDOWN_S = 4
 MODELS = REPO / "models"
@@ -79,10 +79,7 @@ def _readyz(base: str) -> int:
 
 
 def _ready_gauge(base: str, role: str) -> float:
-    for line in metrics_text(base).splitlines():
-        if line.startswith(f'ptx_model_ready{{role="{role}"}}'):
-            return float(line.split()[-1])
-    raise AssertionError(f"ptx_model_ready{{role={role!r}}} not in /metrics")
+    return sample(metrics_text(base), "ptx_model_ready", role=role)
 
 
 def test_a_model_failing_at_run_time_turns_the_service_unready_and_recovers(tmp_path, realdata):
