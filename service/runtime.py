@@ -7,6 +7,7 @@ the HTTP edge can tell a request's queue wait from compute without a second chan
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -75,8 +76,8 @@ class ModelRunner:
         for entry, backend in ((models.classifier, self.classifier), (models.segmenter, self.segmenter)):
             log.info("%s: %s on %s (provider %s)", entry.role, entry.label, backend.name,
                      getattr(backend, "provider", "unknown"))
-        self.health = ModelHealth(settings.model_cooldown_s, {"classifier": self._probe_classifier,
-                                                              "segmenter": self._probe_segmenter},
+        self.health = ModelHealth(settings.model_cooldown_s,
+                                  {role: functools.partial(self._probe, role) for role in ("classifier", "segmenter")},
                                   on_change=on_health_change)
         for role in ("classifier", "segmenter"):
             self.health.remember(role)
@@ -94,27 +95,22 @@ class ModelRunner:
     def _run(self, role: str, step: Callable[[], np.ndarray]) -> np.ndarray:
         """`step` under the lock, its output checked (probabilities: finite, in [0, 1]), then packed."""
         self.health.require(role)
-        started = time.perf_counter()
         try:
             with self._lock:
+                started = time.perf_counter()  # the run itself, not a wait for a probe to finish
                 outputs = check_output(role, step(), 0.0, 1.0)
+                seconds = time.perf_counter() - started
         except Exception as exc:
             self.health.failed(role, exc)
             raise ModelUnavailable(role, f"its run failed: {type(exc).__name__}") from exc
-        return pack(outputs, time.perf_counter() - started)
+        return pack(outputs, seconds)
 
-    def _probe_input(self, size: int, channels: int) -> np.ndarray:
-        return np.zeros((1, channels, size, size), dtype=np.float32)
-
-    def _probe_classifier(self) -> np.ndarray:
-        spec = self.models.classifier_spec
+    def _probe(self, role: str) -> np.ndarray:
+        """`role` on its warm-up input (one film of zeros, no TTA): what ModelHealth compares with the start."""
+        spec, run, backend = ((self.models.classifier_spec, classify_scores, self.classifier) if role == "classifier"
+                              else (self.models.segmenter_spec, segment_maps, self.segmenter))
         with self._lock:
-            return classify_scores(self.classifier, self._probe_input(spec.size, spec.channels), False)
-
-    def _probe_segmenter(self) -> np.ndarray:
-        spec = self.models.segmenter_spec
-        with self._lock:
-            return segment_maps(self.segmenter, self._probe_input(spec.size, spec.channels), False)
+            return run(backend, np.zeros((1, spec.channels, spec.size, spec.size), dtype=np.float32), False)
 
     @staticmethod
     def _check(batch: np.ndarray, size: int) -> np.ndarray:
