@@ -18,10 +18,20 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, and never one this process handed out before: a port picked for
+    one server and not yet bound comes back free from the OS, and was once given to a second server in the
+    same test (Orthanc's C-STORE to our DICOM port reached the HTTP server)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_http(url: str, timeout_s: float, process: subprocess.Popen) -> None:
