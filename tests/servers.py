@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,19 +20,39 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 _HANDED_OUT: set[int] = set()
+_RANDOM = random.Random()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out by itself (to `bind(0)` and to outgoing connections)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 32768
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on, and never one this process handed out before: a port picked for
-    one server and not yet bound comes back free from the OS, and was once given to a second server in the
-    same test (Orthanc's C-STORE to our DICOM port reached the HTTP server)."""
-    while True:
+    """A loopback port nothing listens on, below the kernel's ephemeral range, never handed out twice in a run.
+
+    Why not `bind(0)`: that port comes from the ephemeral range, and between our pick and the server's bind the
+    kernel may give the same port to an outgoing connection or to a port a server reserves for itself (BentoML
+    does, for its workers): a server then exits with "address in use" (seen once in CI). Ports below the range
+    are only ever taken by name. Why the set: a port picked for one server and not yet bound is still free, and
+    was once given to a second server in the same test (Orthanc's C-STORE to our DICOM port reached HTTP).
+    """
+    low = max(1025, min(_ephemeral_low(), 65536) - 12000)
+    high = max(low + 1000, min(_ephemeral_low(), 65536)) - 1
+    for _ in range(1000):
+        port = _RANDOM.randint(low, high)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port between {low} and {high}")
 
 
 def wait_http(url: str, timeout_s: float, process: subprocess.Popen) -> None:
@@ -111,10 +132,21 @@ def process_group(command: list[str], log_path: Path, ready: Callable[[subproces
         if started is not None:
             started.append(process)
         try:
-            ready(process)
+            try:
+                ready(process)
+            except (RuntimeError, TimeoutError) as failure:
+                log.flush()
+                raise type(failure)(f"{failure}; the end of {log_path.name}:\n{log_tail(log_path)}") from failure
             yield process
         finally:
             stop_group(process, grace_s)
+
+
+def log_tail(log_path: Path, lines: int = 30) -> str:
+    """The last lines of a server's log, for the error of a server that did not come up: CI keeps no files."""
+    with contextlib.suppress(OSError):
+        return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+    return "(no log)"
 
 
 @contextlib.contextmanager
