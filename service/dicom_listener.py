@@ -46,6 +46,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from service.acceptance import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE
 from service.dicom_allowlist import CallingAeAllowlist
+from service.dicom_pdu_limit import limited_request_handler
 from service.spool import Spool, is_dicom_uid
 from service.store import InstanceRecord, InstanceStatus, ReceivedInstance, ResultsStore, StudyRecord, utc_now
 
@@ -53,6 +54,7 @@ log = logging.getLogger("ptx.dicom")
 
 DEFAULT_AE_TITLE = "PTXTRIAGE"
 DEFAULT_MAX_PDU = 256 * 1024  # bytes; larger PDUs mean fewer round trips for multi-megabyte films
+DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024  # bytes of one C-STORE dataset, as PTX_MAX_FILE_BYTES for HTTP uploads
 
 STORAGE_SOP_CLASSES: tuple[UID, ...] = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE)
 CANDIDATE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
@@ -112,6 +114,8 @@ class DicomListener:
     AE title not recognised" (also for a known title from an address it is not allowed from: PS3.8 has no
     reason for addresses, and the caller need not learn that the title itself was right). `max_associations`: concurrent
     associations; one more gets "rejected-transient, service-provider (presentation), local limit exceeded".
+    `max_pdu`: our Maximum Length Received, announced and enforced; `max_message_bytes`: the largest C-STORE
+    dataset read (None: no limit); a peer over either is aborted unread (service/dicom_pdu_limit.py).
     `on_received(sop_uid)` is called after a new instance is durably received (the intake's wake-up; it must
     not block). `on_outcome(outcome)` is called once per C-STORE answered, with one of `OUTCOMES` (a metrics
     counter: the C-STORE rate by outcome). `port=0` binds a free port (see `port` after `start`).
@@ -121,6 +125,7 @@ class DicomListener:
                  ae_title: str = DEFAULT_AE_TITLE,
                  allowed_calling_aes: CallingAeAllowlist | Iterable[str] | None = None,
                  max_associations: int = 10, max_pdu: int = DEFAULT_MAX_PDU,
+                 max_message_bytes: int | None = DEFAULT_MAX_MESSAGE,
                  on_received: Callable[[str], None] | None = None, network_timeout_s: float = 60.0,
                  clock: Callable[[], datetime] = utc_now, on_outcome: Callable[[str], None] | None = None) -> None:
         if max_associations < 1:
@@ -131,6 +136,7 @@ class DicomListener:
         self.allowlist = (allowed_calling_aes if allowed_calling_aes is None
                           or isinstance(allowed_calling_aes, CallingAeAllowlist)
                           else CallingAeAllowlist.parse(allowed_calling_aes))  # ValueError when empty
+        self.max_message_bytes = max_message_bytes
         self.on_received = on_received
         self.on_outcome = on_outcome
         self.clock = clock
@@ -158,7 +164,15 @@ class DicomListener:
                     (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_ABORTED, self._on_aborted)]
-        self._server = self.ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
+        # What `AE.start_server(block=False)` does, with our request handler: every PDU header is checked
+        # before its body is read (service/dicom_pdu_limit.py). The server registers with the AE as there,
+        # since its shutdown() deregisters itself.
+        server = self.ae.make_server((self.host, self._port), evt_handlers=handlers,
+                                     server_class=ThreadedAssociationServer,
+                                     request_handler=limited_request_handler(self.max_message_bytes))
+        threading.Thread(target=server.serve_forever, name=f"DicomListener@{self.ae_title}", daemon=True).start()
+        self.ae._servers.append(server)
+        self._server = server
         log.info("DICOM listener %s on %s:%d (calling AEs: %s, at most %d associations)", self.ae_title, self.host,
                  self.port, self.allowlist.describe() if self.allowlist else "any",
                  self.ae.maximum_associations)
@@ -229,7 +243,7 @@ class DicomListener:
                     self._peer(event))
 
     def _on_aborted(self, event: evt.Event) -> None:
-        log.warning("association aborted by %s", self._peer(event))
+        log.warning("association with %s aborted", self._peer(event))  # by either side
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info("C-ECHO from %s", self._peer(event))

@@ -74,7 +74,7 @@ class Pacs:
         self.listener = DicomListener(self.spool, store, port=settings.dicom_port, host=settings.dicom_host,
                                       ae_title=settings.dicom_ae_title, allowed_calling_aes=allowed,
                                       max_associations=settings.dicom_max_associations,
-                                      max_pdu=settings.dicom_max_pdu,
+                                      max_pdu=settings.dicom_max_pdu, max_message_bytes=settings.max_file_bytes,
                                       on_received=self.intake.notify, on_outcome=on_dicom_outcome)
 
     async def start(self) -> None:

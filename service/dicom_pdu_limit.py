@@ -1,0 +1,175 @@
+"""The DICOM listener's PDU size limit, enforced on what the peer sends, not only negotiated.
+
+pynetdicom announces our Maximum Length Received (PTX_DICOM_MAX_PDU) in the A-ASSOCIATE-AC and well-behaved
+senders cut their P-DATA-TF PDUs to it, but it reads whatever length a PDU header declares: a peer declaring
+a 4 GB PDU is read into memory for as long as it keeps sending (and one that stops waits out the network
+timeout), and it assembles a whole C-STORE dataset in memory, however many PDUs it comes in. This module
+watches the byte stream under pynetdicom instead: every PDU header is checked as it arrives, and every PDV
+item inside P-DATA, so that a PDU over PTX_DICOM_MAX_PDU or a dataset over PTX_MAX_FILE_BYTES (the HTTP
+upload limit) is refused before it is read, with an A-ABORT (service-provider, invalid PDU parameter
+value, PS3.8 9.3.8) and the connection closed. Memory per association is then bounded by those limits.
+
+Why at the socket rather than in pynetdicom: its PDU reader is private and reads the header and body in one
+method; the server's request handler class is a documented hook (`AssociationServer(request_handler=...)`,
+passed through `AE.make_server`) and the raw socket is all it needs to wrap.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from typing import Any
+
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import RequestHandler
+
+log = logging.getLogger("ptx.dicom")
+
+P_DATA_TF = 0x04
+# A-ASSOCIATE-RQ/AC/RJ, A-RELEASE and A-ABORT PDUs are not covered by Maximum Length Received; an
+# A-ASSOCIATE-RQ proposing 128 presentation contexts with a dozen transfer syntaxes each is ~50 KB.
+CONTROL_PDU_LIMIT = 1024 * 1024
+HEADER = struct.Struct(">BBL")  # PDU type, reserved, length of what follows the 6-byte header
+ABORT_INVALID_PARAMETER = 6  # A-ABORT reason: invalid-PDU-parameter value
+ABORT_SOURCE_PROVIDER = 2  # A-ABORT source: DICOM UL service-provider (initiated the abort)
+
+
+def pdu_limit(pdu_type: int, max_pdu: int) -> int | None:
+    """The largest PDU length (the header's length field) we read for `pdu_type`; None: no limit.
+
+    P-DATA-TF: our Maximum Length Received (PS3.8 D.1: the length of the PDU's variable field), none when it
+    is 0 (unlimited, as in pynetdicom). Every other PDU: `CONTROL_PDU_LIMIT`."""
+    if pdu_type == P_DATA_TF:
+        return max_pdu or None
+    return CONTROL_PDU_LIMIT
+
+
+class DatasetMeter:
+    """Follows the PDV items inside P-DATA-TF bodies (PS3.8 9.3.5: 4-byte length, presentation context ID,
+    message control header, fragment) and keeps the size of the message being received, so that one
+    message (a C-STORE dataset) over `limit` bytes is refused before its fragment is read. pynetdicom
+    assembles a whole dataset in memory before our C-STORE handler sees it: without this a peer keeping
+    every PDU under the PDU limit could still send a dataset of any size."""
+
+    ITEM = struct.Struct(">LBB")  # item length (from the context ID on), context ID, message control header
+    LAST_FRAGMENT = 0x02
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._header = bytearray()
+        self._value_left = 0
+        self._last = False
+        self.message_bytes = 0  # received so far of the message in progress
+
+    def feed(self, body: bytes | memoryview) -> bool:
+        """Advance through P-DATA body bytes; False when a fragment would take the message over `limit`."""
+        position = 0
+        while position < len(body):
+            if self._value_left:
+                step = min(self._value_left, len(body) - position)
+                self._value_left -= step
+                position += step
+                if not self._value_left and self._last:
+                    self.message_bytes = 0
+                continue
+            take = min(self.ITEM.size - len(self._header), len(body) - position)
+            self._header += body[position:position + take]
+            position += take
+            if len(self._header) < self.ITEM.size:
+                continue
+            length, _, control = self.ITEM.unpack(self._header)
+            self._header.clear()
+            fragment = max(length - 2, 0)
+            self.message_bytes += fragment
+            if self.message_bytes > self.limit:
+                return False
+            self._last = bool(control & self.LAST_FRAGMENT)
+            self._value_left = fragment
+            if not fragment and self._last:
+                self.message_bytes = 0
+        return True
+
+
+class PduLimitedSocket:
+    """A connected socket that checks each PDU header in the bytes it hands up, and refuses one over its limit.
+
+    It follows PDU boundaries in the stream (6-byte header, then `length` bytes), whatever sizes the reader
+    asks for, and the PDV items inside P-DATA (`DatasetMeter`). A PDU over its limit, or a message over
+    `max_message` bytes: an A-ABORT PDU goes to the peer, the connection is shut down and `recv` returns b""
+    (to pynetdicom, the transport connection closed), so the rest is never read. Everything else is the
+    wrapped socket's (select() works through `fileno`).
+    """
+
+    def __init__(self, sock: socket.socket, max_pdu: int, peer: str, max_message: int | None = None) -> None:
+        self._sock, self._max_pdu, self._peer = sock, max_pdu, peer
+        self._header = bytearray()
+        self._body_left = 0
+        self._in_p_data = False
+        self._meter = DatasetMeter(max_message) if max_message else None
+        self.refused: tuple[int, int] | None = None  # (PDU type, declared length) once a PDU was refused
+
+    def recv(self, bufsize: int, *flags: int) -> bytes:
+        if self.refused is not None:
+            return b""
+        data = self._sock.recv(bufsize, *flags)
+        if data and not self._follow(memoryview(data)):
+            return b""
+        return data
+
+    def _follow(self, data: memoryview) -> bool:
+        """Advance through `data`; False once a header declares more than its limit (and refuse it)."""
+        position = 0
+        while position < len(data):
+            if self._body_left:
+                step = min(self._body_left, len(data) - position)
+                if self._in_p_data and self._meter is not None \
+                        and not self._meter.feed(data[position:position + step]):
+                    self._refuse(P_DATA_TF, self._meter.message_bytes, self._meter.limit, "message", "PTX_MAX_FILE_BYTES")
+                    return False
+                self._body_left -= step
+                position += step
+                continue
+            take = min(HEADER.size - len(self._header), len(data) - position)
+            self._header += data[position:position + take]
+            position += take
+            if len(self._header) < HEADER.size:
+                continue
+            pdu_type, _, length = HEADER.unpack(self._header)
+            self._header.clear()
+            limit = pdu_limit(pdu_type, self._max_pdu)
+            if limit is not None and length > limit:
+                self._refuse(pdu_type, length, limit, "PDU",
+                             "PTX_DICOM_MAX_PDU" if pdu_type == P_DATA_TF else None)
+                return False
+            self._body_left, self._in_p_data = length, pdu_type == P_DATA_TF
+        return True
+
+    def _refuse(self, pdu_type: int, length: int, limit: int, what: str, setting: str | None) -> None:
+        self.refused = (pdu_type, length)
+        log.warning("DICOM peer %s sent a %s (PDU type 0x%02X) of %d bytes, over the limit of %d%s: aborted "
+                    "before reading it", self._peer, what, pdu_type, length, limit,
+                    f" ({setting})" if setting else "")
+        abort = A_ABORT_RQ()
+        abort.source, abort.reason_diagnostic = ABORT_SOURCE_PROVIDER, ABORT_INVALID_PARAMETER
+        try:
+            self._sock.sendall(abort.encode())
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the peer may be gone already; the connection ends either way
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def limited_request_handler(max_message: int | None) -> type[RequestHandler]:
+    """pynetdicom's request handler class, reading each association's socket through `PduLimitedSocket`
+    with the AE's `maximum_pdu_size` as the P-DATA limit and `max_message` bytes per DIMSE message."""
+
+    class PduLimitedRequestHandler(RequestHandler):
+        def setup(self) -> None:
+            super().setup()
+            peer = ":".join(str(part) for part in self.client_address[:2])
+            self.request = PduLimitedSocket(self.request, int(self.ae.maximum_pdu_size or 0), peer, max_message)
+
+    return PduLimitedRequestHandler
