@@ -20,8 +20,10 @@ than a RadiographError spends an attempt.
 
 The finding is recorded before `on_finding` (SEG/SR generation and delivery) runs: the worklist priority is
 what a reader waits for, and a fault in output generation must not hold it back. `on_finding` failures are
-logged, not retried here. A crash between the two loses that instance's outputs (its spool file is then a
-leftover of a finished instance, removed at the next start).
+logged, not retried here. A crash between the two leaves the spool file of an instance recorded as done:
+at the next start its results are made again (triage, then `on_finding`; the finding already recorded is
+kept) and only then is the file removed. The objects get the same UIDs as any made before the crash
+(`ResultIdentity.uid`), and queued deliveries are keyed by object UID, so nothing is sent twice as two objects.
 
 Exactly one intake drains a spool (one process): two would triage the same instances twice. Start the intake
 before the listener, so that its start-up scan does not race the listener's first writes.
@@ -93,6 +95,7 @@ class Intake:
         self._tasks: list[asyncio.Task[None]] = []
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._finished_since_poll: set[str] = set()
+        self._outputs_only: set[str] = set()  # recorded before a crash, results maybe not all written
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -104,7 +107,7 @@ class Intake:
             raise RuntimeError("the intake is already running")
         self._loop = asyncio.get_running_loop()
         self._queue, self._idle = asyncio.Queue(), asyncio.Event()  # bound to this loop (a restart may use another)
-        for table in (self._tracked, self._attempts, self._failures, self._received_at):
+        for table in (self._tracked, self._attempts, self._failures, self._received_at, self._outputs_only):
             table.clear()
         self._idle.set()
         records = await asyncio.to_thread(self._recover)
@@ -182,6 +185,13 @@ class Intake:
                                   updated_at=received.received_at)
         study = self.store.study(study_uid)
         record = next((i for i in study.instances if i.sop_uid == sop_uid), None) if study else None
+        if record is not None and record.status is InstanceStatus.DONE and self.on_finding is not None:
+            # Recorded, then the process died before the file was removed, which comes after the results:
+            # some may be missing. Make them again (same UIDs: idempotent, see ResultIdentity.uid).
+            log.warning("spool file %s belongs to a triaged instance whose results may be incomplete "
+                        "(interrupted); its results are made again", sop_uid)
+            self._outputs_only.add(sop_uid)
+            return record
         if record is not None and record.status in (InstanceStatus.DONE, InstanceStatus.FAILED):
             log.info("spool file %s belongs to a finished instance; removed", sop_uid)
             self.spool.remove(sop_uid)
@@ -259,6 +269,9 @@ class Intake:
 
     async def _process(self, sop_uid: str) -> bool:
         """Triage one instance and record the outcome; True when it was scheduled for a retry."""
+        if sop_uid in self._outputs_only:
+            await self._remake_outputs(sop_uid)
+            return False
         attempts = self._attempts.get(sop_uid, 0)
         if attempts >= self.max_attempts:
             await self._fail(sop_uid, INTERNAL_ERROR, f"{attempts} attempts started without an outcome")
@@ -321,6 +334,25 @@ class Intake:
             except Exception as exc:  # noqa: BLE001 -- the finding stands; outputs have their own retries
                 log.error("instance %s: on_finding failed (%s)", sop_uid, _where(exc))
         await asyncio.to_thread(self.spool.remove, sop_uid)
+
+    async def _remake_outputs(self, sop_uid: str) -> None:
+        """The results of an instance recorded before a crash: triaged again (the stored finding keeps its
+        record; the film's objects get the same UIDs as before), then its spool file goes. On failure the
+        file stays for the next start."""
+        self._outputs_only.discard(sop_uid)
+        assert self.on_finding is not None
+        try:
+            data = await asyncio.to_thread(self.spool.read, sop_uid)
+            finding = await self.triage(data)
+            await self.on_finding(data, finding)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- the finding stands; retried at the next start
+            log.error("instance %s: making its results again failed (%s); kept for the next start",
+                      sop_uid, _where(exc))
+            return
+        await asyncio.to_thread(self.spool.remove, sop_uid)
+        log.info("instance %s: results made again after an interruption", sop_uid)
 
     def _receipt(self, finding: Finding) -> datetime | None:
         study = self.store.study(finding.study_uid) if finding.study_uid else None

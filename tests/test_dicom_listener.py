@@ -45,7 +45,8 @@ from service.radiograph import RadiographError
 from service.runtime import ModelRunner, unpack
 from service.settings import load_settings
 from service.spool import Spool
-from service.store import InstanceRecord, InstanceStatus, ReceivedInstance, ResultsStore, StudyStatus, open_store, utc_now
+from service.store import (FindingRecord, InstanceRecord, InstanceStatus, ReceivedInstance, ResultsStore, StudyStatus,
+                           open_store, utc_now)
 from service.triage import Edge
 from tests.dicom_factory import chest_like, dataset
 from tests.realdata import CHEST
@@ -570,6 +571,45 @@ def test_intake_resumes_after_a_restart(tmp_path: Path, realdata: Path, triage: 
 
     uids, lost = asyncio.run(first_run())
     asyncio.run(second_run(uids, lost))
+
+
+def test_results_interrupted_after_the_finding_was_recorded_are_made_again(tmp_path: Path, realdata: Path,
+                                                                          triage: InProcessTriage) -> None:
+    """The process died after recording a finding and before removing the spool file (which follows the
+    SEG/SR): at the next start the results are made again, the recorded finding is kept as it was, and the
+    file goes only once they are made. A hook that fails keeps the file for the start after."""
+    siim = realdata / CHEST[0].path
+    with open_store(None, tmp_path) as store:
+        spool = Spool(tmp_path / "spool")
+        sop_uid = spool_and_receive(spool, store, siim)
+        finding = asyncio.run(triage(siim.read_bytes()))
+        assert store.record_finding(FindingRecord.from_finding(finding, utc_now()))
+        before = store.finding(sop_uid)
+    made: list[tuple[str, float]] = []
+
+    async def broken(data: bytes, finding: Finding) -> None:
+        raise OSError("results folder unwritable")
+
+    async def making(data: bytes, finding: Finding) -> None:
+        made.append((str(finding.sop_uid), finding.score))
+
+    async def run(hook) -> None:
+        with open_store(None, tmp_path) as store:
+            intake = Intake(Spool(tmp_path / "spool"), store, triage, workers=1, poll_interval_s=60, on_finding=hook)
+            await intake.start()
+            await intake.wait_idle(60)
+            await intake.stop()
+
+    asyncio.run(run(broken))
+    assert Spool(tmp_path / "spool").exists(sop_uid), "results not made: the file must stay for the next start"
+    asyncio.run(run(making))
+    assert made == [(sop_uid, pytest.approx(finding.score, abs=1e-6))]
+    assert Spool(tmp_path / "spool").pending() == []
+    with open_store(None, tmp_path) as store:
+        assert store.finding(sop_uid) == before  # not recorded again
+        assert all_instances(store)[sop_uid].status is InstanceStatus.DONE
+    asyncio.run(run(making))  # nothing left: nothing made a third time
+    assert len(made) == 1
 
 
 def test_intake_polls_for_instances_it_was_not_told_about(tmp_path: Path, realdata: Path,

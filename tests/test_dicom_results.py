@@ -316,21 +316,50 @@ def test_overlay_of_a_negative_finding_has_no_outline_and_decodes_the_source_its
     assert sc.LossyImageCompression == "01", "the SIIM film is JPEG baseline: the SC is lossy-derived"
 
 
-def test_every_object_gets_new_uids_in_the_source_study(films):
+def test_objects_get_their_own_uids_the_same_when_made_again_in_the_source_study(films):
+    """Made again for the same film, software and operating point (after a crash, or the film sent again):
+    the same UIDs, so a PACS stores them once. Another model version or operating point: new UIDs. UIDs
+    inside the SR (tracking identifiers) follow the same rule; every UID is distinct from the others."""
     source, radiograph = films[SIIM.path]
     finding = finding_on(radiograph, two_blobs(radiograph.pixels.shape), 0.93, True)
     first = build_results(source, finding, overlay=True, pixels=radiograph.pixels)
-    second = build_results(source, finding, overlay=True, pixels=radiograph.pixels)
+    again = build_results(source, finding, overlay=True, pixels=radiograph.pixels)
     assert isinstance(first, DicomResults) and [ds.Modality for ds in first.datasets()] == ["SEG", "SR", "OT"]
-    objects = first.datasets() + second.datasets()
-    sop_uids = [ds.SOPInstanceUID for ds in objects] + [source.SOPInstanceUID]
-    series_uids = [ds.SeriesInstanceUID for ds in objects] + [source.SeriesInstanceUID]
-    assert len(set(sop_uids)) == len(sop_uids) and len(set(series_uids)) == len(series_uids)
-    assert all(UID(uid).is_valid for uid in sop_uids + series_uids)
+
+    def uids(results: DicomResults) -> list[str]:
+        def tracking(items) -> list[str]:  # UIDREF content items: the measurement groups' tracking UIDs
+            return [uid for item in items for uid in ([str(item.UID)] if item.get("ValueType") == "UIDREF"
+                                                      and item.ConceptNameCodeSequence[0].CodeValue == "112040"
+                                                      else []) + tracking(item.get("ContentSequence", []))]
+
+        found = tracking(results.sr.ContentSequence)
+        assert len(found) >= 2  # the film's group, the segment's group, one per instance
+        return ([str(ds.SOPInstanceUID) for ds in results.datasets()]
+                + [str(ds.SeriesInstanceUID) for ds in results.datasets()] + found)
+
+    assert uids(first) == uids(again)
+    newer = dict(MODELS, segmenter={**MODELS["segmenter"], "version": MODELS["segmenter"]["version"] + ".1"})
+    other_model = build_results(source, finding_on(radiograph, two_blobs(radiograph.pixels.shape), 0.93, True,
+                                                   models=newer), overlay=True, pixels=radiograph.pixels)
+    other_point = build_results(source, dataclasses.replace(finding, threshold=0.6), overlay=True,
+                                pixels=radiograph.pixels)
+    every = uids(first) + uids(other_model) + uids(other_point)
+    assert len(set(every)) == len(every), [u for u in every if every.count(u) > 1]
+    assert all(UID(uid).is_valid and len(uid) <= 64 for uid in every)
+    assert not {source.SOPInstanceUID, source.SeriesInstanceUID} & set(every)
+    assert first.sr.CurrentRequestedProcedureEvidenceSequence  # the SR still names the SEG it cites
+    cited = {item.ReferencedSOPInstanceUID for study in first.sr.CurrentRequestedProcedureEvidenceSequence
+             for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    assert first.seg.SOPInstanceUID in cited
+    objects = first.datasets()
     assert {ds.StudyInstanceUID for ds in objects} == {source.StudyInstanceUID}
     for ds in objects:
         reread_ds = pydicom.dcmread(io.BytesIO(reread(ds)))
         assert reread_ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    # Not from a DICOM film (no SOP Instance UID): random UIDs every time.
+    anonymous = dataclasses.replace(finding, sop_uid=None)
+    identity = ResultIdentity.from_models(finding.models)
+    assert identity.uid(anonymous, "SR") != identity.uid(anonymous, "SR")
 
 
 @pytest.mark.parametrize("entry", FILES[1:], ids=registry.ids(FILES[1:]))

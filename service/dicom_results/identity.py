@@ -16,11 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, generate_uid
+
+if TYPE_CHECKING:
+    from service.finding import Finding
 
 MANUFACTURER = "ptx-triage"
 MANUFACTURER_MODEL_NAME = "ptx-triage pneumothorax triage"
@@ -127,6 +130,23 @@ class ResultIdentity:
         would ignore the names and return a random UUID, a new "device" for every report.
         """
         name = "\\".join((self.manufacturer, self.device_serial_number, *self.software_versions))
+        return UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}")
+
+    def uid(self, finding: Finding, purpose: str) -> UID:
+        """The UID of one of our objects (or of an item in one, `purpose` says which) for `finding`.
+
+        Name-based (SHA-1 UUID under 2.25) from this identity (installation, software, models), the film's
+        SOP Instance UID, the operating point and `purpose`: making the results of a film again gives the
+        same UIDs. That makes writing and delivering them idempotent: the results of a film made again after
+        a crash (service/intake.py) are the same objects, which a PACS stores once (a duplicate C-STORE),
+        never a second SR for the same film. Other software, models
+        or operating point: other UIDs (a different result). A finding without a SOP Instance UID (not from
+        a DICOM film) gets random UIDs.
+        """
+        if not finding.sop_uid:
+            return new_uid()
+        name = "\\".join((self.manufacturer, self.device_serial_number, *self.software_versions,
+                           str(finding.sop_uid), f"{finding.threshold:.6g}", purpose))
         return UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}")
 
     def model(self, role: str) -> ModelIdentity:

@@ -33,7 +33,7 @@ from scipy import ndimage
 from service.acceptance import permissive_policy
 from service.decoding import decode_pixels
 from service.dicom_header import check_header
-from service.dicom_results.identity import AI_NOTICE, ResultIdentity, ResultKind, new_uid
+from service.dicom_results.identity import AI_NOTICE, ResultIdentity, ResultKind
 from service.dicom_results.source import (check_source, copy_attributes, finish, patient_orientation,
                                            source_header)
 from service.finding import Finding
@@ -70,9 +70,9 @@ def build_overlay(source: Dataset, finding: Finding, identity: ResultIdentity,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=new_uid(),
+        series_instance_uid=identity.uid(finding, "SC series"),
         series_number=ResultKind.SC.series_number,
-        sop_instance_uid=new_uid(),
+        sop_instance_uid=identity.uid(finding, "SC"),
         instance_number=1,
         # highdicom insists on a Patient Orientation for a patient image; a film that gives none gets a
         # stand-in here, emptied below (the attribute is Type 2C: present, empty when unknown).

@@ -30,7 +30,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from service.dicom_results.identity import AI_NOTICE, ResultIdentity, ResultKind, new_uid
+from service.dicom_results.identity import AI_NOTICE, ResultIdentity, ResultKind
 from service.dicom_results.source import check_source, finish, patient_orientation, source_header
 from service.finding import Finding
 from service.imaging import pixel_spacing
@@ -83,9 +83,9 @@ def build_seg(source: Dataset, finding: Finding, identity: ResultIdentity) -> hd
         pixel_array=np.asarray(finding.mask, dtype=bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
-        series_instance_uid=new_uid(),
+        series_instance_uid=identity.uid(finding, "SEG series"),
         series_number=ResultKind.SEG.series_number,
-        sop_instance_uid=new_uid(),
+        sop_instance_uid=identity.uid(finding, "SEG"),
         instance_number=1,
         content_label=CONTENT_LABEL,
         content_description="AI pneumothorax mask" + ("" if spacing else ", spacing unknown") + " - not for diagnosis",

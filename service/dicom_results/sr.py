@@ -28,7 +28,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from service.dicom_results.identity import ResultIdentity, ResultKind, new_uid
+from service.dicom_results.identity import ResultIdentity, ResultKind
 from service.dicom_results.seg import SEG_FRAME_NUMBER, SEGMENT_NUMBER
 from service.dicom_results.source import check_source, finish, source_header
 from service.finding import Finding
@@ -55,7 +55,7 @@ def build_sr(source: Dataset, finding: Finding, seg: hd.seg.Segmentation | None,
     if finding.positive:
         if seg is not None:
             groups.append(_segment_group(seg, header, finding, identity))
-        groups.extend(_instance_group(header, number, instance, identity)
+        groups.extend(_instance_group(header, finding, number, instance, identity)
                       for number, instance in enumerate(finding.instances, start=1))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=identity.device_uid, name=identity.manufacturer, manufacturer_name=identity.manufacturer,
@@ -71,9 +71,9 @@ def build_sr(source: Dataset, finding: Finding, seg: hd.seg.Segmentation | None,
     sr = hd.sr.EnhancedSR(
         evidence=[header] if seg is None else [header, seg],
         content=report,
-        series_instance_uid=new_uid(),
+        series_instance_uid=identity.uid(finding, "SR series"),
         series_number=ResultKind.SR.series_number,
-        sop_instance_uid=new_uid(),
+        sop_instance_uid=identity.uid(finding, "SR"),
         instance_number=1,
         is_complete=True,  # everything the algorithm has to say about this film
         is_final=False,  # PRELIMINARY: AI output awaiting a reader, never the definitive report
@@ -104,7 +104,8 @@ def _area(pixels: int, area_mm2: float | None) -> hd.sr.Measurement:
 def _film_group(header: Dataset, finding: Finding,
                 identity: ResultIdentity) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(), identifier="pneumothorax triage"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.uid(finding, "SR triage group"),
+                                                     identifier="pneumothorax triage"),
         finding_type=codes.SCT.Pneumothorax,
         algorithm_id=identity.sr_algorithm("classifier"),
         measurements=[hd.sr.Measurement(name=codes.SCT.Score, value=float(finding.score), unit=NO_UNITS)],
@@ -132,7 +133,8 @@ def _segment_group(seg: Dataset, header: Dataset, finding: Finding,
     for item in reference[0].ReferencedSOPSequence:
         del item.ReferencedSegmentNumber
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(), identifier="pneumothorax segment"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.uid(finding, "SR segment group"),
+                                                     identifier="pneumothorax segment"),
         referenced_segment=reference,
         finding_type=codes.SCT.Pneumothorax,
         finding_category=codes.SCT.MorphologicallyAbnormalStructure,
@@ -141,13 +143,14 @@ def _segment_group(seg: Dataset, header: Dataset, finding: Finding,
     )
 
 
-def _instance_group(header: Dataset, number: int, instance: Instance,
+def _instance_group(header: Dataset, finding: Finding, number: int, instance: Instance,
                     identity: ResultIdentity) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     x, y, width, height = instance.bbox_px
     # SCOORD image coordinates put (0, 0) at the top-left corner of the top-left pixel: the box's edges.
     box = np.array([[x, y], [x + width, y], [x + width, y + height], [x, y + height], [x, y]], dtype=float)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(), identifier=f"pneumothorax instance {number}"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.uid(finding, f"SR instance group {number}"),
+                                                     identifier=f"pneumothorax instance {number}"),
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box,
             source_image=hd.sr.SourceImageForRegion.from_source_image(header)),
