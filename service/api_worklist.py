@@ -12,22 +12,26 @@ owned by the service instance; nothing here decides priorities (the store upgrad
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
 import bentoml
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from service.api_schema import error
 from service.finding import Priority
 from service.results_files import RESULT_FILES, ResultsFolder
-from service.store import StudyStatus
+from service.store import NotFoundError, StoreError, StudyStatus
 from service.store.base import DeliveryRecord, FindingRecord, WorklistItem
 
 router = APIRouter()
 MAX_PAGE = 500
 MAX_OFFSET = 2**31 - 1  # found by schemathesis: offset=2**63 reached SQLite and failed with 500
+MAX_ID = 2**31 - 1  # ids are 32-bit in PostgreSQL: a larger one would fail in the driver, not answer 404
+
+log = logging.getLogger("ptx.api")
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -51,7 +55,7 @@ def _finding(record: FindingRecord, results: ResultsFolder, study_uid: str) -> d
 
 
 def _delivery(record: DeliveryRecord) -> dict[str, Any]:
-    return {"object_uid": record.object_uid, "kind": record.kind.value, "destination": record.destination,
+    return {"id": record.id, "object_uid": record.object_uid, "kind": record.kind.value, "destination": record.destination,
             "state": record.state.value, "attempts": record.attempts, "last_error": record.last_error,
             "next_attempt_at": _iso(record.next_attempt_at), "delivered_at": _iso(record.delivered_at)}
 
@@ -113,6 +117,24 @@ async def acknowledge(study_uid: str, request: Request) -> Response:
     if not known:
         return error("not_found", f"no study {study_uid} on the worklist", 404)
     return JSONResponse({"study_uid": study_uid, "status": StudyStatus.REVIEWED.value})
+
+
+@router.post("/deliveries/{delivery_id}/retry",
+             summary="Send a failed delivery again (a fresh attempt budget), once its destination is fixed")
+async def retry_delivery(
+        delivery_id: int = Path(ge=1, le=MAX_ID, description="a delivery's `id` in GET /v1/studies/{study_uid}"),
+) -> Response:
+    """Only the store changes: the dispatcher (in whichever edge worker runs the PACS side) finds the delivery
+    due at its next poll, so this works from any worker."""
+    service = _service()
+    try:
+        record = await service.in_thread(lambda: service.store.retry_delivery(delivery_id))
+    except NotFoundError:
+        return error("not_found", f"no delivery with id {delivery_id}", 404)
+    except StoreError as exc:
+        return error("conflict", str(exc), 409)
+    log.info("delivery %d of %s to %s queued again by an operator", record.id, record.object_uid, record.destination)
+    return JSONResponse(_delivery(record))
 
 
 @router.get("/findings/{sop_uid}", summary="The stored finding of one instance (no mask image; RLE included)")

@@ -85,3 +85,41 @@ def test_study_finding_and_review(fed):
         assert (status, error["error"]["code"]) == (400, "invalid_parameter"), path
     status, error = get(base, f"/v1/results/{answer['study_uid']}/{answer['sop_uid']}/SEG.dcm")
     assert status == 404  # HTTP triage makes no DICOM results (the PACS path does)
+
+
+def test_retrying_a_delivery_answers_its_state_or_names_the_conflict(tmp_path, monkeypatch):
+    """The retry endpoint over a real SQLite store (the edge around it stubbed: this is about the mapping of
+    store outcomes to answers; tests/test_pacs_unreachable.py retries through the real service)."""
+    import asyncio
+    import types
+
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from service import api_worklist
+    from service.store import DeliveryKind, ReceivedInstance, open_store, utc_now
+
+    with open_store(None, tmp_path) as store:
+        store.receive(ReceivedInstance(sop_uid="1.2.3.4", study_uid="1.2.3", series_uid=None, sop_class_uid=None,
+                                       source="test", spool_path=None, received_at=utc_now()))
+        failed = store.add_delivery("1.2.3", "1.2.3.9", DeliveryKind.SR, "pacs", "/x/SR.dcm", max_attempts=1)
+        store.delivery_attempt(failed, ok=False, error="refused", next_attempt_at=utc_now())
+
+        async def in_thread(function):
+            return await asyncio.to_thread(function)
+
+        monkeypatch.setattr(api_worklist, "_service", lambda: types.SimpleNamespace(store=store, in_thread=in_thread))
+        app = FastAPI()
+        app.include_router(api_worklist.router, prefix="/v1")
+        client = TestClient(app)
+        answer = client.post(f"/v1/deliveries/{failed}/retry")
+        assert answer.status_code == 200
+        body = answer.json()
+        assert (body["id"], body["state"], body["attempts"], body["last_error"]) == (failed, "pending", 0, "refused")
+        again = client.post(f"/v1/deliveries/{failed}/retry")
+        assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+        assert "pending" in again.json()["error"]["message"]
+        unknown = client.post(f"/v1/deliveries/{failed + 1}/retry")
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+        for bad in ("x", "0", str(2**63)):
+            assert client.post(f"/v1/deliveries/{bad}/retry").status_code == 422  # FastAPI's check of the path

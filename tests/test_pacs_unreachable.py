@@ -8,9 +8,11 @@ stay pending/failed with their attempts and reasons recorded and counted in the 
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+import urllib.request
 
 from tests.servers import bento_server, free_port
 from tests.test_app_triage import metrics_text, sample
@@ -33,7 +35,7 @@ def test_unreachable_destinations_never_block_intake(tmp_path):
     env = {"PTX_DATA_DIR": str(tmp_path / "data"), "PTX_DICOM_PORT": str(port), "PTX_DICOM_HOST": "127.0.0.1",
            "PTX_DESTINATIONS": f"down=dicom://DOWN@127.0.0.1:{refused_port},"
                                f"hole=dicom://HOLE@127.0.0.1:{black_hole.getsockname()[1]}",
-           "PTX_DELIVERY_BACKOFF_S": "1"}
+           "PTX_DELIVERY_BACKOFF_S": "1", "PTX_DELIVERY_MAX_ATTEMPTS": "1"}
     try:
         with bento_server(tmp_path / "server.log", env=env) as base:
             deadline = time.monotonic() + 60
@@ -67,5 +69,33 @@ def test_unreachable_destinations_never_block_intake(tmp_path):
                           outcome="failed") >= 1
             listed = {item["study_uid"] for item in get(base, "/v1/worklist?limit=100")["items"]}
             assert studies <= listed
+
+            # An operator retries a delivery that failed (its 1 attempt at the refused destination): it is pending
+            # again with a fresh budget, and the dispatcher takes it up by itself (within its 5 s poll).
+            def failed_down() -> list[dict]:
+                return [d for uid in studies for d in get(base, f"/v1/studies/{uid}")["deliveries"]
+                        if d["destination"] == "down" and d["state"] == "failed"]
+
+            deadline = time.monotonic() + 60
+            while not failed_down():
+                assert time.monotonic() < deadline, "no delivery to the refused destination failed in 60 s"
+                time.sleep(0.5)
+            chosen = failed_down()[0]
+            assert chosen["attempts"] == 1
+            request = urllib.request.Request(f"{base}/v1/deliveries/{chosen['id']}/retry", method="POST")
+            with urllib.request.urlopen(request, timeout=30) as response:
+                retried = json.loads(response.read())
+            assert (retried["id"], retried["state"], retried["attempts"]) == (chosen["id"], "pending", 0)
+
+            def attempts_now() -> int:
+                study = next(uid for uid in studies if any(d["id"] == chosen["id"] for d in
+                                                            get(base, f"/v1/studies/{uid}")["deliveries"]))
+                return next(d["attempts"] for d in get(base, f"/v1/studies/{study}")["deliveries"]
+                            if d["id"] == chosen["id"])
+
+            deadline = time.monotonic() + 60
+            while attempts_now() == 0:
+                assert time.monotonic() < deadline, "the retried delivery was not attempted again within 60 s"
+                time.sleep(0.5)
     finally:
         black_hole.close()

@@ -346,6 +346,25 @@ def test_delivery_retries_are_counted_and_nothing_is_dropped(database: Database,
     assert database.query("SELECT COUNT(*) FROM deliveries") == [(2,)]
 
 
+def test_a_failed_delivery_can_be_retried_with_a_fresh_budget(database: Database, store: ResultsStore) -> None:
+    store.receive(arrival("1.2.1.1"))
+    seg = store.add_delivery("1.2.1", "1.2.99.1", DeliveryKind.SEG, "PACS", "/out/seg.dcm", max_attempts=1)
+    sr = store.add_delivery("1.2.1", "1.2.99.2", DeliveryKind.SR, "PACS", "/out/sr.dcm", max_attempts=1)
+    assert store.delivery_attempt(seg, ok=False, error="refused", next_attempt_at=minutes(1)).state is DeliveryState.FAILED
+    with pytest.raises(StoreError, match="pending; only a failed delivery can be retried"):
+        store.retry_delivery(sr)
+    database.clock.advance(120)
+    again = store.retry_delivery(seg)
+    assert (again.state, again.attempts, again.last_error, again.next_attempt_at) == (
+        DeliveryState.PENDING, 0, "refused", minutes(2))
+    assert [d.id for d in store.due_deliveries(now=minutes(2))] == [sr, seg]
+    assert store.delivery_attempt(seg, ok=True).state is DeliveryState.DELIVERED
+    with pytest.raises(StoreError, match="delivered; only a failed delivery"):
+        store.retry_delivery(seg)
+    with pytest.raises(NotFoundError):
+        store.retry_delivery(seg + sr + 100)
+
+
 def test_delivery_arguments_are_checked(store: ResultsStore) -> None:
     store.receive(arrival("1.2.1.1"))
     with pytest.raises(NotFoundError, match="9.9.9"):

@@ -260,6 +260,13 @@ class ResultsStore(ABC):
         """Pending deliveries whose next attempt is due, earliest first (one dispatcher calls this)."""
 
     @abstractmethod
+    def retry_delivery(self, delivery_id: int) -> DeliveryRecord:
+        """A failed delivery back to pending, due now, with a fresh attempt budget (an operator's retry once
+        the destination is fixed); its last error is kept until the next attempt. NotFoundError for an
+        unknown id; StoreError for one that is not failed (pending: it is being retried already; delivered:
+        nothing to do)."""
+
+    @abstractmethod
     def delivery_attempt(self, delivery_id: int, ok: bool, error: str | None = None,
                          next_attempt_at: datetime | None = None) -> DeliveryRecord:
         """Record one attempt: delivered when ok; otherwise failed once `max_attempts` are spent, else pending

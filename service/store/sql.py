@@ -406,6 +406,20 @@ class SqlResultsStore(ResultsStore):
                                  f"only a pending delivery takes attempts")
         return _delivery(row)
 
+    def retry_delivery(self, delivery_id: int) -> DeliveryRecord:
+        now = self._now()
+        with self._transaction(write=True) as tx:
+            row = tx.one(f"UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ? "
+                         f"WHERE id = ? AND state = ? RETURNING {DELIVERY_COLUMNS}",
+                         (DeliveryState.PENDING.value, now, now, delivery_id, DeliveryState.FAILED.value))
+            if row is None:
+                existing = tx.one("SELECT state FROM deliveries WHERE id = ?", (delivery_id,))
+                if existing is None:
+                    raise NotFoundError(f"no delivery with id {delivery_id}")
+                raise StoreError(f"delivery {delivery_id} is {existing['state']}; only a failed delivery "
+                                 f"can be retried")
+        return _delivery(row)
+
     def deliveries(self, study_uid: str | None = None, state: DeliveryState | None = None) -> list[DeliveryRecord]:
         where: list[str] = []
         params: list[Any] = []
