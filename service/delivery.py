@@ -2,15 +2,14 @@
 
     results written ─▶ Dispatcher.enqueue(study, object, kind, path)      one delivery per destination
                                  │                                           (store.add_delivery, idempotent)
-    delivery thread ─▶ run_once: store.due_deliveries()
-                                 ├─ one worker per destination: sender.send(path)
+    one thread per destination ─▶ run_once: store.due_deliveries(destination)
+                                 ├─ sender.send(path)
                                  └─ store.delivery_attempt(ok | error + next_attempt_at)   (never deleted)
 
 Why this shape:
 
 * **Intake never waits for a PACS** (issue #7). `enqueue` only writes rows; the sending happens on the
-  dispatcher's own thread (and one worker thread per destination), never on the caller's thread or event
-  loop, and every network step has a timeout, so an unreachable or hung PACS costs that thread a bounded
+  dispatcher's own threads (one per destination), never on the caller's thread or event loop, and every network step has a timeout, so an unreachable or hung PACS costs that thread a bounded
   time and nothing else.
 * **Nothing is dropped.** A delivery leaves `pending` only as `delivered` or, once its attempts are spent,
   `failed`; both stay in the store (and its API) with the last error. Delivery is at least once: a crash
@@ -20,14 +19,16 @@ Why this shape:
   step; a server's `Retry-After` lengthens it (never beyond the cap).
 * **A rejected object is retried rarely, not given up at once.** A rejection (C-STORE failure status, STOW
   409, no accepted presentation context, a refused association) will not succeed by itself, but it often
-  succeeds once the PACS administrator changes its configuration, and the store has no "re-send" for failed
-  deliveries. So a non-retryable error is recorded like any other failure, with the longest backoff: the
-  delivery stays visible (pending, then failed once its attempts are spent) with the receiver's reason.
-* **One unreachable destination does not slow the others.** Each round sends to each destination on its
-  own worker; when a destination is found down (no connection, association refused or aborted, timeout,
-  HTTP 5xx), its remaining deliveries of that round are recorded with the same error instead of each
-  waiting out its own timeout. (They must be recorded, not skipped: the store hands out the earliest due
-  deliveries first, and unrecorded ones would be handed out again, starving every other destination.)
+  succeeds once the PACS administrator changes its configuration. So a non-retryable error is recorded like
+  any other failure, with the longest backoff: the delivery stays visible (pending, then failed once its
+  attempts are spent) with the receiver's reason; an operator can send a failed one again
+  (`POST /v1/deliveries/{id}/retry`).
+* **One unreachable destination does not slow the others.** Each destination has its own thread and asks
+  the store for its own due deliveries, so one waiting out a timeout (a black hole: connects, never
+  answers) delays nobody else's next round. When a destination is found down (no connection, association
+  refused or aborted, timeout, HTTP 5xx), its remaining deliveries of that round are recorded with the
+  same error instead of each waiting out its own timeout. (They must be recorded, not skipped: the store
+  hands out the earliest due deliveries first, and unrecorded ones would be handed out again.)
 * Run **one dispatcher per database** (the store's `due_deliveries` is not a queue with leases).
 """
 
@@ -44,7 +45,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -619,8 +620,10 @@ class Dispatcher:
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        # One loop per configured destination, and one (None) for deliveries to destinations no longer
+        # configured; each has its own wake-up.
+        self._wakes: dict[str | None, threading.Event] = {name: threading.Event() for name in [*self.senders, None]}
+        self._threads: list[threading.Thread] = []
         self._lifecycle = threading.Lock()
 
     # -- queueing ----------------------------------------------------------------------------------------
@@ -635,8 +638,8 @@ class Dispatcher:
         ids = {name: self.store.add_delivery(study_uid, object_uid, kind, name, str(path),
                                              max_attempts=self.max_attempts)
                for name in self.senders}
-        if ids:
-            self._wake.set()
+        for name in ids:
+            self._wakes[name].set()
         return ids
 
     async def enqueue_async(self, study_uid: str, object_uid: str, kind: DeliveryKind | str,
@@ -650,12 +653,14 @@ class Dispatcher:
 
     # -- one round ---------------------------------------------------------------------------------------
 
-    def run_once(self, now: datetime | None = None) -> int:
+    def run_once(self, now: datetime | None = None, destination: str | None = None,
+                 exclude: Collection[str] = ()) -> int:
         """Send the deliveries due at `now` (default: the clock), at most `batch_size`, each destination on
         its own worker; record each attempt. Returns how many attempts were recorded. Takes at most about one
-        sender timeout per destination when destinations are down (see the module's notes)."""
+        sender timeout per destination when destinations are down (see the module's notes). `destination`:
+        only its deliveries; `exclude`: none of those destinations' (the background loops use both)."""
         at = require_utc(now, "now") if now is not None else self.clock()
-        due = self.store.due_deliveries(limit=self.batch_size, now=at)
+        due = self.store.due_deliveries(limit=self.batch_size, now=at, destination=destination, exclude=exclude)
         if not due:
             return 0
         groups: dict[str, list[DeliveryRecord]] = {}
@@ -738,27 +743,35 @@ class Dispatcher:
     # -- background ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run rounds on a daemon thread until `stop()`: at once, then whenever `enqueue` wakes it, a full batch
-        was sent (more may be due) or `poll_interval_s` passed. Returns immediately."""
+        """Run rounds on daemon threads until `stop()`, one per destination (so that a destination waiting
+        out a timeout never delays another's next round) and one for deliveries to destinations no longer
+        configured: at once, then whenever `enqueue` wakes it, a full batch was sent (more may be due) or
+        `poll_interval_s` passed. Returns immediately."""
         with self._lifecycle:
-            if self._thread is not None and self._thread.is_alive():
+            if any(thread.is_alive() for thread in self._threads):
                 return
             self._stopping.clear()
-            self._thread = threading.Thread(target=self._loop, name="ptx-delivery", daemon=True)
-            self._thread.start()
+            self._threads = [threading.Thread(target=self._loop, args=(name,), daemon=True,
+                                              name=f"ptx-delivery-{name or 'unconfigured'}")
+                             for name in self._wakes]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> bool:
-        """Ask the thread to stop after its current sends and wait up to `timeout_s`; True when it ended.
+        """Ask the threads to stop after their current sends and wait up to `timeout_s`; True when they ended.
         Unsent deliveries stay pending in the store and go out after the next start."""
         with self._lifecycle:
             self._stopping.set()
-            self._wake.set()
-            thread, self._thread = self._thread, None
-        if thread is None:
-            return True
-        thread.join(timeout_s)
-        if thread.is_alive():
-            LOG.warning("delivery thread still sending after %.1f s; it ends when its send times out", timeout_s)
+            for wake in self._wakes.values():
+                wake.set()
+            threads, self._threads = self._threads, []
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [thread.name for thread in threads if thread.is_alive()]
+        if alive:
+            LOG.warning("delivery threads still sending after %.1f s (%s); they end when their sends time out",
+                        timeout_s, ", ".join(alive))
             return False
         return True
 
@@ -773,16 +786,19 @@ class Dispatcher:
 
     @property
     def running(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
+        return any(thread.is_alive() for thread in self._threads)
 
-    def _loop(self) -> None:
+    def _loop(self, name: str | None) -> None:
+        """Rounds for one destination (`name`), or for every destination not configured (None)."""
+        wake = self._wakes[name]
+        configured = tuple(self.senders)
         while not self._stopping.is_set():
-            self._wake.clear()
+            wake.clear()
             try:
-                busy = self.run_once() >= self.batch_size
+                sent = self.run_once(destination=name) if name is not None else self.run_once(exclude=configured)
+                busy = sent >= self.batch_size
             except Exception:  # the store unreachable, say: keep the thread, try again after the interval
-                LOG.exception("delivery round failed")
+                LOG.exception("delivery round for %s failed", name or "unconfigured destinations")
                 busy = False
             if not busy:
-                self._wake.wait(self.poll_interval_s)
+                wake.wait(self.poll_interval_s)

@@ -672,6 +672,43 @@ def test_the_background_thread_never_blocks_intake(store, tmp_path):
     assert seen == [("hole", False)]
 
 
+def test_a_black_hole_does_not_delay_the_next_round_of_another_destination(store, tmp_path):
+    """Background loops, one per destination: while the black hole waits out its 3 s timeout, an object
+    enqueued for both destinations is stored by the working one at once (a shared round would have held it
+    until the timeout ended). A delivery to a destination no longer configured gets its attempt too."""
+    paths = [tmp_path / f"SC{i}.dcm" for i in range(2)]
+    uids = [write_sc(path) for path in paths]
+    gone = store.add_delivery(STUDY, generate_uid(), DeliveryKind.SC, "gone", str(paths[0]))
+    with black_hole() as port, StowServer() as server:
+        deliver, seen = dispatcher(store, f"hole=dicom://PACS@127.0.0.1:{port},web={server.base}",
+                                   poll_interval_s=30)
+        deliver.senders["hole"].timeout_s = 3.0  # type: ignore[attr-defined]
+        deliver.enqueue(STUDY, uids[0], "SC", paths[0])
+        deliver.start()
+        try:
+            deadline = time.monotonic() + 2
+            while len(server.stored) < 1:  # the first object reached the working destination
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            time.sleep(0.2)  # the hole's loop is inside its association attempt now
+            enqueued = time.monotonic()
+            deliver.enqueue(STUDY, uids[1], "SC", paths[1])
+            while len(server.stored) < 2:
+                assert time.monotonic() - enqueued < 1.5, "the working destination waited for the black hole"
+                time.sleep(0.02)
+            hole_pending = [r for r in store.deliveries(STUDY) if r.destination == "hole" and r.attempts == 0]
+            assert hole_pending, "the second object must still wait for the hole's loop (it is busy)"
+            deadline = time.monotonic() + 5
+            while not next(r for r in store.deliveries(STUDY) if r.id == gone).attempts:
+                assert time.monotonic() < deadline, "the unconfigured destination's delivery was never attempted"
+                time.sleep(0.05)
+        finally:
+            assert deliver.stop(timeout_s=10)
+    unconfigured = next(r for r in store.deliveries(STUDY) if r.id == gone)
+    assert "is not configured" in unconfigured.last_error
+    assert ("web", True) in seen and seen.count(("web", True)) == 2
+
+
 def test_the_background_thread_delivers_what_is_enqueued(store, tmp_path):
     uid = write_sc(tmp_path / "SC.dcm")
     with StowServer() as server:

@@ -365,6 +365,17 @@ def test_a_failed_delivery_can_be_retried_with_a_fresh_budget(database: Database
         store.retry_delivery(seg + sr + 100)
 
 
+def test_due_deliveries_of_one_destination_or_all_but_some(store: ResultsStore) -> None:
+    store.receive(arrival("1.2.1.1"))
+    ids = {name: store.add_delivery("1.2.1", f"1.2.99.{n}", DeliveryKind.SR, name, f"/out/{n}.dcm")
+           for n, name in enumerate(("a", "b", "c", "a2"), start=1)}
+    assert [d.id for d in store.due_deliveries(destination="b")] == [ids["b"]]
+    assert [d.id for d in store.due_deliveries(destination="zzz")] == []
+    assert [d.id for d in store.due_deliveries(exclude=("a", "c"))] == [ids["b"], ids["a2"]]
+    assert [d.id for d in store.due_deliveries(exclude=("a", "b", "c", "a2"))] == []
+    assert len(store.due_deliveries()) == 4
+
+
 def test_delivery_arguments_are_checked(store: ResultsStore) -> None:
     store.receive(arrival("1.2.1.1"))
     with pytest.raises(NotFoundError, match="9.9.9"):

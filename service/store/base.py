@@ -23,6 +23,7 @@ All timestamps are timezone-aware UTC; a naive datetime is refused rather than g
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -256,8 +257,10 @@ class ResultsStore(ABC):
         same destination returns the existing delivery's id (a restart may queue it again)."""
 
     @abstractmethod
-    def due_deliveries(self, limit: int = 10, now: datetime | None = None) -> list[DeliveryRecord]:
-        """Pending deliveries whose next attempt is due, earliest first (one dispatcher calls this)."""
+    def due_deliveries(self, limit: int = 10, now: datetime | None = None, destination: str | None = None,
+                       exclude: Collection[str] = ()) -> list[DeliveryRecord]:
+        """Pending deliveries whose next attempt is due, earliest first (one dispatcher calls this); only
+        those for `destination` where given, none for the destinations in `exclude`."""
 
     @abstractmethod
     def retry_delivery(self, delivery_id: int) -> DeliveryRecord:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Protocol
@@ -371,12 +371,20 @@ class SqlResultsStore(ResultsStore):
             raise StoreError(f"delivery of {object_uid!r} to {destination!r} vanished while being added")
         return int(row["id"])
 
-    def due_deliveries(self, limit: int = 10, now: datetime | None = None) -> list[DeliveryRecord]:
+    def due_deliveries(self, limit: int = 10, now: datetime | None = None, destination: str | None = None,
+                       exclude: Collection[str] = ()) -> list[DeliveryRecord]:
         _check_limit(limit)
         at = self._dialect.timestamp(require_utc(now, "now")) if now is not None else self._now()
+        where, params = ["state = ?", "next_attempt_at <= ?"], [DeliveryState.PENDING.value, at]
+        if destination is not None:
+            where.append("destination = ?")
+            params.append(destination)
+        if exclude:
+            where.append(f"destination NOT IN ({', '.join('?' for _ in exclude)})")
+            params.extend(exclude)
         with self._transaction(write=False) as tx:
-            rows = tx.all(f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE state = ? AND next_attempt_at <= ? "
-                          "ORDER BY next_attempt_at, id LIMIT ?", (DeliveryState.PENDING.value, at, limit))
+            rows = tx.all(f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE {' AND '.join(where)} "
+                          "ORDER BY next_attempt_at, id LIMIT ?", (*params, limit))
         return [_delivery(row) for row in rows]
 
     def delivery_attempt(self, delivery_id: int, ok: bool, error: str | None = None,
