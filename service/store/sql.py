@@ -406,13 +406,7 @@ class SqlResultsStore(ResultsStore):
                 "attempts = attempts + 1, updated_at = ? "
                 f"WHERE id = ? AND state = ? RETURNING {DELIVERY_COLUMNS}",
                 (done, done, error, done, retry_at, done, now, now, delivery_id, DeliveryState.PENDING.value))
-            if row is None:
-                existing = tx.one("SELECT state FROM deliveries WHERE id = ?", (delivery_id,))
-                if existing is None:
-                    raise NotFoundError(f"no delivery with id {delivery_id}")
-                raise StoreError(f"delivery {delivery_id} is already {existing['state']}; "
-                                 f"only a pending delivery takes attempts")
-        return _delivery(row)
+            return _updated_delivery(tx, delivery_id, row, "is already {state}; only a pending delivery takes attempts")
 
     def retry_delivery(self, delivery_id: int) -> DeliveryRecord:
         now = self._now()
@@ -420,13 +414,7 @@ class SqlResultsStore(ResultsStore):
             row = tx.one(f"UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ? "
                          f"WHERE id = ? AND state = ? RETURNING {DELIVERY_COLUMNS}",
                          (DeliveryState.PENDING.value, now, now, delivery_id, DeliveryState.FAILED.value))
-            if row is None:
-                existing = tx.one("SELECT state FROM deliveries WHERE id = ?", (delivery_id,))
-                if existing is None:
-                    raise NotFoundError(f"no delivery with id {delivery_id}")
-                raise StoreError(f"delivery {delivery_id} is {existing['state']}; only a failed delivery "
-                                 f"can be retried")
-        return _delivery(row)
+            return _updated_delivery(tx, delivery_id, row, "is {state}; only a failed delivery can be retried")
 
     def deliveries(self, study_uid: str | None = None, state: DeliveryState | None = None) -> list[DeliveryRecord]:
         where: list[str] = []
@@ -480,6 +468,17 @@ def _finding(row: Row) -> FindingRecord:
         sop_uid=row["sop_uid"], score=float(row["score"]), label=row["label"], priority=Priority(row["priority"]),
         threshold=float(row["threshold"]), rle=row["rle"], instances=json.loads(row["instances_json"]),
         models=json.loads(row["models_json"]), created_at=_ts(row["created_at"]))
+
+
+def _updated_delivery(tx: Transaction, delivery_id: int, row: Row | None, conflict: str) -> DeliveryRecord:
+    """The delivery an `UPDATE ... WHERE id = ? AND state = ? RETURNING` gave; where it gave none, why:
+    NotFoundError for an unknown id, else StoreError saying `conflict` with the state it is in."""
+    if row is None:
+        existing = tx.one("SELECT state FROM deliveries WHERE id = ?", (delivery_id,))
+        if existing is None:
+            raise NotFoundError(f"no delivery with id {delivery_id}")
+        raise StoreError(f"delivery {delivery_id} {conflict.format(state=existing['state'])}")
+    return _delivery(row)
 
 
 def _delivery(row: Row) -> DeliveryRecord:
