@@ -21,6 +21,7 @@ BentoML serves /healthz, /livez, /readyz (ready once the models are loaded and w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -401,7 +402,8 @@ class Triage:
         """The intake's triage: no admission control, 503s waited out (`until_available`); a refused film
         counts in ptx_rejections_total as over HTTP."""
         try:
-            return await until_available(lambda: self.triage(data, admit=False), SETTINGS.retry_after_s)
+            return await until_available(lambda: self.triage(data, admit=False, keep_display=True),
+                                         SETTINGS.retry_after_s)
         except RadiographError as exc:
             _count_rejection(exc.code.value)
             raise
@@ -486,11 +488,12 @@ class Triage:
         child(metrics().queue_wait_seconds, model=role).observe(max(0.0, elapsed - float(unpacked.seconds[0])))
         return unpacked.outputs
 
-    async def triage(self, payload: bytes, admit: bool = True) -> Finding:
+    async def triage(self, payload: bytes, admit: bool = True, keep_display: bool = False) -> Finding:
         """One film through the cascade; raises ApiError / RadiographError for the caller to answer.
 
         `admit=False` (the DICOM intake) skips admission control: the intake's own workers bound it, and a
-        spooled film must wait its turn rather than spend a retry on a 503.
+        spooled film must wait its turn rather than spend a retry on a 503. `keep_display` (the intake too)
+        keeps the decoded film on the Finding for the SC overlay, which would otherwise decode it again.
         """
         if admit and self.in_flight >= SETTINGS.max_in_flight:
             raise overloaded(f"{self.in_flight} films in progress (PTX_MAX_IN_FLIGHT={SETTINGS.max_in_flight}); "
@@ -514,6 +517,8 @@ class Triage:
                 probability = (await self._model("segmenter", seg_input, (side, side)))[0]
                 prepared.timings_ms["segment"] = (time.perf_counter() - t0) * 1e3
             finding: Finding = await self.in_thread(self.edge.conclude, prepared, score, probability)
+            if keep_display:
+                finding = dataclasses.replace(finding, display=prepared.radiograph.pixels)
         finally:
             self.in_flight -= 1
             registry.in_flight.dec()

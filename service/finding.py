@@ -79,6 +79,9 @@ class Finding:
     warnings: tuple[str, ...] = ()
     models: dict[str, Any] = field(default_factory=dict)  # role → {"name", "version", "backend"}
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # The film's display pixels (`Radiograph.pixels`), where the caller asked to keep them: outputs drawn on
+    # the film (the DICOM side's SC overlay) then need not decode it a second time. Never serialised.
+    display: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_json(self, mask_format: str = "png") -> dict[str, object]:
         """The API's JSON body; `mask_format` is png (base64 PNG at full resolution), rle or none."""

@@ -136,7 +136,7 @@ class Pacs:
 
     def _write_results(self, data: bytes, finding: Finding) -> list[tuple[str, str, str]]:
         source = dcmread(io.BytesIO(data))
-        made = build_results(source, finding, overlay=True)
+        made = build_results(source, finding, overlay=True, pixels=finding.display)  # None: decoded here
         study, sop = str(finding.study_uid), str(finding.sop_uid)
         written = []
         for kind, ds in (("SEG", made.seg), ("SR", made.sr), ("SC", made.overlay)):  # SEG first: the SR cites it

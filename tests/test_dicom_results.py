@@ -506,3 +506,44 @@ def test_overlay_carries_the_film_anatomy(films):
     assert sc.BodyPartExamined == "CHEST" and sc.ImageLaterality == source.ImageLaterality
     assert list(sc.PatientOrientation) == list(source.PatientOrientation)
     assert "Laterality" not in sc, "a chest is unpaired and the film says its laterality"
+
+
+@pytest.mark.parametrize("entry", FILES, ids=registry.ids(FILES))
+def test_the_overlay_drawn_on_the_triaged_pixels_equals_the_one_decoded_again(films, entry):
+    """The DICOM side hands the SC builder the pixels triage already decoded (`Finding.display`) instead of
+    letting it decode the film again: the same image to the byte, for each real chest film."""
+    source, radiograph = films[entry.path]
+    finding = dataclasses.replace(finding_on(radiograph, two_blobs(radiograph.pixels.shape), 0.93, True),
+                                  display=radiograph.pixels)
+    given = build_overlay(source, finding, ResultIdentity.from_models(MODELS), finding.display)
+    decoded = build_overlay(source, finding, ResultIdentity.from_models(MODELS))
+    assert given.PixelData == decoded.PixelData
+
+
+def test_the_dicom_side_writes_the_overlay_without_decoding_the_film_again(films, tmp_path, monkeypatch):
+    """`Pacs._write_results` with a Finding carrying its display pixels never calls the decoder; without
+    them it decodes (the fallback stays)."""
+    from service import pacs as pacs_module
+    from service.dicom_results import overlay as overlay_module
+    from service.results_files import ResultsFolder
+    from service.settings import load_settings
+    from service.store import open_store
+
+    source, radiograph = films[SIIM.path]
+    data = reread(source)
+    finding = dataclasses.replace(finding_on(radiograph, two_blobs(radiograph.pixels.shape), 0.93, True),
+                                  display=radiograph.pixels)
+    decodes: list[str] = []
+    real_decode = overlay_module.decode_pixels
+    monkeypatch.setattr(overlay_module, "decode_pixels", lambda ds: decodes.append("decode") or real_decode(ds))
+    settings = load_settings(environ={"PTX_DICOM_PORT": "11112", "PTX_DATA_DIR": str(tmp_path)})
+
+    async def never(_: bytes):  # pragma: no cover -- nothing is triaged here
+        raise AssertionError("no triage in this test")
+
+    with open_store(None, tmp_path) as store:
+        pacs = pacs_module.Pacs(settings, store, ResultsFolder(tmp_path / "results"), never)
+        written = pacs._write_results(data, finding)
+        assert [kind for kind, _, _ in written] == ["SEG", "SR", "SC"] and decodes == []
+        pacs._write_results(data, dataclasses.replace(finding, display=None))
+        assert decodes == ["decode"]
