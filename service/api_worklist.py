@@ -55,9 +55,10 @@ def _finding(record: FindingRecord, results: ResultsFolder, study_uid: str) -> d
 
 
 def _delivery(record: DeliveryRecord) -> dict[str, Any]:
-    return {"id": record.id, "object_uid": record.object_uid, "kind": record.kind.value, "destination": record.destination,
-            "state": record.state.value, "attempts": record.attempts, "last_error": record.last_error,
-            "next_attempt_at": _iso(record.next_attempt_at), "delivered_at": _iso(record.delivered_at)}
+    return {"id": record.id, "object_uid": record.object_uid, "kind": record.kind.value,
+            "destination": record.destination, "state": record.state.value, "attempts": record.attempts,
+            "last_error": record.last_error, "next_attempt_at": _iso(record.next_attempt_at),
+            "delivered_at": _iso(record.delivered_at)}
 
 
 def _service() -> Any:

@@ -9,8 +9,9 @@
 Why this shape:
 
 * **Intake never waits for a PACS** (issue #7). `enqueue` only writes rows; the sending happens on the
-  dispatcher's own threads (one per destination), never on the caller's thread or event loop, and every network step has a timeout, so an unreachable or hung PACS costs that thread a bounded
-  time and nothing else.
+  dispatcher's own threads (one per destination), never on the caller's thread or event loop, and every
+  network step has a timeout, so an unreachable or hung PACS costs its thread a bounded time and nothing
+  else.
 * **Nothing is dropped.** A delivery leaves `pending` only as `delivered` or, once its attempts are spent,
   `failed`; both stay in the store (and its API) with the last error. Delivery is at least once: a crash
   between a send and its record sends the object again, which a PACS treats as the same SOP instance.

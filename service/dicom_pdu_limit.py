@@ -125,7 +125,8 @@ class PduLimitedSocket:
                 step = min(self._body_left, len(data) - position)
                 if self._in_p_data and self._meter is not None \
                         and not self._meter.feed(data[position:position + step]):
-                    self._refuse(P_DATA_TF, self._meter.message_bytes, self._meter.limit, "message", "PTX_MAX_FILE_BYTES")
+                    self._refuse(P_DATA_TF, self._meter.message_bytes, self._meter.limit, "message",
+                                 "PTX_MAX_FILE_BYTES")
                     return False
                 self._body_left -= step
                 position += step

@@ -350,7 +350,8 @@ def test_a_failed_delivery_can_be_retried_with_a_fresh_budget(database: Database
     store.receive(arrival("1.2.1.1"))
     seg = store.add_delivery("1.2.1", "1.2.99.1", DeliveryKind.SEG, "PACS", "/out/seg.dcm", max_attempts=1)
     sr = store.add_delivery("1.2.1", "1.2.99.2", DeliveryKind.SR, "PACS", "/out/sr.dcm", max_attempts=1)
-    assert store.delivery_attempt(seg, ok=False, error="refused", next_attempt_at=minutes(1)).state is DeliveryState.FAILED
+    failed = store.delivery_attempt(seg, ok=False, error="refused", next_attempt_at=minutes(1))
+    assert failed.state is DeliveryState.FAILED
     with pytest.raises(StoreError, match="pending; only a failed delivery can be retried"):
         store.retry_delivery(sr)
     database.clock.advance(120)
