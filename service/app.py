@@ -41,6 +41,7 @@ from service.api_worklist import router as worklist_router
 from service.decode_pool import shared_pool
 from service.finding import Finding
 from service.imaging import read_radiograph
+from service.log_safety import describe_exception
 from service.manifest import ManifestError
 from service.metrics import child, metrics, start_resource_sampler
 from service.model_set import ModelSet, resolve
@@ -272,8 +273,8 @@ async def inspect(request: Request) -> JSONResponse:
         return _refused(exc)
     except RadiographError as exc:
         return _refused(ApiError(exc.http_status, exc.code.value, exc.message))
-    except Exception:  # noqa: BLE001 -- as in triage: a bug answers our JSON 500, logged, never a bare traceback
-        log.exception("inspect failed")
+    except Exception as exc:  # noqa: BLE001 -- as in triage: a bug answers our JSON 500, logged, never a traceback
+        log.error("inspect failed: %s", describe_exception(exc, depth=12))
         return _refused(ApiError(500, "internal_error", "the file could not be inspected (internal error, logged)"))
     return JSONResponse(_private(radiograph.metadata()))
 
@@ -294,8 +295,8 @@ async def triage(request: Request, mask: str | None = MASK_QUERY) -> JSONRespons
         return _refused(exc)
     except RadiographError as exc:
         return _refused(ApiError(exc.http_status, exc.code.value, exc.message))
-    except Exception:  # noqa: BLE001 -- a bug must not take the service down or leak a traceback
-        log.exception("triage failed")
+    except Exception as exc:  # noqa: BLE001 -- a bug must not take the service down or leak a traceback
+        log.error("triage failed: %s", describe_exception(exc, depth=12))  # no message: it may quote data
         return _refused(ApiError(500, "internal_error", "the film could not be triaged (internal error, logged)"))
     return JSONResponse(_private(finding.to_json(mask_format)))
 
@@ -323,7 +324,7 @@ async def triage_batch(request: Request, mask: str | None = MASK_QUERY) -> JSONR
             _count_rejection(outcome.code)
             item = {"error": {"code": outcome.code, "message": outcome.message}}
         else:
-            log.error("triage failed in a batch", exc_info=outcome)
+            log.error("triage failed in a batch: %s", describe_exception(outcome, depth=12))
             _count_rejection("internal_error")
             item = {"error": {"code": "internal_error", "message": "the film could not be triaged (logged)"}}
         results.append(_private({"filename": filename, **item}))

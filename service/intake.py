@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import traceback
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from pydicom import dcmread
 
 from service.finding import Finding
+from service.log_safety import describe_exception
 from service.radiograph import RadiographError
 from service.spool import Spool
 from service.store import (
@@ -60,9 +60,7 @@ RECOVERED_SOURCE = "spool"  # a spooled instance whose receipt was never recorde
 
 def _where(exc: BaseException) -> str:
     """Exception type and innermost frame, without the message (which may quote dataset values)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    location = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
-    return f"{type(exc).__name__}{location}"
+    return describe_exception(exc)
 
 
 class Intake:
