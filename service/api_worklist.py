@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from pathlib import Path as FilePath
 from typing import Any
 
 import bentoml
@@ -23,7 +24,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from service.api_schema import error
 from service.finding import Priority
 from service.results_files import RESULT_FILES, ResultsFolder
-from service.store import NotFoundError, StoreError, StudyStatus
+from service.intake import SPOOL_MISSING
+from service.store import InstanceStatus, NotFoundError, StoreError, StudyStatus
 from service.store.base import DeliveryRecord, FindingRecord, WorklistItem
 
 router = APIRouter()
@@ -118,6 +120,27 @@ async def acknowledge(study_uid: str, request: Request) -> Response:
     if not known:
         return error("not_found", f"no study {study_uid} on the worklist", 404)
     return JSONResponse({"study_uid": study_uid, "status": StudyStatus.REVIEWED.value})
+
+
+@router.post("/instances/{sop_uid}/retry",
+             summary="Triage an instance that failed with internal_error again (after a fix), from its kept bytes")
+async def retry_instance(sop_uid: str) -> Response:
+    """Only the store changes (the instance back to received, attempts reset): the intake, in whichever edge
+    worker runs the PACS side, takes it up at its next poll of the store (every 10 s)."""
+    service = _service()
+    try:
+        record = await service.in_thread(lambda: service.store.retry_instance(sop_uid))
+    except NotFoundError:
+        return error("not_found", f"no instance {sop_uid} was received", 404)
+    except StoreError as exc:
+        return error("conflict", str(exc), 409)
+    if record.spool_path is None or not await service.in_thread(FilePath(record.spool_path).exists):
+        await service.in_thread(lambda: service.store.mark_instance(sop_uid, InstanceStatus.FAILED, SPOOL_MISSING))
+        return error("conflict", f"instance {sop_uid}: its spooled bytes are gone (retention, PTX_RETENTION_DAYS, "
+                                 "or removed by hand); send it again from the PACS", 409)
+    log.info("instance %s queued for triage again by an operator", sop_uid)
+    return JSONResponse({"sop_uid": record.sop_uid, "study_uid": record.study_uid, "status": record.status.value,
+                         "attempts": record.attempts})
 
 
 @router.post("/deliveries/{delivery_id}/retry",

@@ -5,7 +5,8 @@
     each:  mark processing → spool.read → triage(bytes) → store.record_finding → on_finding → spool.remove
              RadiographError            → failed with its code (it can never succeed), spool file removed
              any other exception        → back to received, retried with exponential backoff; after
-                                          `max_attempts` starts → failed "internal_error"
+                                          `max_attempts` starts → failed "internal_error", spool file
+                                          kept for an operator's retry (store.retry_instance)
 
 Why asyncio tasks and not a thread pool: the service's triage (`service.app.Triage.triage`) is a coroutine on
 the edge's event loop (it awaits the batching model worker and already runs decoding in its own threads), so
@@ -45,7 +46,8 @@ from service.log_safety import describe_exception
 from service.radiograph import RadiographError
 from service.spool import Spool
 from service.store import (
-    FindingRecord, InstanceRecord, InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore, utc_now,
+    INTERNAL_ERROR, FindingRecord, InstanceRecord, InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore,
+    utc_now,
 )
 
 log = logging.getLogger("ptx.intake")
@@ -54,7 +56,6 @@ Triage = Callable[[bytes], Awaitable[Finding]]
 FindingHook = Callable[[bytes, Finding], Awaitable[None]]
 
 SPOOL_MISSING = "spool_missing"  # the store knows the instance, its bytes are gone (disk replaced, manual cleanup)
-INTERNAL_ERROR = "internal_error"
 RECOVERED_SOURCE = "spool"  # a spooled instance whose receipt was never recorded (crash between the two)
 
 
@@ -190,7 +191,9 @@ class Intake:
                         "(interrupted); its results are made again", sop_uid)
             self._outputs_only.add(sop_uid)
             return record
-        if record is not None and record.status in (InstanceStatus.DONE, InstanceStatus.FAILED):
+        if record is not None and record.status is InstanceStatus.FAILED and record.error_code == INTERNAL_ERROR:
+            log.info("spool file %s belongs to an instance failed with %s; kept for a retry", sop_uid, INTERNAL_ERROR)
+        elif record is not None and record.status in (InstanceStatus.DONE, InstanceStatus.FAILED):
             log.info("spool file %s belongs to a finished instance; removed", sop_uid)
             self.spool.remove(sop_uid)
         elif record is not None:
@@ -310,10 +313,14 @@ class Intake:
         return True
 
     async def _fail(self, sop_uid: str, code: str, why: str) -> None:
-        """A final failure: recorded with its code, the spool file dropped (it can never succeed)."""
+        """A final failure, recorded with its code. A rejection (the film's content) drops the spool file: it can
+        never succeed. An internal error keeps it: after a fix an operator can send the instance through again
+        (`POST /v1/instances/{sop_uid}/retry`); retention removes it in time."""
         await asyncio.to_thread(self.store.mark_instance, sop_uid, InstanceStatus.FAILED, code)
-        await asyncio.to_thread(self.spool.remove, sop_uid)
-        log.info("instance %s failed: %s (%s)", sop_uid, code, why)
+        if code != INTERNAL_ERROR:
+            await asyncio.to_thread(self.spool.remove, sop_uid)
+        log.info("instance %s failed: %s (%s)%s", sop_uid, code, why,
+                 "; its spool file is kept for a retry" if code == INTERNAL_ERROR else "")
 
     async def _record(self, sop_uid: str, data: bytes, finding: Finding) -> None:
         if finding.sop_uid != sop_uid:  # the listener checks this on receipt; a file edited since would not

@@ -96,7 +96,10 @@ class Pacs:
         registry = metrics()
         while True:
             try:
-                depth = await asyncio.to_thread(lambda: len(self.spool.pending()))
+                # Received over DICOM and not yet triaged, from the store: the spool also holds the files of
+                # instances failed with internal_error, kept for a retry, which wait for nobody.
+                depth = await asyncio.to_thread(
+                    lambda: sum(1 for r in self.store.pending_instances() if r.spool_path is not None))
                 counts = await asyncio.to_thread(self.store.delivery_counts)
                 registry.spool_depth.set(depth)
                 for state, count in counts.items():

@@ -9,8 +9,9 @@ What is swept and why:
   PACS holds them and ours are a working copy for the API's links. A folder goes when its newest file is
   older than the limit, unless one of its objects still has a *pending* delivery (it would be sent from
   that file). A failed delivery does not keep its object: after the retention period nobody re-sends it.
-* Spool files: the intake removes each once its instance is done or failed; a crash can leave one behind
-  (cleared at the next start anyway). Such a leftover goes when older than the limit. A file whose instance
+* Spool files: the intake removes each once its instance is done or rejected; it keeps the file of an
+  instance failed with internal_error (for an operator's retry), and a crash can leave one behind. Such a
+  file goes when older than the limit. A file whose instance
   is pending (received, processing) is never touched, nor one the store does not know (a crash between
   spooling and recording: the intake adopts it at its next start).
 * The database keeps its rows (studies, instances, findings, deliveries): they hold UIDs, scores, masks as

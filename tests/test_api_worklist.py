@@ -123,3 +123,42 @@ def test_retrying_a_delivery_answers_its_state_or_names_the_conflict(tmp_path, m
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
         for bad in ("x", "0", str(2**63)):
             assert client.post(f"/v1/deliveries/{bad}/retry").status_code == 422  # FastAPI's check of the path
+
+
+def test_retrying_an_instance_answers_its_state_or_why_not(tmp_path, monkeypatch):
+    """The instance retry endpoint over a real SQLite store and real spool files (the edge around it stubbed,
+    as above; tests/test_dicom_listener.py runs a retried instance through the intake)."""
+    import asyncio
+    import types
+
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from service import api_worklist
+    from service.store import InstanceStatus, ReceivedInstance, open_store, utc_now
+
+    kept, gone = tmp_path / "1.2.3.1.dcm", tmp_path / "1.2.3.2.dcm"
+    kept.write_bytes(b"DICM")
+    with open_store(None, tmp_path) as store:
+        for sop_uid, path in (("1.2.3.1", kept), ("1.2.3.2", gone)):
+            store.receive(ReceivedInstance(sop_uid=sop_uid, study_uid="1.2.3", series_uid=None, sop_class_uid=None,
+                                           source="dicom:TEST", spool_path=str(path), received_at=utc_now()))
+            store.mark_instance(sop_uid, InstanceStatus.FAILED, "internal_error")
+
+        async def in_thread(function, *args):
+            return await asyncio.to_thread(function, *args)
+
+        monkeypatch.setattr(api_worklist, "_service", lambda: types.SimpleNamespace(store=store, in_thread=in_thread))
+        app = FastAPI()
+        app.include_router(api_worklist.router, prefix="/v1")
+        client = TestClient(app)
+        answer = client.post("/v1/instances/1.2.3.1/retry")
+        assert answer.status_code == 200
+        assert answer.json() == {"sop_uid": "1.2.3.1", "study_uid": "1.2.3", "status": "received", "attempts": 0}
+        again = client.post("/v1/instances/1.2.3.1/retry")
+        assert again.status_code == 409 and "only a failed instance" in again.json()["error"]["message"]
+        lost = client.post("/v1/instances/1.2.3.2/retry")
+        assert lost.status_code == 409 and "spooled bytes are gone" in lost.json()["error"]["message"]
+        status = {i.sop_uid: (i.status, i.error_code) for i in store.study("1.2.3").instances}
+        assert status["1.2.3.2"] == (InstanceStatus.FAILED, "spool_missing")
+        assert client.post("/v1/instances/1.2.3.404/retry").status_code == 404

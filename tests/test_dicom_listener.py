@@ -696,8 +696,9 @@ def test_a_stale_poll_does_not_take_up_a_finished_instance_again(tmp_path: Path,
 def test_intake_retries_unexpected_errors_with_a_bound(tmp_path: Path, realdata: Path,
                                                        triage: InProcessTriage) -> None:
     """An exception other than a rejection is retried (with backoff) and succeeds once the fault clears; one
-    that never clears ends as failed internal_error after `max_attempts`; a failing on_finding hook does not
-    undo the finding."""
+    that never clears ends as failed internal_error after `max_attempts`, its spool file kept; a failing
+    on_finding hook does not undo the finding. After the fault is fixed, an operator's retry
+    (`store.retry_instance`) sends the failed one through again: done, and its file gone."""
     flaky_uid, broken_uid = sop_uid_of(realdata / CHEST[0].path), sop_uid_of(realdata / CHEST[2].path)
     calls: dict[str, int] = {}
 
@@ -726,7 +727,27 @@ def test_intake_retries_unexpected_errors_with_a_bound(tmp_path: Path, realdata:
             flaky, broken = records[flaky_uid], records[broken_uid]
             assert (flaky.status, flaky.attempts) == (InstanceStatus.DONE, 3)
             assert (broken.status, broken.error_code, broken.attempts) == (InstanceStatus.FAILED, INTERNAL_ERROR, 4)
-            assert calls == {flaky_uid: 3, broken_uid: 4} and spool.pending() == []
+            assert calls == {flaky_uid: 3, broken_uid: 4} and spool.pending() == [broken_uid]
+
+            # A restart does not take the kept file for a leftover, nor triage it by itself.
+            again = Intake(spool, store, faulty, workers=1, poll_interval_s=60)
+            await again.start()
+            await again.wait_idle(10)
+            await again.stop()
+            assert spool.pending() == [broken_uid] and calls[broken_uid] == 4
+
+            # The fault fixed, the operator's retry: received with a fresh budget, then triaged.
+            retried = store.retry_instance(broken_uid)
+            assert (retried.status, retried.error_code, retried.attempts) == (InstanceStatus.RECEIVED, None, 0)
+            fixed = Intake(spool, store, triage, workers=1, poll_interval_s=0.05)
+            await fixed.start()  # a running intake finds it by its poll of the store's pending instances
+            for _ in range(200):
+                if all_instances(store)[broken_uid].status is InstanceStatus.DONE:
+                    break
+                await asyncio.sleep(0.05)
+            await fixed.wait_idle(60)
+            await fixed.stop()
+            assert all_instances(store)[broken_uid].status is InstanceStatus.DONE and spool.pending() == []
 
     asyncio.run(scenario())
 

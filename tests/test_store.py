@@ -346,6 +346,29 @@ def test_delivery_retries_are_counted_and_nothing_is_dropped(database: Database,
     assert database.query("SELECT COUNT(*) FROM deliveries") == [(2,)]
 
 
+def test_an_instance_failed_with_internal_error_can_be_retried(store: ResultsStore) -> None:
+    store.receive(arrival("1.2.1.1"))  # spooled (DICOM)
+    store.receive(arrival("1.2.1.2"))
+    store.receive(arrival("1.2.1.3", spool_path=None))  # HTTP's own: no bytes kept
+    store.receive(arrival("1.2.1.4"))
+    for sop_uid in ("1.2.1.1", "1.2.1.3"):
+        store.mark_instance(sop_uid, InstanceStatus.PROCESSING)
+        store.mark_instance(sop_uid, InstanceStatus.FAILED, "internal_error")
+    store.mark_instance("1.2.1.2", InstanceStatus.FAILED, "not_chest")
+    retried = store.retry_instance("1.2.1.1")
+    assert (retried.sop_uid, retried.status, retried.error_code, retried.attempts) == (
+        "1.2.1.1", InstanceStatus.RECEIVED, None, 0)
+    assert [r.sop_uid for r in store.pending_instances()] == ["1.2.1.1", "1.2.1.4"]
+    with pytest.raises(StoreError, match="is received; only a failed instance"):
+        store.retry_instance("1.2.1.1")
+    with pytest.raises(StoreError, match=r"rejected \(not_chest\) for its content"):
+        store.retry_instance("1.2.1.2")
+    with pytest.raises(StoreError, match="came over HTTP"):
+        store.retry_instance("1.2.1.3")
+    with pytest.raises(NotFoundError):
+        store.retry_instance("1.2.1.404")
+
+
 def test_a_failed_delivery_can_be_retried_with_a_fresh_budget(database: Database, store: ResultsStore) -> None:
     store.receive(arrival("1.2.1.1"))
     seg = store.add_delivery("1.2.1", "1.2.99.1", DeliveryKind.SEG, "PACS", "/out/seg.dcm", max_attempts=1)

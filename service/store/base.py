@@ -33,6 +33,7 @@ from typing import Any, Self
 from service.finding import Finding, Priority
 
 DEFAULT_MAX_ATTEMPTS = 10
+INTERNAL_ERROR = "internal_error"  # an instance's attempts spent without an outcome (not its content): retryable
 
 
 class StoreError(Exception):
@@ -261,6 +262,13 @@ class ResultsStore(ABC):
                        exclude: Collection[str] = ()) -> list[DeliveryRecord]:
         """Pending deliveries whose next attempt is due, earliest first (one dispatcher calls this); only
         those for `destination` where given, none for the destinations in `exclude`."""
+
+    @abstractmethod
+    def retry_instance(self, sop_uid: str) -> InstanceRecord:
+        """An instance that failed with `internal_error` (attempts spent on something other than its content)
+        back to received with a fresh attempt budget, for the intake to take up again (an operator's retry
+        after a fix). NotFoundError for an unknown instance; StoreError for one in another state, failed
+        with a rejection (its content: it would fail again), or without spooled bytes (HTTP's own)."""
 
     @abstractmethod
     def retry_delivery(self, delivery_id: int) -> DeliveryRecord:

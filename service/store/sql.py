@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 from service.finding import Priority
 from service.store.base import (
-    DEFAULT_MAX_ATTEMPTS, DeliveryKind, DeliveryRecord, DeliveryState, FindingRecord, InstanceRecord,
-    InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore, SchemaTooNewError, StoreError, StudyRecord,
-    StudyStatus, WorklistItem, require_utc, utc_now,
+    DEFAULT_MAX_ATTEMPTS, INTERNAL_ERROR, DeliveryKind, DeliveryRecord, DeliveryState, FindingRecord,
+    InstanceRecord, InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore, SchemaTooNewError, StoreError,
+    StudyRecord, StudyStatus, WorklistItem, require_utc, utc_now,
 )
 from service.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_MIGRATIONS
 
@@ -266,6 +266,28 @@ class SqlResultsStore(ResultsStore):
                 (status.value, error_code, int(status is InstanceStatus.PROCESSING), self._now(), sop_uid))
             if updated.rowcount == 0:
                 raise NotFoundError(f"no instance with SOP Instance UID {sop_uid!r} was received")
+
+    def retry_instance(self, sop_uid: str) -> InstanceRecord:
+        with self._transaction(write=True) as tx:
+            row = tx.one(f"UPDATE instances SET status = ?, error_code = NULL, attempts = 0, updated_at = ? "
+                         f"WHERE sop_uid = ? AND status = ? AND error_code = ? AND spool_path IS NOT NULL "
+                         f"RETURNING {INSTANCE_COLUMNS}",
+                         (InstanceStatus.RECEIVED.value, self._now(), sop_uid, InstanceStatus.FAILED.value,
+                          INTERNAL_ERROR))
+            if row is None:
+                existing = tx.one("SELECT status, error_code, spool_path FROM instances WHERE sop_uid = ?",
+                                  (sop_uid,))
+                if existing is None:
+                    raise NotFoundError(f"no instance with SOP Instance UID {sop_uid!r} was received")
+                if existing["status"] != InstanceStatus.FAILED.value:
+                    why = f"is {existing['status']}; only a failed instance can be retried"
+                elif existing["error_code"] != INTERNAL_ERROR:
+                    why = (f"was rejected ({existing['error_code']}) for its content; it would be rejected again "
+                           f"(only {INTERNAL_ERROR} failures can be retried)")
+                else:
+                    why = "came over HTTP: the service kept no bytes to triage again"
+                raise StoreError(f"instance {sop_uid} {why}")
+        return _instance(row)
 
     # --- findings and the worklist --------------------------------------------------------------------------
 
