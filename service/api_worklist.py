@@ -13,6 +13,7 @@ owned by the service instance; nothing here decides priorities (the store upgrad
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path as FilePath
 from typing import Any
@@ -122,18 +123,26 @@ async def acknowledge(study_uid: str, request: Request) -> Response:
     return JSONResponse({"study_uid": study_uid, "status": StudyStatus.REVIEWED.value})
 
 
+async def _retried(retry: Callable[[], Any], not_found: str) -> Any:
+    """A store retry (`retry_instance`, `retry_delivery`) off the event loop: its record, or the answer saying
+    why not (404 `not_found`: unknown; 409 `conflict`: the store's reason, e.g. the state it is in)."""
+    try:
+        return await _service().in_thread(retry)
+    except NotFoundError:
+        return error("not_found", not_found, 404)
+    except StoreError as exc:
+        return error("conflict", str(exc), 409)
+
+
 @router.post("/instances/{sop_uid}/retry",
              summary="Triage an instance that failed with internal_error again (after a fix), from its kept bytes")
 async def retry_instance(sop_uid: str) -> Response:
     """Only the store changes (the instance back to received, attempts reset): the intake, in whichever edge
     worker runs the PACS side, takes it up at its next poll of the store (every 10 s)."""
     service = _service()
-    try:
-        record = await service.in_thread(lambda: service.store.retry_instance(sop_uid))
-    except NotFoundError:
-        return error("not_found", f"no instance {sop_uid} was received", 404)
-    except StoreError as exc:
-        return error("conflict", str(exc), 409)
+    record = await _retried(lambda: service.store.retry_instance(sop_uid), f"no instance {sop_uid} was received")
+    if isinstance(record, Response):
+        return record
     if record.spool_path is None or not await service.in_thread(FilePath(record.spool_path).exists):
         await service.in_thread(lambda: service.store.mark_instance(sop_uid, InstanceStatus.FAILED, SPOOL_MISSING))
         return error("conflict", f"instance {sop_uid}: its spooled bytes are gone (retention, PTX_RETENTION_DAYS, "
@@ -151,12 +160,9 @@ async def retry_delivery(
     """Only the store changes: the dispatcher (in whichever edge worker runs the PACS side) finds the delivery
     due at its next poll, so this works from any worker."""
     service = _service()
-    try:
-        record = await service.in_thread(lambda: service.store.retry_delivery(delivery_id))
-    except NotFoundError:
-        return error("not_found", f"no delivery with id {delivery_id}", 404)
-    except StoreError as exc:
-        return error("conflict", str(exc), 409)
+    record = await _retried(lambda: service.store.retry_delivery(delivery_id), f"no delivery with id {delivery_id}")
+    if isinstance(record, Response):
+        return record
     log.info("delivery %d of %s to %s queued again by an operator", record.id, record.object_uid, record.destination)
     return JSONResponse(_delivery(record))
 
