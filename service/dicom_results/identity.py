@@ -60,6 +60,13 @@ def new_uid() -> UID:
     return generate_uid(prefix=None)
 
 
+def name_based_uid(*parts: str) -> UID:
+    """A name-based (SHA-1) UUID under 2.25, as ISO/IEC 9834-8 allows: the same `parts` always give the same
+    UID (pydicom's `generate_uid(prefix=None)` ignores names and returns a random UUID)."""
+    name = "\\".join(parts)
+    return UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}")
+
+
 @functools.cache
 def package_version() -> str:
     """The installed ptx-triage version; read once, on first use (never at import time)."""
@@ -124,13 +131,14 @@ class ResultIdentity:
 
     @property
     def device_uid(self) -> UID:
-        """The SR's Device Observer UID: the same software, models and installation always give the same UID.
+        """The SR's Device Observer UID: the same software, models and installation always give the same UID
+        (`name_based_uid`), not a new "device" for every report."""
+        return name_based_uid(*self._installation)
 
-        A name-based (SHA-1) UUID under 2.25, as ISO/IEC 9834-8 allows; pydicom's `generate_uid(prefix=None)`
-        would ignore the names and return a random UUID, a new "device" for every report.
-        """
-        name = "\\".join((self.manufacturer, self.device_serial_number, *self.software_versions))
-        return UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}")
+    @property
+    def _installation(self) -> tuple[str, ...]:
+        """What names this installation's software: the parts every name-based UID of ours starts with."""
+        return (self.manufacturer, self.device_serial_number, *self.software_versions)
 
     def uid(self, finding: Finding, purpose: str) -> UID:
         """The UID of one of our objects (or of an item in one, `purpose` says which) for `finding`.
@@ -139,15 +147,12 @@ class ResultIdentity:
         SOP Instance UID, the operating point and `purpose`: making the results of a film again gives the
         same UIDs. That makes writing and delivering them idempotent: the results of a film made again after
         a crash (service/intake.py) are the same objects, which a PACS stores once (a duplicate C-STORE),
-        never a second SR for the same film. Other software, models
-        or operating point: other UIDs (a different result). A finding without a SOP Instance UID (not from
-        a DICOM film) gets random UIDs.
+        never a second SR for the same film. Other software, models or operating point: other UIDs (a
+        different result). A finding without a SOP Instance UID (not from a DICOM film) gets random UIDs.
         """
         if not finding.sop_uid:
             return new_uid()
-        name = "\\".join((self.manufacturer, self.device_serial_number, *self.software_versions,
-                           str(finding.sop_uid), f"{finding.threshold:.6g}", purpose))
-        return UID(f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}")
+        return name_based_uid(*self._installation, str(finding.sop_uid), f"{finding.threshold:.6g}", purpose)
 
     def model(self, role: str) -> ModelIdentity:
         for model in self.models:
