@@ -59,11 +59,6 @@ SPOOL_MISSING = "spool_missing"  # the store knows the instance, its bytes are g
 RECOVERED_SOURCE = "spool"  # a spooled instance whose receipt was never recorded (crash between the two)
 
 
-def _where(exc: BaseException) -> str:
-    """Exception type and innermost frame, without the message (which may quote dataset values)."""
-    return describe_exception(exc)
-
-
 class Intake:
     """`workers` tasks triaging spooled instances; `start()` and `stop()` on the event loop that runs triage.
 
@@ -175,7 +170,8 @@ class Intake:
                                         sop_class_uid=sop_class_uid, source=RECOVERED_SOURCE,
                                         spool_path=str(self.spool.path(sop_uid)), received_at=self.clock())
         except Exception as exc:  # noqa: BLE001 -- unreadable, and never acknowledged: nothing to keep
-            log.warning("spool file %s is unreadable (%s) and was never recorded; removed", sop_uid, _where(exc))
+            log.warning("spool file %s is unreadable (%s) and was never recorded; removed", sop_uid,
+                        describe_exception(exc))
             self.spool.remove(sop_uid)
             return None
         if self.store.receive(received):
@@ -244,7 +240,8 @@ class Intake:
             try:
                 records = await asyncio.to_thread(self.store.pending_instances)
             except Exception as exc:  # noqa: BLE001 -- the database may be briefly unavailable
-                log.warning("intake poll failed (%s); retrying in %.0f s", _where(exc), self.poll_interval_s)
+                log.warning("intake poll failed (%s); retrying in %.0f s", describe_exception(exc),
+                            self.poll_interval_s)
                 continue
             for record in records:
                 if (record.spool_path is not None and record.sop_uid not in self._tracked
@@ -260,7 +257,7 @@ class Intake:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 -- the store itself failed: leave it for the poll
-                log.error("instance %s: bookkeeping failed (%s); left pending", sop_uid, _where(exc))
+                log.error("instance %s: bookkeeping failed (%s); left pending", sop_uid, describe_exception(exc))
             finally:
                 self._queue.task_done()
                 if not retrying and sop_uid not in self._retries:
@@ -303,11 +300,11 @@ class Intake:
     async def _failed_attempt(self, sop_uid: str, exc: Exception) -> bool:
         attempts = self._attempts.get(sop_uid, 0)
         if attempts >= self.max_attempts:
-            await self._fail(sop_uid, INTERNAL_ERROR, f"attempt {attempts} failed with {_where(exc)}")
+            await self._fail(sop_uid, INTERNAL_ERROR, f"attempt {attempts} failed with {describe_exception(exc)}")
             return False
         self._failures[sop_uid] = self._failures.get(sop_uid, 0) + 1
         log.warning("instance %s: attempt %d of %d failed (%s); retrying", sop_uid, attempts, self.max_attempts,
-                    _where(exc))
+                    describe_exception(exc))
         await asyncio.to_thread(self.store.mark_instance, sop_uid, InstanceStatus.RECEIVED)
         self._retry_later(sop_uid)
         return True
@@ -337,7 +334,7 @@ class Intake:
             try:
                 await self.on_finding(data, finding)
             except Exception as exc:  # noqa: BLE001 -- the finding stands; outputs have their own retries
-                log.error("instance %s: on_finding failed (%s)", sop_uid, _where(exc))
+                log.error("instance %s: on_finding failed (%s)", sop_uid, describe_exception(exc))
         await asyncio.to_thread(self.spool.remove, sop_uid)
 
     async def _remake_outputs(self, sop_uid: str) -> None:
@@ -354,7 +351,7 @@ class Intake:
             raise
         except Exception as exc:  # noqa: BLE001 -- the finding stands; retried at the next start
             log.error("instance %s: making its results again failed (%s); kept for the next start",
-                      sop_uid, _where(exc))
+                      sop_uid, describe_exception(exc))
             return
         await asyncio.to_thread(self.spool.remove, sop_uid)
         log.info("instance %s: results made again after an interruption", sop_uid)
@@ -368,7 +365,7 @@ class Intake:
         try:
             self.observe_notification(max(0.0, seconds))
         except Exception as exc:  # noqa: BLE001 -- a metrics fault must not fail triage
-            log.warning("observe_notification failed (%s)", _where(exc))
+            log.warning("observe_notification failed (%s)", describe_exception(exc))
 
     def __repr__(self) -> str:
         return f"Intake(workers={self.workers}, tracked={len(self._tracked)})"
