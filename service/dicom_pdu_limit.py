@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom.pdu import A_ABORT_RQ
@@ -45,6 +46,49 @@ def pdu_limit(pdu_type: int, max_pdu: int) -> int | None:
     return CONTROL_PDU_LIMIT
 
 
+class Frames:
+    """A stream of frames, each a fixed-size header then a body of the length the header gives, followed
+    across chunks of any size (PDUs in the byte stream; PDV items in a P-DATA body).
+
+    `on_header(fields)` gets each unpacked header and returns its body's length, or None to stop the stream;
+    `on_body(piece)` sees the body in pieces (False stops it); `on_end()` runs after each complete body.
+    """
+
+    def __init__(self, header: struct.Struct, on_header: Callable[[tuple[int, ...]], int | None],
+                 on_body: Callable[[memoryview], bool] | None = None,
+                 on_end: Callable[[], None] | None = None) -> None:
+        self.header, self.on_header, self.on_body, self.on_end = header, on_header, on_body, on_end
+        self._pending = bytearray()  # a header's bytes so far
+        self._body_left = 0
+
+    def feed(self, data: memoryview) -> bool:
+        """Advance through `data`; False once a callback stopped the stream."""
+        position = 0
+        while position < len(data):
+            if self._body_left:
+                step = min(self._body_left, len(data) - position)
+                if self.on_body is not None and not self.on_body(data[position:position + step]):
+                    return False
+                self._body_left -= step
+                position += step
+                if not self._body_left and self.on_end is not None:
+                    self.on_end()
+                continue
+            take = min(self.header.size - len(self._pending), len(data) - position)
+            self._pending += data[position:position + take]
+            position += take
+            if len(self._pending) < self.header.size:
+                continue
+            length = self.on_header(self.header.unpack(self._pending))
+            self._pending.clear()
+            if length is None:
+                return False
+            self._body_left = length
+            if not length and self.on_end is not None:
+                self.on_end()
+        return True
+
+
 class DatasetMeter:
     """Follows the PDV items inside P-DATA-TF bodies (PS3.8 9.3.5: 4-byte length, presentation context ID,
     message control header, fragment) and keeps the size of the message being received, so that one
@@ -57,38 +101,26 @@ class DatasetMeter:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._header = bytearray()
-        self._value_left = 0
         self._last = False
         self.message_bytes = 0  # received so far of the message in progress
+        self._items = Frames(self.ITEM, self._item, on_end=self._item_end)
 
     def feed(self, body: bytes | memoryview) -> bool:
         """Advance through P-DATA body bytes; False when a fragment would take the message over `limit`."""
-        position = 0
-        while position < len(body):
-            if self._value_left:
-                step = min(self._value_left, len(body) - position)
-                self._value_left -= step
-                position += step
-                if not self._value_left and self._last:
-                    self.message_bytes = 0
-                continue
-            take = min(self.ITEM.size - len(self._header), len(body) - position)
-            self._header += body[position:position + take]
-            position += take
-            if len(self._header) < self.ITEM.size:
-                continue
-            length, _, control = self.ITEM.unpack(self._header)
-            self._header.clear()
-            fragment = max(length - 2, 0)
-            self.message_bytes += fragment
-            if self.message_bytes > self.limit:
-                return False
-            self._last = bool(control & self.LAST_FRAGMENT)
-            self._value_left = fragment
-            if not fragment and self._last:
-                self.message_bytes = 0
-        return True
+        return self._items.feed(memoryview(body))
+
+    def _item(self, fields: tuple[int, ...]) -> int | None:
+        length, _, control = fields
+        fragment = max(length - 2, 0)
+        self.message_bytes += fragment
+        if self.message_bytes > self.limit:
+            return None
+        self._last = bool(control & self.LAST_FRAGMENT)
+        return fragment
+
+    def _item_end(self) -> None:
+        if self._last:  # the message's last fragment: the next one starts from nothing
+            self.message_bytes = 0
 
 
 class PduLimitedSocket:
@@ -103,47 +135,35 @@ class PduLimitedSocket:
 
     def __init__(self, sock: socket.socket, max_pdu: int, peer: str, max_message: int | None = None) -> None:
         self._sock, self._max_pdu, self._peer = sock, max_pdu, peer
-        self._header = bytearray()
-        self._body_left = 0
         self._in_p_data = False
         self._meter = DatasetMeter(max_message) if max_message else None
+        self._pdus = Frames(HEADER, self._pdu, self._pdu_body if self._meter is not None else None)
         self.refused: tuple[int, int] | None = None  # (PDU type, declared length) once a PDU was refused
 
     def recv(self, bufsize: int, *flags: int) -> bytes:
         if self.refused is not None:
             return b""
         data = self._sock.recv(bufsize, *flags)
-        if data and not self._follow(memoryview(data)):
+        if data and not self._pdus.feed(memoryview(data)):
             return b""
         return data
 
-    def _follow(self, data: memoryview) -> bool:
-        """Advance through `data`; False once a header declares more than its limit (and refuse it)."""
-        position = 0
-        while position < len(data):
-            if self._body_left:
-                step = min(self._body_left, len(data) - position)
-                if self._in_p_data and self._meter is not None \
-                        and not self._meter.feed(data[position:position + step]):
-                    self._refuse(P_DATA_TF, self._meter.message_bytes, self._meter.limit, "message",
-                                 "PTX_MAX_FILE_BYTES")
-                    return False
-                self._body_left -= step
-                position += step
-                continue
-            take = min(HEADER.size - len(self._header), len(data) - position)
-            self._header += data[position:position + take]
-            position += take
-            if len(self._header) < HEADER.size:
-                continue
-            pdu_type, _, length = HEADER.unpack(self._header)
-            self._header.clear()
-            limit = pdu_limit(pdu_type, self._max_pdu)
-            if limit is not None and length > limit:
-                self._refuse(pdu_type, length, limit, "PDU",
-                             "PTX_DICOM_MAX_PDU" if pdu_type == P_DATA_TF else None)
-                return False
-            self._body_left, self._in_p_data = length, pdu_type == P_DATA_TF
+    def _pdu(self, fields: tuple[int, ...]) -> int | None:
+        """A PDU header: its length, or None (and refused) when over its limit."""
+        pdu_type, _, length = fields
+        limit = pdu_limit(pdu_type, self._max_pdu)
+        if limit is not None and length > limit:
+            self._refuse(pdu_type, length, limit, "PDU", "PTX_DICOM_MAX_PDU" if pdu_type == P_DATA_TF else None)
+            return None
+        self._in_p_data = pdu_type == P_DATA_TF
+        return length
+
+    def _pdu_body(self, piece: memoryview) -> bool:
+        """Part of a PDU body: P-DATA goes through the message meter (False, and refused, over its limit)."""
+        assert self._meter is not None
+        if self._in_p_data and not self._meter.feed(piece):
+            self._refuse(P_DATA_TF, self._meter.message_bytes, self._meter.limit, "message", "PTX_MAX_FILE_BYTES")
+            return False
         return True
 
     def _refuse(self, pdu_type: int, length: int, limit: int, what: str, setting: str | None) -> None:
