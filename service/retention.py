@@ -11,9 +11,9 @@ What is swept and why:
   that file). A failed delivery does not keep its object: after the retention period nobody re-sends it.
 * Spool files: the intake removes each once its instance is done or rejected; it keeps the file of an
   instance failed with internal_error (for an operator's retry), and a crash can leave one behind. Such a
-  file goes when older than the limit. A file whose instance
-  is pending (received, processing) is never touched, nor one the store does not know (a crash between
-  spooling and recording: the intake adopts it at its next start).
+  file goes when older than the limit. A file whose instance is pending (received, processing) is never
+  touched, nor one the store does not know (a crash between spooling and recording: the intake adopts it
+  at its next start).
 * The database keeps its rows (studies, instances, findings, deliveries): they hold UIDs, scores, masks as
   RLE, states and times, no patient attributes (docs/security.md), and they are the audit trail of what the
   service told the readers. Removing old rows is an operator's SQL statement, shown in docs/security.md.

@@ -15,9 +15,9 @@ from datetime import datetime
 from pathlib import Path
 
 from service.store.base import (
-    DEFAULT_MAX_ATTEMPTS, INTERNAL_ERROR, DeliveryKind, DeliveryRecord, DeliveryState, FindingRecord, InstanceRecord,
-    InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore, SchemaTooNewError, StoreError, StudyRecord,
-    StudyStatus, WorklistItem, utc_now,
+    DEFAULT_MAX_ATTEMPTS, INTERNAL_ERROR, DeliveryKind, DeliveryRecord, DeliveryState, FindingRecord,
+    InstanceRecord, InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore, SchemaTooNewError, StoreError,
+    StudyRecord, StudyStatus, WorklistItem, utc_now,
 )
 from service.store.migrations import LATEST_VERSION
 from service.store.sql import Dialect, SqlResultsStore
@@ -60,7 +60,7 @@ def open_store(database_url: str | None, data_dir: Path, *, pool_size: int = 4,
 
 
 __all__ = [
-    "DEFAULT_MAX_ATTEMPTS", "INTERNAL_ERROR", "LATEST_VERSION", "DeliveryKind", "DeliveryRecord", "DeliveryState", "FindingRecord",
-    "InstanceRecord", "InstanceStatus", "NotFoundError", "ReceivedInstance", "ResultsStore", "SchemaTooNewError",
-    "StoreError", "StudyRecord", "StudyStatus", "WorklistItem", "dialect_for", "open_store",
+    "DEFAULT_MAX_ATTEMPTS", "INTERNAL_ERROR", "LATEST_VERSION", "DeliveryKind", "DeliveryRecord", "DeliveryState",
+    "FindingRecord", "InstanceRecord", "InstanceStatus", "NotFoundError", "ReceivedInstance", "ResultsStore",
+    "SchemaTooNewError", "StoreError", "StudyRecord", "StudyStatus", "WorklistItem", "dialect_for", "open_store",
 ]
