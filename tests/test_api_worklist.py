@@ -87,9 +87,10 @@ def test_study_finding_and_review(fed):
     assert status == 404  # HTTP triage makes no DICOM results (the PACS path does)
 
 
-def test_retrying_a_delivery_answers_its_state_or_names_the_conflict(tmp_path, monkeypatch):
-    """The retry endpoint over a real SQLite store (the edge around it stubbed: this is about the mapping of
-    store outcomes to answers; tests/test_pacs_unreachable.py retries through the real service)."""
+@pytest.fixture
+def api_on_store(tmp_path, monkeypatch):
+    """The worklist API's router on a real SQLite store, the edge around it stubbed (these tests are about
+    how store outcomes map to answers; the real service runs the retries elsewhere): (client, store)."""
     import asyncio
     import types
 
@@ -97,68 +98,58 @@ def test_retrying_a_delivery_answers_its_state_or_names_the_conflict(tmp_path, m
     from starlette.testclient import TestClient
 
     from service import api_worklist
-    from service.store import DeliveryKind, ReceivedInstance, open_store, utc_now
+    from service.store import open_store
+
+    async def in_thread(function, *args):
+        return await asyncio.to_thread(function, *args)
 
     with open_store(None, tmp_path) as store:
-        store.receive(ReceivedInstance(sop_uid="1.2.3.4", study_uid="1.2.3", series_uid=None, sop_class_uid=None,
-                                       source="test", spool_path=None, received_at=utc_now()))
-        failed = store.add_delivery("1.2.3", "1.2.3.9", DeliveryKind.SR, "pacs", "/x/SR.dcm", max_attempts=1)
-        store.delivery_attempt(failed, ok=False, error="refused", next_attempt_at=utc_now())
-
-        async def in_thread(function):
-            return await asyncio.to_thread(function)
-
         monkeypatch.setattr(api_worklist, "_service", lambda: types.SimpleNamespace(store=store, in_thread=in_thread))
         app = FastAPI()
         app.include_router(api_worklist.router, prefix="/v1")
-        client = TestClient(app)
-        answer = client.post(f"/v1/deliveries/{failed}/retry")
-        assert answer.status_code == 200
-        body = answer.json()
-        assert (body["id"], body["state"], body["attempts"], body["last_error"]) == (failed, "pending", 0, "refused")
-        again = client.post(f"/v1/deliveries/{failed}/retry")
-        assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
-        assert "pending" in again.json()["error"]["message"]
-        unknown = client.post(f"/v1/deliveries/{failed + 1}/retry")
-        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
-        for bad in ("x", "0", str(2**63)):
-            assert client.post(f"/v1/deliveries/{bad}/retry").status_code == 422  # FastAPI's check of the path
+        yield TestClient(app), store
 
 
-def test_retrying_an_instance_answers_its_state_or_why_not(tmp_path, monkeypatch):
-    """The instance retry endpoint over a real SQLite store and real spool files (the edge around it stubbed,
-    as above; tests/test_dicom_listener.py runs a retried instance through the intake)."""
-    import asyncio
-    import types
+def test_retrying_a_delivery_answers_its_state_or_names_the_conflict(api_on_store):
+    """tests/test_pacs_unreachable.py retries a delivery through the real service."""
+    from service.store import DeliveryKind, ReceivedInstance, utc_now
 
-    from fastapi import FastAPI
-    from starlette.testclient import TestClient
+    client, store = api_on_store
+    store.receive(ReceivedInstance(sop_uid="1.2.3.4", study_uid="1.2.3", series_uid=None, sop_class_uid=None,
+                                   source="test", spool_path=None, received_at=utc_now()))
+    failed = store.add_delivery("1.2.3", "1.2.3.9", DeliveryKind.SR, "pacs", "/x/SR.dcm", max_attempts=1)
+    store.delivery_attempt(failed, ok=False, error="refused", next_attempt_at=utc_now())
+    answer = client.post(f"/v1/deliveries/{failed}/retry")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert (body["id"], body["state"], body["attempts"], body["last_error"]) == (failed, "pending", 0, "refused")
+    again = client.post(f"/v1/deliveries/{failed}/retry")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+    assert "pending" in again.json()["error"]["message"]
+    unknown = client.post(f"/v1/deliveries/{failed + 1}/retry")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+    for bad in ("x", "0", str(2**63)):
+        assert client.post(f"/v1/deliveries/{bad}/retry").status_code == 422  # FastAPI's check of the path
 
-    from service import api_worklist
-    from service.store import InstanceStatus, ReceivedInstance, open_store, utc_now
 
+def test_retrying_an_instance_answers_its_state_or_why_not(api_on_store, tmp_path):
+    """With real spool files; tests/test_dicom_listener.py runs a retried instance through the intake."""
+    from service.store import InstanceStatus, ReceivedInstance, utc_now
+
+    client, store = api_on_store
     kept, gone = tmp_path / "1.2.3.1.dcm", tmp_path / "1.2.3.2.dcm"
     kept.write_bytes(b"DICM")
-    with open_store(None, tmp_path) as store:
-        for sop_uid, path in (("1.2.3.1", kept), ("1.2.3.2", gone)):
-            store.receive(ReceivedInstance(sop_uid=sop_uid, study_uid="1.2.3", series_uid=None, sop_class_uid=None,
-                                           source="dicom:TEST", spool_path=str(path), received_at=utc_now()))
-            store.mark_instance(sop_uid, InstanceStatus.FAILED, "internal_error")
-
-        async def in_thread(function, *args):
-            return await asyncio.to_thread(function, *args)
-
-        monkeypatch.setattr(api_worklist, "_service", lambda: types.SimpleNamespace(store=store, in_thread=in_thread))
-        app = FastAPI()
-        app.include_router(api_worklist.router, prefix="/v1")
-        client = TestClient(app)
-        answer = client.post("/v1/instances/1.2.3.1/retry")
-        assert answer.status_code == 200
-        assert answer.json() == {"sop_uid": "1.2.3.1", "study_uid": "1.2.3", "status": "received", "attempts": 0}
-        again = client.post("/v1/instances/1.2.3.1/retry")
-        assert again.status_code == 409 and "only a failed instance" in again.json()["error"]["message"]
-        lost = client.post("/v1/instances/1.2.3.2/retry")
-        assert lost.status_code == 409 and "spooled bytes are gone" in lost.json()["error"]["message"]
-        status = {i.sop_uid: (i.status, i.error_code) for i in store.study("1.2.3").instances}
-        assert status["1.2.3.2"] == (InstanceStatus.FAILED, "spool_missing")
-        assert client.post("/v1/instances/1.2.3.404/retry").status_code == 404
+    for sop_uid, path in (("1.2.3.1", kept), ("1.2.3.2", gone)):
+        store.receive(ReceivedInstance(sop_uid=sop_uid, study_uid="1.2.3", series_uid=None, sop_class_uid=None,
+                                       source="dicom:TEST", spool_path=str(path), received_at=utc_now()))
+        store.mark_instance(sop_uid, InstanceStatus.FAILED, "internal_error")
+    answer = client.post("/v1/instances/1.2.3.1/retry")
+    assert answer.status_code == 200
+    assert answer.json() == {"sop_uid": "1.2.3.1", "study_uid": "1.2.3", "status": "received", "attempts": 0}
+    again = client.post("/v1/instances/1.2.3.1/retry")
+    assert again.status_code == 409 and "only a failed instance" in again.json()["error"]["message"]
+    lost = client.post("/v1/instances/1.2.3.2/retry")
+    assert lost.status_code == 409 and "spooled bytes are gone" in lost.json()["error"]["message"]
+    status = {i.sop_uid: (i.status, i.error_code) for i in store.study("1.2.3").instances}
+    assert status["1.2.3.2"] == (InstanceStatus.FAILED, "spool_missing")
+    assert client.post("/v1/instances/1.2.3.404/retry").status_code == 404
