@@ -19,7 +19,7 @@ import pydicom
 from pydicom.uid import RLELossless
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from service.decoding import plugin_for  # noqa: E402
+from service.imaging.decoding import plugin_for  # noqa: E402
 from tests.realdata import realdata_dir  # noqa: E402
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from service.decode_pool import DecodePool  # noqa: E402
-from service.decoding import decode_here  # noqa: E402
+from service.imaging.decode_pool import DecodePool  # noqa: E402
+from service.imaging.decoding import decode_here  # noqa: E402
 from tests.realdata import realdata_dir  # noqa: E402
 
 FILES = ["chest/siim_cr_jpegbaseline_mono2.dcm", "chest/philips_cr_j2k_lossy_mono1.dcm",
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=15)
     args = parser.parse_args()
-    pool = DecodePool(size=1, timeout_s=60)
+    pool = DecodePool(size=1, timeout_s=60, decode=decode_here)
     try:
         print(f"load average before: {os.getloadavg()[0]:.2f}; {args.repeat} decodes each, medians")
         print("| film | pixels | in thread ms | in the pool ms | overhead ms | overhead |")

@@ -34,13 +34,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from service.backends.torch_backend import (  # noqa: E402
+from service.models.backends.torch_backend import (  # noqa: E402
     TorchBackend,
     build_network,
     load_network,
     spec_from_config,
 )
-from service.manifest import load_manifest  # noqa: E402
+from service.models.manifest import load_manifest  # noqa: E402
 
 DEMO_MODELS = {
     "demo classifier (R18 w16, aux head dropped)": ROOT / "models" / "ptx-classifier-demo" / "0.1.0",

@@ -245,7 +245,7 @@ def naive_server(log_path: Path, env: dict[str, str], classifier: Path, segmente
 
 def model_env(classifier: Path, segmenter: Path) -> dict[str, str]:
     """PTX_ variables that make the service pick these two model folders (root/<name>/<version>)."""
-    from service.manifest import load_manifest
+    from service.models.manifest import load_manifest
 
     root = classifier.resolve().parent.parent
     if segmenter.resolve().parent.parent != root:
@@ -274,9 +274,9 @@ def time_per_film(run, batch: np.ndarray, min_seconds: float = 0.5, min_repeats:
 def measure_models(classifier: Path, segmenter: Path, films: Sequence[Path], hflip_tta: bool,
                    threads: int) -> dict[str, dict]:
     """Per-film time of the cascade's two model steps at each batch size (ORT CPU, as the pipeline calls them)."""
-    from service.imaging import read_radiograph
-    from service.pipeline import classify_scores, segment_maps
-    from service.preprocess import to_batch
+    from service.imaging.reader import read_radiograph
+    from service.models.inference import classify_scores, segment_maps
+    from service.cascade.preprocess import to_batch
     from training.evaluate import load_cascade
 
     cascade, _ = load_cascade(classifier, segmenter, hflip_tta=hflip_tta, threads=threads)
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "data" / "bench" / "runs" / started.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 
-    from service.model_set import resolve
+    from service.models.model_set import resolve
     from service.settings import load_settings
 
     env = parse_env(args.service_env)

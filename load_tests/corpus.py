@@ -6,7 +6,7 @@ Why pools rather than a folder of films: the load mix is 22 % requests for films
 positive (the design's prevalence), 75 % films it calls negative and 3 % requests it must refuse, and the
 scenarios check every answer against what its film should get. A synthetic label is not enough for that:
 the demo classifier is tuned for sensitivity, so many label-negative films score above its operating point.
-So each synthetic film is scored once, in-process, with the service's own cascade (`service.pipeline.Cascade`
+So each synthetic film is scored once, in-process, with the service's own cascade (`service.cascade.postprocess.Cascade`
 over the ONNX models and thresholds the service loads, the same engine and TTA, hence the same scores to
 ~1e-6), and kept only where label and score agree with a margin around the operating point:
 
@@ -83,7 +83,7 @@ def _options(count: int, seed: int) -> dict:
 
 def _models() -> dict:
     """Which models (and TTA) the service would run with this environment's settings (PTX_MODELS_DIR etc.)."""
-    from service.model_set import resolve
+    from service.models.model_set import resolve
     from service.settings import load_settings
 
     settings = load_settings()
@@ -95,7 +95,7 @@ def _models() -> dict:
 
 def _cascade():
     """The cascade the service would run: same models, thresholds and TTA, ONNX Runtime on the CPU."""
-    from service.model_set import resolve
+    from service.models.model_set import resolve
     from service.settings import load_settings
     from training.evaluate import load_cascade
 
@@ -111,8 +111,8 @@ def _rejects(out: Path, template: Path) -> list[Film]:
     import pydicom
     from pydicom.uid import CTImageStorage
 
-    from service.imaging import read_radiograph
-    from service.radiograph import RadiographError
+    from service.imaging.reader import read_radiograph
+    from service.imaging.radiograph import RadiographError
 
     folder = out / "rejects"
     folder.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def _rejects(out: Path, template: Path) -> list[Film]:
 
 def build(out: Path, count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED, quiet: bool = True) -> dict:
     """Generate, score and sort the corpus into `out` (replaced); returns the manifest it wrote."""
-    from service.imaging import read_radiograph
+    from service.imaging.reader import read_radiograph
     from training.__main__ import main as training_main
 
     if out.exists():

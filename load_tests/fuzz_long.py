@@ -84,7 +84,7 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
             signal.alarm(0)
 
     if target == "imaging":
-        from service.acceptance import permissive_policy
+        from service.imaging.acceptance import permissive_policy
 
         @seeded(seed)
         @common
@@ -101,7 +101,7 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
     elif target == "rle":
         import numpy as np
 
-        from service import rle
+        from service.cascade import rle
 
         token = st.one_of(st.integers(-5, 5000), st.integers(), st.sampled_from(["", "x", "1.5", "-1", "1_0"]))
 
@@ -122,7 +122,7 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
                     outcomes["RLEError"] += 1
 
     elif target == "http":
-        import tests.test_fuzz_http as http_fuzz
+        import tests.http.test_fuzz_http as http_fuzz
 
         small = load_files(realdata_dir(), http_fuzz.FILMS)
 
@@ -178,7 +178,7 @@ def main() -> None:
 
             log = args.out / "http-server.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            import tests.test_fuzz_http as http_fuzz
+            import tests.http.test_fuzz_http as http_fuzz
 
             env = {"PTX_DATA_DIR": str(args.out / "http-data"), "PTX_MAX_FILE_BYTES": str(http_fuzz.MAX_BYTES),
                    "PTX_MAX_FILES_PER_REQUEST": str(http_fuzz.MAX_FILES), "PTX_MAX_BATCH_SIZE": "4"}

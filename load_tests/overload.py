@@ -8,7 +8,7 @@ ignoring Retry-After (a flood, not a polite client; 0 = hostile, hammering) -- f
 that 200 is the recovery time. Reported: admitted throughput (200s per second during the flood), share of
 503s, p50/p99 latency of admitted requests against the single-request latency measured first, p99 of the
 refusals (they must be fast: the point of admission control), and the recovery time.
-`tests/test_app_overload.py` runs the same flood through a real server with a small PTX_MAX_IN_FLIGHT.
+`tests/http/test_app_overload.py` runs the same flood through a real server with a small PTX_MAX_IN_FLIGHT.
 """
 
 from __future__ import annotations

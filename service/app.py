@@ -35,22 +35,23 @@ from fastapi import FastAPI, Query
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from service import auth, batching, deidentify
-from service.api_schema import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut, error
-from service.api_worklist import router as worklist_router
-from service.decode_pool import shared_pool
-from service.finding import Finding
-from service.imaging import read_radiograph
+from service.http import auth, deidentify
+from service.models import batching
+from service.http.schemas import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut, error
+from service.http.worklist import router as worklist_router
+from service.imaging.decode_pool import shared_pool
+from service.cascade.finding import Finding
+from service.imaging.reader import read_radiograph
 from service.log_safety import describe_exception
-from service.manifest import ManifestError
+from service.models.manifest import ManifestError
 from service.metrics import child, metrics, start_resource_sampler
-from service.model_set import ModelSet, resolve
-from service.radiograph import RadiographError
-from service.results_files import ResultsFolder
-from service.runtime import ModelRunner, unpack
+from service.models.model_set import ModelSet, resolve
+from service.imaging.radiograph import RadiographError
+from service.store.results_files import ResultsFolder
+from service.models.runner import ModelRunner, unpack
 from service.settings import load_settings
 from service.store import FindingRecord, ReceivedInstance, open_store, utc_now
-from service.triage import Edge, Prepared
+from service.cascade.flow import Edge, Prepared
 
 log = logging.getLogger("ptx.app")
 # BentoML configures its own loggers and leaves the root at WARNING; ours report model loading, providers and
@@ -120,7 +121,7 @@ class Models:
     def _report_resources() -> None:
         """GPU visibility (with provider=cpu in ptx_model_info: a GPU box running on the CPU), and the sampler of
         this process's memory and the GPU's."""
-        from service.backends.onnxruntime import probe_gpu  # here: the edge never loads onnxruntime
+        from service.models.backends.onnxruntime import probe_gpu# here: the edge never loads onnxruntime
 
         metrics().gpu_visible.set(1 if probe_gpu() is not None else 0)
         start_resource_sampler("models", gpu=True)
@@ -135,7 +136,7 @@ class Models:
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
                  max_latency_ms=SETTINGS.max_latency_ms)
     def classify(self, batch: np.ndarray) -> np.ndarray:
-        """Packed triage scores (see `service.runtime.pack`) for preprocessed classifier inputs."""
+        """Packed triage scores (see `service.models.runner.pack`) for preprocessed classifier inputs."""
         return self._observe("classifier", batch, self.runner.classify(batch))
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
@@ -288,7 +289,7 @@ async def triage(request: Request, mask: str | None = MASK_QUERY) -> JSONRespons
     try:
         mask_format = _mask_format(mask)
         (_, payload), = await _payloads(request, many=False)
-        finding = await service.triage(payload)
+        finding = await service.cascade.flow(payload)
         if SETTINGS.record_http:
             await service.in_thread(service.record, finding)
     except ApiError as exc:
@@ -312,7 +313,7 @@ async def triage_batch(request: Request, mask: str | None = MASK_QUERY) -> JSONR
         payloads = await _payloads(request, many=True)
     except ApiError as exc:
         return _refused(exc)
-    outcomes = await asyncio.gather(*(service.triage(payload) for _, payload in payloads), return_exceptions=True)
+    outcomes = await asyncio.gather(*(service.cascade.flow(payload) for _, payload in payloads), return_exceptions=True)
     results: list[dict[str, Any]] = []
     for (filename, _), outcome in zip(payloads, outcomes):
         if isinstance(outcome, Finding):
@@ -387,7 +388,7 @@ class Triage:
         self._pacs_task = asyncio.get_running_loop().create_task(self._run_pacs())
 
     async def _run_pacs(self) -> None:
-        from service.pacs import Pacs
+        from service.pacs.side import Pacs
 
         while not await self.__is_ready__():
             await asyncio.sleep(0.5)

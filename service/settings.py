@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     def _allowlist(cls, value: str | None) -> str | None:
         """Parse it now, so a bad entry stops start-up with its message rather than the PACS side later."""
         if value is not None:
-            from service.dicom_allowlist import CallingAeAllowlist
+            from service.pacs.allowlist import CallingAeAllowlist
 
             CallingAeAllowlist.parse(value)
         return value

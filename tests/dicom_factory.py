@@ -8,7 +8,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from service.acceptance import CR_IMAGE_STORAGE
+from service.imaging.acceptance import CR_IMAGE_STORAGE
 
 
 def chest_like(rows: int = 256, columns: int = 256, bits: int = 12) -> np.ndarray:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 from pydicom.dataset import Dataset
 
-from service.decoding import decode_here
+from service.imaging.decoding import decode_here
 
 SLOW, HUNGRY, CRASH = b"SLOW", b"HUNGRY", b"CRASH"
 

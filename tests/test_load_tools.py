@@ -23,10 +23,10 @@ from load_tests.bench_service import (
     post_all,
     summarise,
 )
-from service import rle
-from service.finding import PriorityBands, build_finding
-from service.imaging import read_radiograph
-from service.model_set import resolve
+from service.cascade import rle
+from service.cascade.finding import PriorityBands, build_finding
+from service.imaging.reader import read_radiograph
+from service.models.model_set import resolve
 from service.settings import load_settings
 from tests.servers import REPO, free_port, wait_http
 from training.__main__ import main as training_main

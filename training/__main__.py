@@ -182,7 +182,7 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from service.manifest import ManifestError
+    from service.models.manifest import ManifestError
     from training.data import DataError, index_siim
     from training.evaluate import evaluate
 

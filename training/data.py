@@ -1,7 +1,7 @@
 """Training data: SIIM-format folders and PNG folders → a preprocessed, memory-mapped cache → folds.
 
-Images are read with `service.imaging.read_radiograph` and resized with `service.preprocess`, masks decoded
-with `service.rle`: the very code that serves them. Decoding a JPEG 2000 film costs ~110 ms, so it is done
+Images are read with `service.imaging.reader.read_radiograph` and resized with `service.cascade.preprocess`, masks decoded
+with `service.cascade.rle`: the very code that serves them. Decoding a JPEG 2000 film costs ~110 ms, so it is done
 once into a cache (`images.npy` float16, `masks.npy` uint8 coverage ×255, memory-mapped), whose key covers
 the files (name, size, mtime), the labels and every preprocessing parameter: change any, get a new cache.
 """
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service import rle
-from service.acceptance import AcceptancePolicy
-from service.imaging import read_radiograph
-from service.preprocess import mask_to_input, resize
+from service.cascade import rle
+from service.imaging.acceptance import AcceptancePolicy
+from service.imaging.reader import read_radiograph
+from service.cascade.preprocess import mask_to_input, resize
 from service.processes import safe_context
 
 # Bump when what the cache holds changes meaning (resizing, quantisation, mask encoding).

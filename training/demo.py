@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from service.manifest import load_manifest, write_manifest
+from service.models.manifest import load_manifest, write_manifest
 from training import config as configs
 from training.data import CachedSet, build_cache, index_siim
 from training.evaluate import evaluate

@@ -16,14 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from service import manifest as manifests
-from service import rle
-from service.backends.onnxruntime_cpu import OnnxRuntimeCPU
-from service.imaging import read_radiograph
-from service.pipeline import Cascade
-from service.preprocess import resize
+from service.models import manifest as manifests
+from service.cascade import rle
+from service.models.backends.onnxruntime_cpu import OnnxRuntimeCPU
+from service.imaging.reader import read_radiograph
+from service.cascade.in_process import Cascade
+from service.cascade.preprocess import resize
 from training.data import Sample
-from training.report import CascadeOutputs, summarise, write_report
+from training.cascade_outputs import CascadeOutputs
+from training.report import summarise, write_report
 
 SCORE_DEFINITION = (
     "The triage score is the classifier's probability (sigmoid of its logit) for 'pneumothorax present', "

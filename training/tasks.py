@@ -8,12 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.preprocess import InputSpec, resize
+from service.models.input_spec import InputSpec
+from service.cascade.preprocess import resize
 from training import losses, metrics
 from training.config import ModelConfig
 from training.data import CachedSet
 from training.datasets import RadiographDataset
-from training.networks import Classifier, UNet, load_encoder_weights
+from service.models.networks import Classifier, UNet, load_encoder_weights
 from training.trainer import Task
 
 

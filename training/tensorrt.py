@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from types import ModuleType
 
-from service.manifest import sha256_file
+from service.models.manifest import sha256_file
 
 NOT_INSTALLED = (
     "TensorRT is not installed: pip install tensorrt on a CUDA machine; "

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.postprocess import TripletThreshold
+from service.models.thresholds import TripletThreshold
 from training.metrics import dice
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.postprocess import TripletThreshold, scale_min_area
+from service.models.thresholds import TripletThreshold, scale_min_area
 from training import augment, metrics
 from training.config import TrainConfig
 from training.data import CachedSet, make_folds, write_folds

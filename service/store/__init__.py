@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from service.store.base import (
-    DEFAULT_MAX_ATTEMPTS, INTERNAL_ERROR, DeliveryKind, DeliveryRecord, DeliveryState, FindingRecord,
+    DEFAULT_MAX_ATTEMPTS, INTERNAL_ERROR, SPOOL_MISSING, DeliveryKind, DeliveryRecord, DeliveryState, FindingRecord,
     InstanceRecord, InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore, SchemaTooNewError, StoreError,
     StudyRecord, StudyStatus, WorklistItem, utc_now,
 )
@@ -60,7 +60,7 @@ def open_store(database_url: str | None, data_dir: Path, *, pool_size: int = 4,
 
 
 __all__ = [
-    "DEFAULT_MAX_ATTEMPTS", "INTERNAL_ERROR", "LATEST_VERSION", "DeliveryKind", "DeliveryRecord", "DeliveryState",
+    "DEFAULT_MAX_ATTEMPTS", "INTERNAL_ERROR", "LATEST_VERSION", "SPOOL_MISSING", "DeliveryKind", "DeliveryRecord", "DeliveryState",
     "FindingRecord", "InstanceRecord", "InstanceStatus", "NotFoundError", "ReceivedInstance", "ResultsStore",
     "SchemaTooNewError", "StoreError", "StudyRecord", "StudyStatus", "WorklistItem", "dialect_for", "open_store",
 ]

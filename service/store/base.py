@@ -30,9 +30,10 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Self
 
-from service.finding import Finding, Priority
+from service.cascade.finding import Finding, Priority
 
 DEFAULT_MAX_ATTEMPTS = 10
+SPOOL_MISSING = "spool_missing"  # the store knows the instance, its bytes are gone (disk replaced, manual cleanup)
 INTERNAL_ERROR = "internal_error"  # an instance's attempts spent without an outcome (not its content): retryable
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Protocol
 
-from service.finding import Priority
+from service.cascade.finding import Priority
 from service.store.base import (
     DEFAULT_MAX_ATTEMPTS, INTERNAL_ERROR, DeliveryKind, DeliveryRecord, DeliveryState, FindingRecord,
     InstanceRecord, InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore, SchemaTooNewError, StoreError,

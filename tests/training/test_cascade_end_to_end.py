@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.manifest import find_models, load_manifest, sha256_file
+from service.models.manifest import find_models, load_manifest, sha256_file
 from training.__main__ import main as training_main
 from training.config import from_dict
 from training.data import build_cache, index_siim

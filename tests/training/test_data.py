@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import rle
+from service.cascade import rle
 from training.data import DataError, build_cache, index_folder, index_siim, make_folds, read_rle_csv, write_folds
 from tests.dicom_factory import chest_like, dataset, to_bytes
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from training.losses import multitask_loss, segmentation_loss
-from training.networks import Classifier, ResNetEncoder, UNet, export_onnx, load_encoder_weights
+from service.models.networks import Classifier, ResNetEncoder, UNet, load_encoder_weights
+from training.export import export_onnx
 
 torch.set_num_threads(1)
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.postprocess import TripletThreshold
-from training.report import CascadeOutputs, select_examples, summarise, wilson_interval, write_report
+from service.models.thresholds import TripletThreshold
+from training.cascade_outputs import CascadeOutputs
+from training.report import select_examples, summarise, wilson_interval, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.postprocess import TripletThreshold
+from service.models.thresholds import TripletThreshold
 from training.metrics import mean_dice
 from training.thresholds import search_triplet
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.rle import EMPTY, encode
+from service.cascade.rle import EMPTY, encode
 from service.processes import safe_context
 from training.synth import dicom_writer, lesions
 from training.synth.anatomy import Anatomy, render_anatomy

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.rle import EMPTY, decode
+from service.cascade.rle import EMPTY, decode
 
 SIIM_SIZE = 1024
 HEADER = ["ImageId", " EncodedPixels"]

@@ -1,0 +1,68 @@
+"""Which DICOM objects the service accepts as a chest radiograph: selection rules as data.
+
+A site that labels chest films `THORAX` or sends `DR` as modality changes this policy, not code. The
+defaults follow what chest radiography actually arrives as: CR and DX images, and Secondary Capture
+objects whose Modality says CR/DX (the SIIM-ACR dataset ships its films that way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.uid import UID
+
+CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
+DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
+DX_FOR_PROCESSING = UID("1.2.840.10008.5.1.4.1.1.1.1.1")
+SECONDARY_CAPTURE = UID("1.2.840.10008.5.1.4.1.1.7")
+
+# Body Part Examined is free text in practice; these tokens, found in the upper-cased value, mean chest.
+CHEST_TOKENS = ("CHEST", "THORAX", "THORAC", "LUNG", "TORAX", "TORACE", "BRUST", "POITRINE", "PECHO")
+
+
+@dataclass(frozen=True)
+class AcceptancePolicy:
+    """Rules applied to every incoming object before its pixels are decoded (decoding is the costly part).
+
+    `modalities` and `sop_classes` are the accepted values (None: any); an object whose SOP Class is not
+    listed is refused even with an accepted Modality, so that an RT Dose or a waveform never reaches a model.
+    `body_part_tokens` (None: any): an absent or empty Body Part Examined is accepted, a present one must
+    contain a token. Sizes are per side in pixels; `max_pixels` and `max_file_bytes` guard memory before
+    anything is decoded.
+    """
+
+    modalities: frozenset[str] | None = frozenset({"CR", "DX", "DR"})
+    sop_classes: frozenset[str] | None = frozenset(
+        {CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE}
+    )
+    body_part_tokens: tuple[str, ...] | None = CHEST_TOKENS
+    min_side: int = 256
+    max_side: int = 8192
+    max_pixels: int = 40_000_000
+    max_file_bytes: int = 512 * 1024 * 1024
+    reject_inverted: bool = False
+    # Compressed pixel data decoded in killable worker processes (service.imaging.decode_pool) when set: the
+    # service sets it (PTX_DECODE_TIMEOUT_S); None decodes in the calling thread (training, tools).
+    decode_timeout_s: float | None = None
+    decode_memory_mb: int = 2048  # address space a decode worker may add (PTX_DECODE_MEMORY_MB)
+    decode_workers: int = 2  # decode worker processes at most (the service: PTX_DECODE_THREADS)
+    frontal_views: frozenset[str] = frozenset({"PA", "AP", ""})
+
+    def __post_init__(self) -> None:
+        if self.min_side < 1:
+            raise ValueError(f"min_side must be >= 1, got {self.min_side}")
+        if self.max_side < self.min_side:
+            raise ValueError(f"max_side ({self.max_side}) must be >= min_side ({self.min_side})")
+        if self.max_pixels < self.min_side * self.min_side:
+            raise ValueError(f"max_pixels ({self.max_pixels}) is below min_side squared ({self.min_side ** 2})")
+
+    def is_chest(self, body_part: str) -> bool:
+        if self.body_part_tokens is None:
+            return True
+        value = body_part.upper()
+        return any(token in value for token in self.body_part_tokens)
+
+
+def permissive_policy() -> AcceptancePolicy:
+    """Any modality, SOP class, body part and size: for tools and tests that exercise decoding itself."""
+    return AcceptancePolicy(modalities=None, sop_classes=None, body_part_tokens=None, min_side=1)

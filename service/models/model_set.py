@@ -1,0 +1,102 @@
+"""Which two models the service runs, found and verified through their manifests.
+
+Both sides of the service read this: the model worker to load the weights, the HTTP edge for the input
+specs and thresholds. Both resolve from the same settings and the same hash-verified manifests, so they
+cannot disagree about which model version (and so which thresholds) is in use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.models import manifest as manifests
+from service.models.manifest import ClassificationThresholds, Manifest, ManifestError, SegmentationThresholds
+from service.models.thresholds import TripletThreshold
+from service.models.input_spec import InputSpec
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    role: str  # "classifier" or "segmenter"
+    directory: Path
+    manifest: Manifest
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.name} {self.manifest.version}"
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """The cascade's two models and what their manifests say about using them."""
+
+    classifier: ModelEntry
+    segmenter: ModelEntry
+
+    @property
+    def classifier_spec(self) -> InputSpec:
+        return manifests.input_spec(self.classifier.manifest)
+
+    @property
+    def segmenter_spec(self) -> InputSpec:
+        return manifests.input_spec(self.segmenter.manifest)
+
+    @property
+    def _classification(self) -> ClassificationThresholds:
+        thresholds = self.classifier.manifest.thresholds
+        assert isinstance(thresholds, ClassificationThresholds)
+        return thresholds
+
+    @property
+    def gate(self) -> float:
+        return self._classification.gate
+
+    @property
+    def operating_point(self) -> float:
+        return self._classification.operating_point
+
+    @property
+    def triplet(self) -> TripletThreshold:
+        return manifests.triplet(self.segmenter.manifest)
+
+    @property
+    def triplet_reference_size(self) -> int:
+        thresholds = self.segmenter.manifest.thresholds
+        assert isinstance(thresholds, SegmentationThresholds)
+        return thresholds.min_area_reference_size
+
+    def entries(self) -> tuple[ModelEntry, ModelEntry]:
+        return self.classifier, self.segmenter
+
+
+def _resolve(root: Path, name: str | None, task: str, role: str, setting: str) -> ModelEntry:
+    found = manifests.find_models(root, task)
+    if name is None:
+        names = sorted({manifest.name for _, manifest in found})
+        if len(names) != 1:
+            raise ManifestError(
+                f"{len(names)} {task} models under {root} ({', '.join(names) or 'none'}); "
+                f"name one with {setting}"
+            )
+        name = names[0]
+    directory, manifest = manifests.latest(root, name)
+    if manifest.task != task:
+        raise ManifestError(f"{setting}={name} is a {manifest.task} model; the {role} must be a {task} model")
+    return ModelEntry(role, directory, manifest)
+
+
+def resolve(settings: Settings) -> ModelSet:
+    """The highest version of the named (or only) classifier and segmenter under `settings.models_dir`.
+
+    Raises `ManifestError` (naming the file and the mismatch) for any model that fails its hashes: a
+    service never starts on unvalidated weights.
+    """
+    root = Path(settings.models_dir)
+    if not root.is_dir():
+        raise ManifestError(f"models directory {root} (PTX_MODELS_DIR) does not exist")
+    return ModelSet(
+        classifier=_resolve(root, settings.classifier, "classification", "classifier", "PTX_CLASSIFIER"),
+        segmenter=_resolve(root, settings.segmenter, "segmentation", "segmenter", "PTX_SEGMENTER"),
+    )

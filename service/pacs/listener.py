@@ -1,0 +1,367 @@
+"""The DICOM storage SCP: modalities and PACS send chest radiographs here with C-STORE (and check us with C-ECHO).
+
+    association ──calling AE allowed from that address? under the limit?──▶ accepted (else A-ASSOCIATE-RJ)
+    C-STORE ──▶ spool.write (fsync, atomic rename) ──▶ store.receive ──▶ 0x0000 ──▶ on_received(sop_uid)
+                  └─ any failure ─────────────────────────────────────▶ 0xA700 (the sender retries)
+
+Success goes back only once the instance is on disk and recorded: that is what lets "every instance that
+got a success status has a worklist entry" hold across a SIGKILL. A repeated SOP Instance UID is answered
+success without being spooled or queued again. Triage happens later, in `service.pacs.intake`, so a slow model
+never holds an association open.
+
+Accepted: Verification, and CR / DX (for presentation and for processing) / Secondary Capture image storage
+(the SOP classes of `service.imaging.acceptance`) in the uncompressed little-endian syntaxes, deflate, and the
+compressed syntaxes the service decodes (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE), each
+offered only when a pixel decoder for it is installed, so a sender is never accepted in a syntax we would
+then refuse. Other SOP classes (a CT, say) get no presentation context.
+
+Logs name associations (calling AE, address), SOP Instance UIDs and statuses, never patient attributes.
+`python -m service.pacs.listener --port N --data-dir D` runs a listener with its spool and SQLite store
+alone (no triage): an intake in another process, or the crash test, can drain it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    JPEG2000, UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from service.imaging.acceptance import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE
+from service.pacs.allowlist import CallingAeAllowlist
+from service.pacs.pdu_limit import limited_request_handler
+from service.pacs.spool import Spool
+from service.imaging.uids import is_dicom_uid
+from service.store import InstanceRecord, InstanceStatus, ReceivedInstance, ResultsStore, StudyRecord, utc_now
+
+log = logging.getLogger("ptx.dicom")
+
+DEFAULT_AE_TITLE = "PTXTRIAGE"
+DEFAULT_MAX_PDU = 256 * 1024  # bytes; larger PDUs mean fewer round trips for multi-megabyte films
+DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024  # bytes of one C-STORE dataset, as PTX_MAX_FILE_BYTES for HTTP uploads
+
+STORAGE_SOP_CLASSES: tuple[UID, ...] = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE)
+CANDIDATE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+)
+
+# C-STORE statuses (PS3.4 B.2.3). Failures carry an Error Comment without patient data.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # "refused: out of resources": the sender keeps the instance and retries
+CANNOT_UNDERSTAND = 0xC000  # the dataset lacks what we need to key it (not worth retrying unchanged)
+
+# Outcomes of a C-STORE, for `on_outcome` (the label of ptx_dicom_received_total)
+RECEIVED, DUPLICATE, REFUSED, FAILED = "received", "duplicate", "refused", "failed"
+OUTCOMES = (RECEIVED, DUPLICATE, REFUSED, FAILED)
+
+
+def decodable_transfer_syntaxes(candidates: Iterable[UID] = CANDIDATE_TRANSFER_SYNTAXES) -> list[UID]:
+    """The candidates whose pixel data this installation can decode (uncompressed ones always can)."""
+    usable = []
+    for syntax in candidates:
+        if not syntax.is_compressed:
+            usable.append(syntax)
+            continue
+        try:
+            available = get_decoder(syntax).is_available
+        except NotImplementedError:
+            available = False
+        if available:
+            usable.append(syntax)
+        else:
+            log.warning("not offering %s (%s): no pixel decoder installed", syntax.name, syntax)
+    return usable
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]  # LO
+    return status
+
+
+@dataclass(frozen=True)
+class _Keys:
+    sop_uid: str
+    study_uid: str
+    series_uid: str | None
+    sop_class_uid: str
+
+
+class DicomListener:
+    """A pynetdicom storage SCP over a spool and the results store.
+
+    `allowed_calling_aes`: who may associate (None: anyone), a `CallingAeAllowlist` or its entries (`AE`,
+    `AE@10.0.0.5`, `AE@10.1.0.0/16`); others get A-ASSOCIATE-RJ "rejected-permanent, service-user, calling
+    AE title not recognised" (also for a known title from an address it is not allowed from: PS3.8 has no
+    reason for addresses, and the caller need not learn that the title itself was right). `max_associations`: concurrent
+    associations; one more gets "rejected-transient, service-provider (presentation), local limit exceeded".
+    `max_pdu`: our Maximum Length Received, announced and enforced; `max_message_bytes`: the largest C-STORE
+    dataset read (None: no limit); a peer over either is aborted unread (service/dicom_pdu_limit.py).
+    `on_received(sop_uid)` is called after a new instance is durably received (the intake's wake-up; it must
+    not block). `on_outcome(outcome)` is called once per C-STORE answered, with one of `OUTCOMES` (a metrics
+    counter: the C-STORE rate by outcome). `port=0` binds a free port (see `port` after `start`).
+    """
+
+    def __init__(self, spool: Spool, store: ResultsStore, *, port: int, host: str = "0.0.0.0",
+                 ae_title: str = DEFAULT_AE_TITLE,
+                 allowed_calling_aes: CallingAeAllowlist | Iterable[str] | None = None,
+                 max_associations: int = 10, max_pdu: int = DEFAULT_MAX_PDU,
+                 max_message_bytes: int | None = DEFAULT_MAX_MESSAGE,
+                 on_received: Callable[[str], None] | None = None, network_timeout_s: float = 60.0,
+                 clock: Callable[[], datetime] = utc_now, on_outcome: Callable[[str], None] | None = None) -> None:
+        if max_associations < 1:
+            raise ValueError(f"max_associations must be at least 1, got {max_associations}")
+        self.spool, self.store = spool, store
+        self.host, self._port = host, port
+        self.ae_title = ae_title
+        self.allowlist = (allowed_calling_aes if allowed_calling_aes is None
+                          or isinstance(allowed_calling_aes, CallingAeAllowlist)
+                          else CallingAeAllowlist.parse(allowed_calling_aes))  # ValueError when empty
+        self.max_message_bytes = max_message_bytes
+        self.on_received = on_received
+        self.on_outcome = on_outcome
+        self.clock = clock
+        self.ae = self._build_ae(max_associations, max_pdu, network_timeout_s)
+        self._server: ThreadedAssociationServer | None = None
+
+    def _build_ae(self, max_associations: int, max_pdu: int, network_timeout_s: float) -> AE:
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = max_associations
+        ae.maximum_pdu_size = max_pdu
+        ae.network_timeout = network_timeout_s
+        ae.add_supported_context(Verification)
+        syntaxes = decodable_transfer_syntaxes()
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, syntaxes)
+        return ae
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listen in background threads (one per association); returns at once."""
+        if self._server is not None:
+            raise RuntimeError("the DICOM listener is already running")
+        handlers = [(evt.EVT_REQUESTED, self._on_requested),
+                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_ABORTED, self._on_aborted)]
+        # What `AE.start_server(block=False)` does, with our request handler: every PDU header is checked
+        # before its body is read (service/dicom_pdu_limit.py). The server registers with the AE as there,
+        # since its shutdown() deregisters itself.
+        server = self.ae.make_server((self.host, self._port), evt_handlers=handlers,
+                                     server_class=ThreadedAssociationServer,
+                                     request_handler=limited_request_handler(self.max_message_bytes))
+        threading.Thread(target=server.serve_forever, name=f"DicomListener@{self.ae_title}", daemon=True).start()
+        self.ae._servers.append(server)
+        self._server = server
+        log.info("DICOM listener %s on %s:%d (calling AEs: %s, at most %d associations)", self.ae_title, self.host,
+                 self.port, self.allowlist.describe() if self.allowlist else "any",
+                 self.ae.maximum_associations)
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when constructed with port=0 and started)."""
+        if self._server is not None:
+            return int(self._server.server_address[1])
+        return self._port
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, give open associations `grace_s` to finish, then abort the rest (their senders
+        retry what was not answered). Instances already answered success are durable either way."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server = None
+        deadline = time.monotonic() + grace_s
+        while self._acceptors() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self._acceptors():
+            log.warning("aborting the association with %s at shutdown", assoc.requestor.ae_title or "?")
+            assoc.abort()
+        log.info("DICOM listener %s stopped", self.ae_title)
+
+    def _acceptors(self) -> list[Any]:
+        return [assoc for assoc in self.ae.active_associations if assoc.is_acceptor and assoc.is_alive()]
+
+    def __enter__(self) -> DicomListener:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- association events (the allowlist here; pynetdicom enforces the association limit) ------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """The allowlist, checked on the A-ASSOCIATE-RQ before any negotiation: an unknown caller gets
+        A-ASSOCIATE-RJ (permanent, service-user, calling AE title not recognised) and the socket closes.
+        Done here rather than with pynetdicom's `require_calling_aet`, which knows titles but not addresses.
+        The log names the calling AE and the address (equipment, not patient data)."""
+        if self.allowlist is None:
+            return
+        assoc = event.assoc
+        calling_ae = str(assoc.requestor.primitive.calling_ae_title or "").strip()
+        address = str(assoc.requestor.address)
+        if self.allowlist.allows(calling_ae, address):
+            return
+        log.warning("association from calling AE %r at %s:%s rejected: not in PTX_DICOM_ALLOWED_AES%s",
+                    calling_ae, address, assoc.requestor.port,
+                    " from that address" if calling_ae in self.allowlist.entries else "")
+        assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE not recognised
+        assoc.is_rejected = True
+        assoc.kill()
+
+    @staticmethod
+    def _peer(event: evt.Event) -> str:
+        requestor = event.assoc.requestor
+        return f"{requestor.ae_title or '?'}@{requestor.address}:{requestor.port}"
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        log.info("association accepted from %s", self._peer(event))
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        log.warning("association rejected from %s (the association limit, PTX_DICOM_MAX_ASSOCIATIONS, reached)",
+                    self._peer(event))
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        log.warning("association with %s aborted", self._peer(event))  # by either side
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log.info("C-ECHO from %s", self._peer(event))
+        return SUCCESS
+
+    # --- C-STORE --------------------------------------------------------------------------------------------
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        """Spool, record, then answer (`_store`); report the outcome."""
+        answer, outcome = self._store(event)
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(outcome)
+            except Exception:  # noqa: BLE001 -- counting must never change the answer
+                log.warning("on_outcome failed", exc_info=True)
+        return answer
+
+    def _store(self, event: evt.Event) -> tuple[int | Dataset, str]:
+        """Spool, record, then answer, with the outcome (`OUTCOMES`). Never success before both are durable."""
+        calling_ae = (event.assoc.requestor.ae_title or "").strip() or "unknown"
+        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+        try:
+            keys = self._keys(event, sop_uid)
+        except ValueError as exc:
+            log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, CANNOT_UNDERSTAND, exc)
+            return _status(CANNOT_UNDERSTAND, str(exc)), REFUSED
+        try:
+            if self._known(keys) is not None:
+                log.info("C-STORE %s from %s: already received; success without queueing again", sop_uid, calling_ae)
+                return SUCCESS, DUPLICATE
+            path = self.spool.write(sop_uid, event.encoded_dataset())
+            received = ReceivedInstance(sop_uid=keys.sop_uid, study_uid=keys.study_uid, series_uid=keys.series_uid,
+                                        sop_class_uid=keys.sop_class_uid, source=f"dicom:{calling_ae}",
+                                        spool_path=str(path), received_at=self.clock())
+            new = self.store.receive(received)
+        except Exception as exc:  # noqa: BLE001 -- disk full, database locked...: the sender must retry
+            log.error("C-STORE %s from %s not stored (%s); answered 0x%04X so the sender retries", sop_uid,
+                      calling_ae, type(exc).__name__, OUT_OF_RESOURCES)
+            return _status(OUT_OF_RESOURCES, "could not store the instance durably; retry later"), FAILED
+        if not new:
+            self._discard_if_finished(keys)
+            log.info("C-STORE %s from %s: already received (concurrent copy); success", sop_uid, calling_ae)
+            return SUCCESS, DUPLICATE
+        log.info("C-STORE %s from %s: received (study %s)", sop_uid, calling_ae, keys.study_uid)
+        if self.on_received is not None:
+            try:
+                self.on_received(sop_uid)
+            except Exception:  # noqa: BLE001 -- the instance is durable; the intake's poll will find it
+                log.exception("on_received failed for %s; the intake will find it when it polls", sop_uid)
+        return SUCCESS, RECEIVED
+
+    @staticmethod
+    def _keys(event: evt.Event, sop_uid: str) -> _Keys:
+        """The UIDs that key an instance; ValueError (message with UIDs and tags only) when unusable."""
+        if not is_dicom_uid(sop_uid):
+            raise ValueError("Affected SOP Instance UID is not a valid UID")
+        try:
+            dataset = event.dataset
+            dataset_sop_uid = str(dataset.get("SOPInstanceUID", "") or "")
+            study_uid = str(dataset.get("StudyInstanceUID", "") or "")
+            series_uid = str(dataset.get("SeriesInstanceUID", "") or "") or None
+        except Exception:  # noqa: BLE001 -- a decoder's message may quote values: say only that it failed
+            raise ValueError("the dataset could not be decoded") from None
+        if dataset_sop_uid != sop_uid:
+            raise ValueError("SOP Instance UID (0008,0018) differs from the Affected SOP Instance UID")
+        if not is_dicom_uid(study_uid):
+            raise ValueError("Study Instance UID (0020,000D) is missing or not a valid UID")
+        return _Keys(sop_uid, study_uid, series_uid if series_uid and len(series_uid) <= 64 else None,
+                     str(event.request.AffectedSOPClassUID))
+
+    def _known(self, keys: _Keys) -> InstanceRecord | None:
+        """The stored record of this instance in its study, or None (a cheap check before spooling again)."""
+        study: StudyRecord | None = self.store.study(keys.study_uid)
+        if study is None:
+            return None
+        return next((i for i in study.instances if i.sop_uid == keys.sop_uid), None)
+
+    def _discard_if_finished(self, keys: _Keys) -> None:
+        """A concurrent or cross-study repeat rewrote the spool file of an instance already known: if that
+        instance is finished, the file would linger, so remove it; if pending, the intake still needs it."""
+        try:
+            record = self._known(keys)
+            if record is not None and record.status in (InstanceStatus.DONE, InstanceStatus.FAILED):
+                self.spool.remove(keys.sop_uid)
+        except Exception:  # noqa: BLE001 -- a leftover file is cleared by the intake at its next start
+            log.warning("could not check the repeat of %s; a leftover spool file may remain", keys.sop_uid)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Standalone: listener + spool + store, no triage (`python -m service.pacs.listener`)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from service.store import open_store
+
+    parser = argparse.ArgumentParser(description="DICOM storage SCP writing to a spool and the results store")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--data-dir", type=Path, required=True, help="spool in <dir>/spool, SQLite in <dir>")
+    parser.add_argument("--database-url", default=None)
+    parser.add_argument("--ae-title", default=DEFAULT_AE_TITLE)
+    parser.add_argument("--max-associations", type=int, default=10)
+    parser.add_argument("--allow", action="append", default=None, help="allowed calling AE title (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    with open_store(args.database_url, args.data_dir) as store:
+        listener = DicomListener(Spool(args.data_dir / "spool"), store, port=args.port, host=args.host,
+                                 ae_title=args.ae_title, allowed_calling_aes=args.allow,
+                                 max_associations=args.max_associations)
+        with listener:
+            print(f"listening on {args.host}:{listener.port}", flush=True)
+            stopped.wait()
+
+
+if __name__ == "__main__":
+    main()

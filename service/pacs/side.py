@@ -1,0 +1,154 @@
+"""The PACS side of the service, assembled: listener → spool → intake → store → DICOM results → delivery.
+
+    C-STORE ─▶ DicomListener ─(spool, fsync, then success)─▶ Intake ─▶ Triage.triage (same path as HTTP)
+                                                              │ store.record_finding (worklist: upgrade only)
+                                                              └▶ SEG + SR (+ SC) + overlay PNG → results folder
+                                                                  └▶ Dispatcher → C-STORE / STOW-RS destinations
+
+Started by the HTTP edge when `PTX_DICOM_PORT` is set (one edge worker owns it: one intake per spool), on
+the edge's event loop, after the model worker is ready. Why here and not in a separate service: the intake
+triages through the edge's own coroutine, so films from the PACS join the same adaptive batches as HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+
+from service.pacs.delivery import Backoff, Dispatcher, make_senders, parse_destinations
+from service.pacs.allowlist import CallingAeAllowlist
+from service.pacs.listener import DicomListener
+from service.pacs.results import build_results
+from service.cascade.finding import Finding
+from service.pacs.intake import Intake
+from service.store.results_files import ResultsFolder
+from service.pacs.retention import SWEEP_EVERY_S, Retention
+from service.settings import Settings
+from service.pacs.spool import Spool
+from service.store import ResultsStore
+
+log = logging.getLogger("ptx.pacs")
+OVERLAY_PNG_SIDE = 1024
+
+
+def overlay_png(pixels: np.ndarray) -> bytes:
+    """The Secondary Capture's pixels (banner, film, outline) as a PNG of at most 1024 px a side."""
+    image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
+    image.thumbnail((OVERLAY_PNG_SIDE, OVERLAY_PNG_SIDE))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Pacs:
+    """Owns the listener, the intake and the dispatcher; `start()` / `stop()` on the edge's event loop."""
+
+    def __init__(self, settings: Settings, store: ResultsStore, results: ResultsFolder,
+                 triage: Callable[[bytes], Awaitable[Finding]],
+                 observe_notification: Callable[[float], None] | None = None,
+                 on_attempt: Callable[[str, bool], None] | None = None,
+                 on_dicom_outcome: Callable[[str], None] | None = None) -> None:
+        self.settings, self.store, self.results, self.triage = settings, store, results, triage
+        self.spool = Spool(settings.data_dir / "spool")
+        self._gauges: asyncio.Task[None] | None = None
+        self._sweeps: asyncio.Task[None] | None = None
+        self.retention = (Retention(store, results, self.spool, settings.retention_days)
+                          if settings.retention_days > 0 else None)
+        destinations = parse_destinations(settings.destinations)
+        self.dispatcher = None
+        if destinations:
+            senders = make_senders(destinations, calling_ae=settings.dicom_ae_title)
+            self.dispatcher = Dispatcher(store, senders, backoff=Backoff(settings.delivery_backoff_s, 2.0,
+                                                                         settings.delivery_backoff_max_s),
+                                         max_attempts=settings.delivery_max_attempts, on_attempt=on_attempt)
+        self.intake = Intake(self.spool, store, triage, workers=settings.intake_workers,
+                             on_finding=self._on_finding, observe_notification=observe_notification)
+        allowed = CallingAeAllowlist.parse(settings.dicom_allowed_aes) if settings.dicom_allowed_aes else None
+        assert settings.dicom_port is not None
+        self.listener = DicomListener(self.spool, store, port=settings.dicom_port, host=settings.dicom_host,
+                                      ae_title=settings.dicom_ae_title, allowed_calling_aes=allowed,
+                                      max_associations=settings.dicom_max_associations,
+                                      max_pdu=settings.dicom_max_pdu, max_message_bytes=settings.max_file_bytes,
+                                      on_received=self.intake.notify, on_outcome=on_dicom_outcome)
+
+    async def start(self) -> None:
+        """Intake first (its start-up scan must not race the listener's first writes), then the listener."""
+        if self.dispatcher is not None:
+            self.dispatcher.start()
+        await self.intake.start()
+        await asyncio.to_thread(self.listener.start)
+        self._gauges = asyncio.get_running_loop().create_task(self._watch())
+        if self.retention is not None:
+            self._sweeps = asyncio.get_running_loop().create_task(self._sweep())
+        log.info("DICOM listener %s on port %s; %s destination(s)", self.settings.dicom_ae_title,
+                 self.listener.port, 0 if self.dispatcher is None else len(self.dispatcher.senders))
+
+    async def _watch(self, every_s: float = 5.0) -> None:
+        """Spool depth and delivery states as gauges (queries, so on a timer, not per scrape)."""
+        from service.metrics import child, metrics
+
+        registry = metrics()
+        while True:
+            try:
+                # Received over DICOM and not yet triaged, from the store: the spool also holds the files of
+                # instances failed with internal_error, kept for a retry, which wait for nobody.
+                depth = await asyncio.to_thread(
+                    lambda: sum(1 for r in self.store.pending_instances() if r.spool_path is not None))
+                counts = await asyncio.to_thread(self.store.delivery_counts)
+                registry.spool_depth.set(depth)
+                for state, count in counts.items():
+                    child(registry.delivery_states, state=state.value).set(count)
+            except Exception:  # noqa: BLE001 -- a failed reading must not stop the next one
+                log.warning("could not read spool depth / delivery states", exc_info=True)
+            await asyncio.sleep(every_s)
+
+    async def _sweep(self, every_s: float = SWEEP_EVERY_S) -> None:
+        """PTX_RETENTION_DAYS: old result folders and leftover spool files removed, at start and hourly."""
+        assert self.retention is not None
+        while True:
+            try:
+                await asyncio.to_thread(self.retention.sweep)
+            except Exception:  # noqa: BLE001 -- a failed sweep must not stop the next one
+                log.warning("retention sweep failed", exc_info=True)
+            await asyncio.sleep(every_s)
+
+    async def stop(self) -> None:
+        for task in (self._gauges, self._sweeps):
+            if task is not None:
+                task.cancel()
+        await asyncio.to_thread(self.listener.stop)
+        await self.intake.stop()
+        if self.dispatcher is not None:
+            await asyncio.to_thread(self.dispatcher.close)
+
+    async def _on_finding(self, data: bytes, finding: Finding) -> None:
+        """Make the SEG / SR (/ SC) and the overlay PNG, keep them, queue them for every destination."""
+        written = await asyncio.to_thread(self._write_results, data, finding)
+        if self.dispatcher is None:
+            return
+        for kind, object_uid, path in written:
+            if kind == "SC" and not self.settings.send_overlay:
+                continue
+            await self.dispatcher.enqueue_async(str(finding.study_uid), object_uid, kind, path)
+
+    def _write_results(self, data: bytes, finding: Finding) -> list[tuple[str, str, str]]:
+        source = dcmread(io.BytesIO(data))
+        made = build_results(source, finding, overlay=True, pixels=finding.display)  # None: decoded here
+        study, sop = str(finding.study_uid), str(finding.sop_uid)
+        written = []
+        for kind, ds in (("SEG", made.seg), ("SR", made.sr), ("SC", made.overlay)):  # SEG first: the SR cites it
+            if ds is None:
+                continue
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            path = self.results.write(study, sop, f"{kind}.dcm", buffer.getvalue())
+            written.append((kind, str(ds.SOPInstanceUID), str(path)))
+            if kind == "SC":
+                self.results.write(study, sop, "overlay.png", overlay_png(ds.pixel_array))
+        return written

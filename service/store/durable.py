@@ -1,0 +1,38 @@
+"""Files that survive a crash: written to a temporary name, fsynced, renamed, and the folder fsynced.
+
+The spool (a film acknowledged to a PACS) and the results folder (objects queued for delivery) both rely
+on it: an acknowledgement or a queued delivery must never point at a file a power cut can take back.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename (or creation) in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(final: Path, data: bytes, prefix: str = ".tmp-", suffix: str = "") -> Path:
+    """Write `data` to `final` atomically and durably: a temporary file in the same folder, written,
+    flushed and fsynced, renamed over `final`, then the folder fsynced (so the new name survives a crash).
+    On failure the temporary file is removed and the exception propagates."""
+    fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=prefix, suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(final.parent)
+    return final

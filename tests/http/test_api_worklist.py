@@ -1,0 +1,155 @@
+"""The worklist API through a real server, fed over HTTP (PTX_RECORD_HTTP): order, filters, pages, review."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from service.cascade.finding import Priority
+from tests.servers import bento_server
+from tests.http.test_app_triage import post
+from training.__main__ import main as training_main
+
+
+def get(base: str, path: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"{base}{path}", timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory, realdata):
+    root = tmp_path_factory.mktemp("worklist")
+    assert training_main(["synth", "--out", str(root / "synth"), "--count", "8", "--seed", "31", "--prevalence",
+                          "0.5", "--size", "512", "--uncompressed", "--quiet"]) == 0
+    films = sorted((root / "synth" / "dicom").glob("*.dcm"))
+    env = {"PTX_DATA_DIR": str(root / "data"), "PTX_RECORD_HTTP": "true"}
+    with bento_server(root / "server.log", env=env) as base:
+        answers = []
+        for path in films:
+            status, answer, _ = post(f"{base}/v1/triage?mask=rle", path.read_bytes(), "application/dicom")
+            assert status == 200
+            answers.append(answer)
+        yield base, answers
+
+
+def test_worklist_orders_by_priority_then_arrival(fed):
+    base, answers = fed
+    status, body = get(base, "/v1/worklist")
+    assert status == 200 and body["next_offset"] is None
+    items = body["items"]
+    assert {i["study_uid"] for i in items} == {a["study_uid"] for a in answers}
+    expected = sorted(answers, key=lambda a: Priority(a["priority"]).rank)  # stable: arrival order kept
+    assert [i["study_uid"] for i in items] == [a["study_uid"] for a in expected]
+    assert all(i["status"] == "triaged" for i in items)
+
+
+def test_filters_pages_and_bad_parameters(fed):
+    base, answers = fed
+    routine = [a["study_uid"] for a in answers if a["priority"] == "ROUTINE"]
+    _, body = get(base, "/v1/worklist?priority=ROUTINE")
+    assert [i["study_uid"] for i in body["items"]] == routine
+    _, first = get(base, "/v1/worklist?limit=3")
+    _, second = get(base, f"/v1/worklist?limit=3&offset={first['next_offset']}")
+    _, whole = get(base, "/v1/worklist")
+    assert [i["study_uid"] for i in first["items"] + second["items"]] == [i["study_uid"] for i in whole["items"]][:6]
+    _, future = get(base, "/v1/worklist?since=2999-01-01T00:00:00%2B00:00")
+    assert future["items"] == []
+    for query in ("priority=HIGH", "status=done", "limit=0", "since=yesterday", "since=2026-01-01T00:00:00"):
+        status, error = get(base, f"/v1/worklist?{query}")
+        assert (status, error["error"]["code"]) == (400, "invalid_parameter"), query
+
+
+def test_study_finding_and_review(fed):
+    base, answers = fed
+    answer = answers[0]
+    status, study = get(base, f"/v1/studies/{answer['study_uid']}")
+    assert status == 200 and study["instances"][0]["sop_uid"] == answer["sop_uid"]
+    status, finding = get(base, study["findings"][0]["links"]["finding"])
+    assert status == 200 and finding["rle"] == answer["rle"] and finding["score"] == pytest.approx(answer["score"])
+    request = urllib.request.Request(f"{base}/v1/studies/{answer['study_uid']}/ack?by=reader1", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.loads(response.read())["status"] == "reviewed"
+    _, reviewed = get(base, "/v1/worklist?status=reviewed")
+    assert [i["study_uid"] for i in reviewed["items"]] == [answer["study_uid"]]
+    assert get(base, "/v1/studies/1.2.3.4")[0] == 404
+    assert get(base, "/v1/findings/1.2.3.4")[0] == 404
+    for path in (f"{answer['study_uid']}/{answer['sop_uid']}/passwd", f"{answer['study_uid']}/..%2e/SEG.dcm",
+                 f"x{answer['study_uid']}/{answer['sop_uid']}/SR.dcm"):
+        status, error = get(base, f"/v1/results/{path}")
+        assert (status, error["error"]["code"]) == (400, "invalid_parameter"), path
+    status, error = get(base, f"/v1/results/{answer['study_uid']}/{answer['sop_uid']}/SEG.dcm")
+    assert status == 404  # HTTP triage makes no DICOM results (the PACS path does)
+
+
+@pytest.fixture
+def api_on_store(tmp_path, monkeypatch):
+    """The worklist API's router on a real SQLite store, the edge around it stubbed (these tests are about
+    how store outcomes map to answers; the real service runs the retries elsewhere): (client, store)."""
+    import asyncio
+    import types
+
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from service.http import worklist as api_worklist
+    from service.store import open_store
+
+    async def in_thread(function, *args):
+        return await asyncio.to_thread(function, *args)
+
+    with open_store(None, tmp_path) as store:
+        monkeypatch.setattr(api_worklist, "_service", lambda: types.SimpleNamespace(store=store, in_thread=in_thread))
+        app = FastAPI()
+        app.include_router(api_worklist.router, prefix="/v1")
+        yield TestClient(app), store
+
+
+def test_retrying_a_delivery_answers_its_state_or_names_the_conflict(api_on_store):
+    """tests/pacs/test_pacs_unreachable.py retries a delivery through the real service."""
+    from service.store import DeliveryKind, ReceivedInstance, utc_now
+
+    client, store = api_on_store
+    store.receive(ReceivedInstance(sop_uid="1.2.3.4", study_uid="1.2.3", series_uid=None, sop_class_uid=None,
+                                   source="test", spool_path=None, received_at=utc_now()))
+    failed = store.add_delivery("1.2.3", "1.2.3.9", DeliveryKind.SR, "pacs", "/x/SR.dcm", max_attempts=1)
+    store.delivery_attempt(failed, ok=False, error="refused", next_attempt_at=utc_now())
+    answer = client.post(f"/v1/deliveries/{failed}/retry")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert (body["id"], body["state"], body["attempts"], body["last_error"]) == (failed, "pending", 0, "refused")
+    again = client.post(f"/v1/deliveries/{failed}/retry")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+    assert "pending" in again.json()["error"]["message"]
+    unknown = client.post(f"/v1/deliveries/{failed + 1}/retry")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+    for bad in ("x", "0", str(2**63)):
+        assert client.post(f"/v1/deliveries/{bad}/retry").status_code == 422  # FastAPI's check of the path
+
+
+def test_retrying_an_instance_answers_its_state_or_why_not(api_on_store, tmp_path):
+    """With real spool files; tests/pacs/test_dicom_listener.py runs a retried instance through the intake."""
+    from service.store import InstanceStatus, ReceivedInstance, utc_now
+
+    client, store = api_on_store
+    kept, gone = tmp_path / "1.2.3.1.dcm", tmp_path / "1.2.3.2.dcm"
+    kept.write_bytes(b"DICM")
+    for sop_uid, path in (("1.2.3.1", kept), ("1.2.3.2", gone)):
+        store.receive(ReceivedInstance(sop_uid=sop_uid, study_uid="1.2.3", series_uid=None, sop_class_uid=None,
+                                       source="dicom:TEST", spool_path=str(path), received_at=utc_now()))
+        store.mark_instance(sop_uid, InstanceStatus.FAILED, "internal_error")
+    answer = client.post("/v1/instances/1.2.3.1/retry")
+    assert answer.status_code == 200
+    assert answer.json() == {"sop_uid": "1.2.3.1", "study_uid": "1.2.3", "status": "received", "attempts": 0}
+    again = client.post("/v1/instances/1.2.3.1/retry")
+    assert again.status_code == 409 and "only a failed instance" in again.json()["error"]["message"]
+    lost = client.post("/v1/instances/1.2.3.2/retry")
+    assert lost.status_code == 409 and "spooled bytes are gone" in lost.json()["error"]["message"]
+    status = {i.sop_uid: (i.status, i.error_code) for i in store.study("1.2.3").instances}
+    assert status["1.2.3.2"] == (InstanceStatus.FAILED, "spool_missing")
+    assert client.post("/v1/instances/1.2.3.404/retry").status_code == 404

@@ -1,0 +1,118 @@
+"""The spool's own logic: durable write order, UID checks, pending order, clean-up of interrupted writes.
+
+The order of the durability steps cannot be observed from outside without pulling the power, so it is checked
+by spying on `os.fsync` / `os.replace` as the spool calls them: the file's bytes are synced while it is still
+the temporary, then renamed, then the directory is synced.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from service.pacs import spool as spool_module
+from service.pacs.spool import InvalidUidError, Spool
+from service.imaging.uids import is_dicom_uid
+
+UID_A = "1.2.826.0.1.3680043.8.498.1"
+UID_B = "1.2.826.0.1.3680043.8.498.2"
+UID_C = "1.2.826.0.1.3680043.8.498.3"
+
+
+def test_write_read_remove_round_trip(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    path = spool.write(UID_A, b"DICM-bytes")
+    assert path == tmp_path / "spool" / f"{UID_A}.dcm" == spool.path(UID_A)
+    assert spool.read(UID_A) == b"DICM-bytes" and spool.exists(UID_A)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # patient data: owner only
+    assert stat.S_IMODE((tmp_path / "spool").stat().st_mode) == 0o700
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"{UID_A}.dcm"]  # no temporary left
+    spool.write(UID_A, b"second copy")  # a repeat of one UID: the last write wins
+    assert spool.read(UID_A) == b"second copy"
+    spool.remove(UID_A)
+    spool.remove(UID_A)  # already gone: not an error
+    assert not spool.exists(UID_A) and spool.pending() == []
+    with pytest.raises(FileNotFoundError):
+        spool.read(UID_A)
+
+
+def test_write_syncs_the_file_then_renames_then_syncs_the_directory(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path)
+    data = b"x" * 100_000
+    steps: list[tuple[str, object]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            steps.append(("fsync-dir", info.st_ino == tmp_path.stat().st_ino))
+        else:
+            # The file being synced must already hold every byte and must not yet be the final name.
+            final = tmp_path / f"{UID_A}.dcm"
+            steps.append(("fsync-file", (info.st_size, final.exists())))
+        real_fsync(fd)
+
+    def replace(source: str, target: str) -> None:
+        steps.append(("replace", (Path(source).name.startswith(".incoming-"), Path(target).name)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(spool_module.os, "fsync", fsync)
+    monkeypatch.setattr(spool_module.os, "replace", replace)
+    spool.write(UID_A, data)
+    assert steps == [("fsync-file", (len(data), False)), ("replace", (True, f"{UID_A}.dcm")), ("fsync-dir", True)]
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    spool = Spool(tmp_path)
+
+    def broken(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, failing, broken)
+    with pytest.raises(OSError, match="No space"):
+        spool.write(UID_A, b"data")
+    assert list(tmp_path.iterdir()) == []  # neither the final file nor the temporary
+
+
+@pytest.mark.parametrize("bad", ["", "../../etc/passwd", "1.2.abc", "1..2", ".1.2", "1.2.", "1/2", "1.2 ", "1" * 65,
+                                 "1.2\x00.3"])
+def test_a_non_uid_never_becomes_a_file_name(tmp_path: Path, bad: str) -> None:
+    spool = Spool(tmp_path)
+    assert not is_dicom_uid(bad)
+    for operation in (lambda: spool.write(bad, b"x"), lambda: spool.read(bad), lambda: spool.remove(bad),
+                      lambda: spool.path(bad)):
+        with pytest.raises(InvalidUidError):
+            operation()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uid_check_accepts_real_uids() -> None:
+    assert is_dicom_uid("1.2.840.10008.5.1.4.1.1.1")
+    assert is_dicom_uid("1." + "2" * 62)  # exactly 64 characters
+    assert is_dicom_uid("1.2.392.200046.100.2.1.97028794843.150131102105.1.1.1")
+
+
+def test_pending_is_oldest_first_and_ignores_other_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    for uid, mtime in ((UID_A, 3_000), (UID_B, 1_000), (UID_C, 2_000)):
+        os.utime(spool.write(uid, uid.encode()), ns=(mtime * 10**9, mtime * 10**9))
+    (tmp_path / ".incoming-1.2.3.abcd.tmp").write_bytes(b"partial")  # a write in progress
+    (tmp_path / "notes.txt").write_text("not an instance")
+    (tmp_path / "not-a-uid.dcm").write_bytes(b"x")
+    assert spool.pending() == [UID_B, UID_C, UID_A]
+
+
+def test_opening_a_spool_removes_temporaries_of_interrupted_writes(tmp_path: Path) -> None:
+    Spool(tmp_path).write(UID_A, b"complete")
+    stale = [tmp_path / f".incoming-{UID_B}.k3j4.tmp", tmp_path / ".incoming-x.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    reopened = Spool(tmp_path)
+    assert reopened.removed_temporaries == 2
+    assert not any(path.exists() for path in stale)
+    assert reopened.pending() == [UID_A] and reopened.read(UID_A) == b"complete"
