@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from service.errors import WarningCode
 from service.cascade import rle
 from service.cascade.masks import Instance, MillimetreMorphology, find_instances
 from service.cascade.postprocess import CascadeResult
@@ -130,12 +131,12 @@ def build_finding(radiograph: Radiograph, result: CascadeResult, threshold: floa
     mask = result.mask
     if morphology is not None and mask.any():
         if radiograph.spacing_mm is None:
-            warnings.append("mm_morphology_skipped_spacing_unknown")
+            warnings.append(WarningCode.MM_MORPHOLOGY_SKIPPED.value)
         else:
             mask = morphology.apply(mask, radiograph.spacing_mm)
     instances = find_instances(mask, radiograph.spacing_mm)
     if result.positive and instances and radiograph.spacing_mm is None:
-        warnings.append("size_unknown_spacing")
+        warnings.append(WarningCode.SIZE_UNKNOWN_SPACING.value)
     return Finding(
         study_uid=radiograph.study_uid,
         series_uid=radiograph.series_uid,

@@ -20,7 +20,8 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from service.imaging.acceptance import DX_FOR_PROCESSING, AcceptancePolicy
-from service.imaging.radiograph import RadiographError, RadiographWarning, RejectionCode
+from service.imaging.radiograph import RadiographError, RejectionCode
+from service.errors import WarningCode
 from service.imaging.uids import is_dicom_uid
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -246,9 +247,9 @@ def check_header(ds: Dataset, policy: AcceptancePolicy) -> ImageHeader:
     view = read_text(ds, "ViewPosition")
     warnings: list[str] = []
     if sop_class == DX_FOR_PROCESSING:
-        warnings.append(RadiographWarning.FOR_PROCESSING.value)
+        warnings.append(WarningCode.FOR_PROCESSING.value)
     if view not in policy.frontal_views:
-        warnings.append(RadiographWarning.NON_FRONTAL_VIEW.value)
+        warnings.append(WarningCode.NON_FRONTAL_VIEW.value)
     return ImageHeader(
         rows=rows,
         columns=columns,

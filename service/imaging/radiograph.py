@@ -13,6 +13,8 @@ from enum import Enum
 
 import numpy as np
 
+from service.errors import ServiceError
+
 
 class RejectionCode(str, Enum):
     """Stable machine codes for refused input; each carries the HTTP status the API answers with."""
@@ -41,35 +43,20 @@ class RejectionCode(str, Enum):
         return 422
 
 
-class RadiographError(ValueError):
+class RadiographError(ServiceError, ValueError):
     """Input that cannot be triaged. `code` is stable for machines; the message names the tag and the limit.
 
     Messages never quote patient attributes: only image-description tags (modality, body part, sizes,
     transfer syntax) and UIDs appear in them.
     """
 
+    code: RejectionCode
+
     def __init__(self, code: RejectionCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code, http_status=code.http_status)
 
-    @property
-    def http_status(self) -> int:
-        return self.code.http_status
-
-    def __repr__(self) -> str:
-        return f"RadiographError({self.code.value!r}, {self.message!r})"
-
-
-class RadiographWarning(str, Enum):
-    """Warnings attached to an accepted radiograph: they do not stop triage, they travel with the finding."""
-
-    APPEARS_INVERTED = "appears_inverted"
-    SPACING_UNKNOWN = "spacing_unknown"
-    INVALID_WINDOW = "invalid_window"
-    NON_FRONTAL_VIEW = "non_frontal_view"
-    FOR_PROCESSING = "for_processing"
-    TRANSFER_SYNTAX_INFERRED = "transfer_syntax_inferred"
+    def __reduce__(self) -> tuple[type[RadiographError], tuple[RejectionCode, str]]:
+        return type(self), (self.code, self.message)
 
 
 @dataclass(frozen=True, eq=False)

@@ -29,7 +29,8 @@ from service.imaging import grayscale
 from service.imaging.acceptance import AcceptancePolicy
 from service.imaging.decoding import decode_pixels
 from service.imaging.header import ImageHeader, check_header, check_size, read_floats, read_text
-from service.imaging.radiograph import Radiograph, RadiographError, RadiographWarning, RejectionCode
+from service.imaging.radiograph import Radiograph, RadiographError, RejectionCode
+from service.errors import WarningCode
 
 # Invalid values are reported by our own checks with the tag named; pydicom's own warnings would only
 # repeat them in the log, sometimes quoting values, so reading validation is off for this process.
@@ -61,9 +62,9 @@ def read_radiograph(source: Source, policy: AcceptancePolicy = DEFAULT_POLICY) -
     spacing, spacing_source = pixel_spacing(ds)
     warnings = list(header.warnings) + window_warnings
     if inferred_syntax:
-        warnings.append(RadiographWarning.TRANSFER_SYNTAX_INFERRED.value)
+        warnings.append(WarningCode.TRANSFER_SYNTAX_INFERRED.value)
     if spacing is None:
-        warnings.append(RadiographWarning.SPACING_UNKNOWN.value)
+        warnings.append(WarningCode.SPACING_UNKNOWN.value)
     _check_plausible(pixels, policy, warnings, frontal=header.view_position in policy.frontal_views)
     return Radiograph(
         pixels=pixels,
@@ -255,7 +256,7 @@ def to_display(stored: np.ndarray, ds: Dataset, header: ImageHeader) -> tuple[np
                 affine = affine.inverted()
             return affine.apply(out), "voi_lut", warnings
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            warnings.append(RadiographWarning.INVALID_WINDOW.value)
+            warnings.append(WarningCode.INVALID_WINDOW.value)
             stored_values, source = apply_modality_lut(stored, ds), "percentile"
             affine = grayscale.range_window(*grayscale.percentile_range(stored_values))
             return (affine.inverted() if header.inverted else affine).apply(stored_values), source, warnings
@@ -271,7 +272,7 @@ def to_display(stored: np.ndarray, ds: Dataset, header: ImageHeader) -> tuple[np
         try:
             window = grayscale.linear_window(center, width, function)
         except ValueError:
-            warnings.append(RadiographWarning.INVALID_WINDOW.value)
+            warnings.append(WarningCode.INVALID_WINDOW.value)
     if window is None:
         if header.bits_stored <= 8 and modality == grayscale.IDENTITY:
             window, source = grayscale.range_window(0.0, float(2**header.bits_stored - 1)), "full_range"
@@ -314,7 +315,7 @@ def _check_plausible(pixels: np.ndarray, policy: AcceptancePolicy, warnings: lis
             "the mediastinum is darker than both lung fields: the image looks inverted "
             "(check Photometric Interpretation (0028,0004) and Presentation LUT Shape (2050,0020))",
         )
-    warnings.append(RadiographWarning.APPEARS_INVERTED.value)
+    warnings.append(WarningCode.APPEARS_INVERTED.value)
 
 
 def _uid(ds: Dataset, keyword: str) -> str | None:
@@ -345,7 +346,7 @@ def _read_png(data: bytes, policy: AcceptancePolicy) -> Radiograph:
     else:
         affine, source = grayscale.range_window(*grayscale.percentile_range(stored)), "percentile"
     pixels = affine.apply(stored)
-    warnings = [RadiographWarning.SPACING_UNKNOWN.value]
+    warnings = [WarningCode.SPACING_UNKNOWN.value]
     _check_plausible(pixels, policy, warnings, frontal=True)
     return Radiograph(
         pixels=pixels, spacing_mm=None, window_source=source, source_format="png", warnings=tuple(warnings)
