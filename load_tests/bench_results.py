@@ -20,10 +20,10 @@ import numpy as np
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from service.pacs.results import build_results  # noqa: E402
 from service.cascade.finding import PriorityBands, build_finding  # noqa: E402
-from service.imaging.reader import read_radiograph  # noqa: E402
 from service.cascade.postprocess import CascadeResult  # noqa: E402
+from service.imaging.reader import read_radiograph  # noqa: E402
+from service.pacs.results import build_results  # noqa: E402
 from tests.realdata import CHEST, realdata_dir  # noqa: E402
 
 MODELS = {"classifier": {"name": "ptx-classifier-demo", "version": "0.1.0", "backend": "onnxruntime-cpu"},

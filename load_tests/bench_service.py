@@ -274,9 +274,9 @@ def time_per_film(run, batch: np.ndarray, min_seconds: float = 0.5, min_repeats:
 def measure_models(classifier: Path, segmenter: Path, films: Sequence[Path], hflip_tta: bool,
                    threads: int) -> dict[str, dict]:
     """Per-film time of the cascade's two model steps at each batch size (ORT CPU, as the pipeline calls them)."""
+    from service.cascade.preprocess import to_batch
     from service.imaging.reader import read_radiograph
     from service.models.inference import classify_scores, segment_maps
-    from service.cascade.preprocess import to_batch
     from training.evaluate import load_cascade
 
     cascade, _ = load_cascade(classifier, segmenter, hflip_tta=hflip_tta, threads=threads)

@@ -111,8 +111,8 @@ def _rejects(out: Path, template: Path) -> list[Film]:
     import pydicom
     from pydicom.uid import CTImageStorage
 
-    from service.imaging.reader import read_radiograph
     from service.imaging.radiograph import RadiographError
+    from service.imaging.reader import read_radiograph
 
     folder = out / "rejects"
     folder.mkdir(parents=True, exist_ok=True)

@@ -52,10 +52,18 @@ def _record(findings: collections.Counter, out: Path, target: str, data: bytes, 
 
 def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s: int, out: Path, url: str) -> dict:
     """Run one target in this (limited) process; the summary as a dict."""
-    from hypothesis import HealthCheck, given, seed as seeded, settings
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as seeded
     from hypothesis import strategies as st
 
-    from tests.fuzz_cases import ALL_FILES, apply_plan, check_outcome, load_files, patient_values, plans
+    from tests.fuzz_cases import (
+        ALL_FILES,
+        apply_plan,
+        check_outcome,
+        load_files,
+        patient_values,
+        plans,
+    )
     from tests.realdata import realdata_dir
 
     outcomes: collections.Counter[str] = collections.Counter()

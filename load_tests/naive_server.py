@@ -37,17 +37,17 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import torch
 
-from service.models import manifest as manifests
-from service.imaging.acceptance import AcceptancePolicy
 from service.cascade.finding import Finding, PriorityBands, build_finding
-from service.imaging.reader import read_radiograph
 from service.cascade.masks import MillimetreMorphology
-from service.models.model_set import resolve
 from service.cascade.postprocess import film_result
-from service.models.thresholds import TripletThreshold
-from service.models.input_spec import InputSpec
 from service.cascade.preprocess import to_input
+from service.imaging.acceptance import AcceptancePolicy
 from service.imaging.radiograph import RadiographError
+from service.imaging.reader import read_radiograph
+from service.models import manifest as manifests
+from service.models.input_spec import InputSpec
+from service.models.model_set import resolve
+from service.models.thresholds import TripletThreshold
 from service.settings import Settings, load_settings
 from training.config import from_dict
 from training.tasks import build_classifier, build_segmenter

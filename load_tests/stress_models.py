@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.cascade.preprocess import to_batch
 from service.imaging.reader import read_radiograph
 from service.models.inference import classify_scores
-from service.cascade.preprocess import to_batch
 from training import config as configs
 from training.export import export_model
 from training.tasks import build_classifier, build_segmenter, input_spec

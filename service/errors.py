@@ -57,3 +57,4 @@ class WarningCode(str, Enum):
     TRANSFER_SYNTAX_INFERRED = "transfer_syntax_inferred"
     MM_MORPHOLOGY_SKIPPED = "mm_morphology_skipped_spacing_unknown"
     SIZE_UNKNOWN_SPACING = "size_unknown_spacing"
+    WINDOW_MISMATCH = "window_mismatch"  # the file's window/VOI LUT hid the film: a data-derived one was used

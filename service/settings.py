@@ -52,6 +52,17 @@ class Settings(BaseSettings):
     # that overruns decode_timeout_s is answered 422 decode_timeout; 0 decodes in the edge's threads.
     decode_timeout_s: float = Field(default=10.0, ge=0)
     decode_memory_mb: int = Field(default=2048, ge=64)  # address space a decode worker may add
+    # What counts as a chest radiograph (service/imaging/acceptance.py), comma-separated, "*" for any: a site
+    # whose modality says e.g. BodyPartExamined=TORSO for chest films adds its spelling here, not in code.
+    # An absent or empty Body Part Examined is accepted; a present one must contain one of the tokens.
+    accept_modalities: str = Field(default="CR,DX,DR", min_length=1)
+    accept_sop_classes: str = Field(default=("1.2.840.10008.5.1.4.1.1.1,1.2.840.10008.5.1.4.1.1.1.1,"
+                                             "1.2.840.10008.5.1.4.1.1.1.1.1,1.2.840.10008.5.1.4.1.1.7"), min_length=1)
+    accept_body_parts: str = Field(default="CHEST,THORAX,THORAC,LUNG,TORAX,TORACE,BRUST,POITRINE,PECHO",
+                                   min_length=1)
+    accept_min_side: int = Field(default=256, ge=1)  # pixels per side
+    accept_max_side: int = Field(default=8192, ge=1)
+    accept_max_pixels: int = Field(default=40_000_000, ge=1)
     mask_default: Literal["png", "rle", "none"] = "png"
     reject_inverted: bool = False
     warmup: bool = True  # run each model once per batch size before /readyz says ready

@@ -24,8 +24,8 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from service.imaging.reader import read_radiograph
 from service.imaging.radiograph import Radiograph, RadiographError, RejectionCode
+from service.imaging.reader import read_radiograph
 from tests.dicom_factory import dataset
 
 KNOWN_CODES = frozenset(RejectionCode)

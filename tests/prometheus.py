@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
-import re
 import urllib.error
 import urllib.parse
 import urllib.request

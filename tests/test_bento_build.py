@@ -22,7 +22,8 @@ def test_bentoml_build_packages_service_and_models_and_the_bento_serves(tmp_path
     name, version = tag.split(":")
     bento = tmp_path / "bentoml" / "bentos" / name / version
     sources = {path.relative_to(bento / "src").as_posix() for path in (bento / "src").rglob("*") if path.is_file()}
-    assert {"service/app.py", "service/backends/factory.py", "training/networks/unet.py"} <= sources
+    assert {"service/app.py", "service/models/backends/factory.py", "service/models/networks/unet.py"} <= sources
+    assert not any(s.startswith("training/") for s in sources), "serving never imports training"
     manifests = {s for s in sources if s.endswith("manifest.json")}
     assert manifests == {"models/ptx-classifier-demo/0.1.0/manifest.json",
                          "models/ptx-segmenter-demo/0.1.0/manifest.json"}

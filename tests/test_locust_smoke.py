@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from load_tests.capacity import SECTION, Step, analyse, append_to_section, half_load_plan, stop_reason
+from load_tests.capacity import (
+    SECTION,
+    Step,
+    analyse,
+    append_to_section,
+    half_load_plan,
+    stop_reason,
+)
 from load_tests.corpus import MIX, Corpus, Film, build, load, parse_mix, pick
 from load_tests.scenarios.summary import Sample, expectation_problem, summarise
 from tests.servers import REPO, bento_server

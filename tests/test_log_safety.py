@@ -50,13 +50,17 @@ def test_the_app_logs_an_unexpected_triage_error_without_its_message(monkeypatch
     """The HTTP edge's 500 path: JSON `internal_error` answer, a log line with the frames, no message."""
     from starlette.testclient import TestClient
 
-    from service import app as app_module
+    from service.http import routes as app_module
+    from service.settings import load_settings
 
     class Broken:
         async def triage(self, payload: bytes) -> None:
             parse_name(SENTINEL)
 
-    monkeypatch.setattr(app_module, "_service", lambda: Broken())
+    class Edge:
+        cascade, settings = Broken(), load_settings(environ={})
+
+    monkeypatch.setattr(app_module, "_edge", lambda: Edge())
     with caplog.at_level(logging.ERROR, logger="ptx.app"):
         answer = TestClient(app_module.http).post("/triage", content=b"DICM",
                                                   headers={"content-type": "application/dicom"})

@@ -28,12 +28,18 @@ import yaml
 from pynetdicom import AE
 
 from tests import realdata as registry
+from tests.http.test_app_triage import metrics_text, multipart, post
 from tests.prometheus import (
-    DEPLOY, SHIPPED_RULES, PrometheusServer, PrometheusUnavailable, metric_names, promtool, running_prometheus,
+    DEPLOY,
+    SHIPPED_RULES,
+    PrometheusServer,
+    PrometheusUnavailable,
+    metric_names,
+    promtool,
+    running_prometheus,
     scrape_config_for,
 )
 from tests.servers import REPO, bento_server, free_port, wait_port
-from tests.http.test_app_triage import metrics_text, multipart, post
 
 DASHBOARD = REPO / "deploy" / "grafana" / "ptx-triage.json"
 ROWS = ("Traffic", "Latency", "Batching", "Model behaviour", "PACS", "Resources")
@@ -176,7 +182,12 @@ def test_dashboard_is_well_formed():
 
 def test_the_listener_reports_each_c_store_outcome(tmp_path):
     """ptx_dicom_received_total{outcome}'s source: one outcome per answered C-STORE, the answer unchanged."""
-    from tests.pacs.test_dicom_listener import FullSpool, receiver, send_with_pynetdicom, small_film
+    from tests.pacs.test_dicom_listener import (
+        FullSpool,
+        receiver,
+        send_with_pynetdicom,
+        small_film,
+    )
 
     outcomes: list[str] = []
     good, no_study = small_film(), small_film(StudyInstanceUID=None)

@@ -7,6 +7,7 @@ arguments and unusable data give one line on stderr and exit code 2, never a tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -118,7 +119,9 @@ def _add_train(subparsers) -> None:
     p.add_argument("--config", type=Path, required=True, help="YAML config (see training/configs/)")
     p.add_argument("--data", type=Path, default=None, help="data folder (default: data.folder in the config)")
     p.add_argument("--models", type=Path, default=REPO_ROOT / "models", help="model repository to export into")
-    p.add_argument("--work", type=Path, default=REPO_ROOT / ".cache" / "runs", help="checkpoints and folds")
+    p.add_argument("--work", type=Path, default=REPO_ROOT / ".cache" / "runs",
+                   help="runs go to WORK/<name>/fold<k>-seed<s>-<key>, one folder per config, fold, seed and data")
+    p.add_argument("--fold", type=_int_at_least(0), default=None, help="validation fold (default: data.fold)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run_train)
 
@@ -130,6 +133,11 @@ def _config_and_cache(args: argparse.Namespace, command: str, progress: bool):
 
     try:
         config = configs.load(args.config)
+        if getattr(args, "fold", None) is not None:
+            if args.fold >= config.data.folds:
+                raise ValueError(f"--fold {args.fold} is not one of the {config.data.folds} folds (data.folds)")
+            config = dataclasses.replace(config, data=dataclasses.replace(config.data, fold=args.fold))
+        configs.check_files(config)
         folder = args.data or Path(config.data.folder)
         return config, build_cache(index_folder(folder), _cache_size(config), Path(config.data.cache),
                                    progress=progress)
@@ -146,10 +154,16 @@ def _export(trained, config, cached, models: Path) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from training.runs import run_dir
     from training.train import train_cascade
 
     config, cached = _config_and_cache(args, "train", progress=not args.quiet)
-    trained = train_cascade(config, cached, args.work / config.name, progress=not args.quiet)
+    out = run_dir(args.work, config, cached)
+    print(f"run folder {out}", flush=True)
+    try:
+        trained = train_cascade(config, cached, out, progress=not args.quiet)
+    except ValueError as exc:  # a refused resume, a file that does not fit the network
+        raise UsageError(f"training train: error: {exc}") from None
     return _export(trained, config, cached, args.models)
 
 

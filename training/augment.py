@@ -2,7 +2,8 @@
 
 The SIIM solutions leaned on heavy augmentation; the transforms here are theirs: horizontal flip,
 shift-scale-rotate, brightness/contrast/gamma, CLAHE, grid/optical distortion, coarse dropout. Geometric
-transforms move the mask with the image; photometric ones touch the image only. Everything runs on float32
+transforms move the mask with the image; photometric ones touch the image only; coarse dropout erases the
+same holes from the mask (a lesion the image no longer shows must not be asked for). Everything runs on float32
 images in [0, 1]: 8-bit quantisation would erase much of a 2 % lesion contrast.
 """
 
@@ -68,7 +69,7 @@ def build(config: AugmentConfig, size: int, seed: int = 0) -> A.Compose | None:
             A.OneOf([A.GridDistortion(distort_limit=0.2 * s), A.OpticalDistortion(distort_limit=0.05 * s)],
                     p=config.distortion),
             A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(hole, 2 * hole),
-                            hole_width_range=(hole, 2 * hole), fill=0.5, p=config.dropout),
+                            hole_width_range=(hole, 2 * hole), fill=0.5, fill_mask=0.0, p=config.dropout),
         ],
         seed=seed,
     )

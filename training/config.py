@@ -33,7 +33,9 @@ class NetworkConfig:
     scse: bool = False
     aux_segmentation: bool = False
     decoder_blocks: int = 5  # segmenter: 3 stops the decoder at 1/4 resolution (CPU budget), 5 = full
-    encoder_weights: str | None = None  # a local torchvision ImageNet state dict; never downloaded
+    # A local pretrained file (torchvision or timm layout, .pth or .safetensors; see
+    # service.models.networks.weights); never downloaded. A named file that is missing stops the run.
+    encoder_weights: str | None = None
     # Segmenter: start from the trained classifier's encoder, which already responds to lesions (a shared
     # encoder, as in the two-stage literature); needs the same depth, width and channels.
     encoder_from_classifier: bool = False
@@ -52,6 +54,11 @@ class OptimConfig:
     average_top_k: int = 3  # average the weights of the best k checkpoints (SWA of the best epochs)
     amp: bool = True  # on CUDA only
     workers: int = 0
+    # Staged training: the encoder frozen (weights and BatchNorm statistics) for the first epochs, so that
+    # randomly initialised heads do not wreck pretrained or earlier-stage features with large gradients.
+    freeze_encoder_epochs: int = 0
+    clip_grad_norm: float | None = None  # max global gradient norm (after AMP unscaling); None: no clipping
+    deterministic: bool = False  # CUDA: deterministic kernels (slower); False lets cuDNN pick the fastest
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "onecycle", "constant"):
@@ -61,6 +68,10 @@ class OptimConfig:
                 raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.freeze_encoder_epochs < 0:
+            raise ValueError(f"optim.freeze_encoder_epochs must be >= 0, got {self.freeze_encoder_epochs}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"optim.clip_grad_norm must be positive or null, got {self.clip_grad_norm}")
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,10 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Staged training: start from this model of a previous run (its folder or its cascade.pt), e.g. the
+    # 1024 px stage from the 512 px run, or a low-learning-rate final stage from the 1024 px run. Applied
+    # after `encoder_weights` and `encoder_from_classifier`, so it wins; the architecture must match.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +185,29 @@ def load(path: Path | str) -> TrainConfig:
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:
     return _build(TrainConfig, values, "")
+
+
+def named_files(config: TrainConfig) -> dict[str, str]:
+    """Every file the config names (`classifier.network.encoder_weights`, `segmenter.init_from`, ...) by key."""
+    files = {}
+    for section in ("classifier", "segmenter"):
+        model: ModelConfig = getattr(config, section)
+        if model.network.encoder_weights:
+            files[f"{section}.network.encoder_weights"] = model.network.encoder_weights
+        if model.init_from:
+            files[f"{section}.init_from"] = model.init_from
+    return files
+
+
+def check_files(config: TrainConfig) -> None:
+    """Refuse, before any data is cached or trained on, a config naming a file that is not there.
+
+    Why up front: a missing weights file found after an hour of caching, or worse silently replaced by a
+    random initialisation, costs a GPU day and is easy to miss in the final numbers.
+    """
+    missing = [f"{key}: {path}" for key, path in named_files(config).items() if not Path(path).exists()]
+    if missing:
+        raise ValueError(f"file(s) named in the config not found: {'; '.join(missing)}")
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

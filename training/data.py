@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from service.cascade import rle
+from service.cascade.preprocess import mask_to_input, resize
 from service.imaging.acceptance import AcceptancePolicy
 from service.imaging.reader import read_radiograph
-from service.cascade.preprocess import mask_to_input, resize
 from service.processes import safe_context
 
 # Bump when what the cache holds changes meaning (resizing, quantisation, mask encoding).

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from service.models.input_spec import InputSpec
 from service.cascade.preprocess import resize
+from service.models.input_spec import InputSpec
 from training import augment
 from training.config import SamplingConfig
 from training.data import CachedSet

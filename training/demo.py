@@ -8,7 +8,6 @@ generator's default (realistic) difficulty → the cascade evaluated as the serv
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import subprocess
 import time
@@ -22,6 +21,7 @@ from training import config as configs
 from training.data import CachedSet, build_cache, index_siim
 from training.evaluate import evaluate
 from training.export import export_model
+from training.runs import run_dir
 from training.synth.generate import SynthConfig, default_shapes_path
 from training.synth.generate import run as synthesise
 from training.tasks import input_spec
@@ -62,8 +62,7 @@ def run_demo(config_path: Path, models_root: Path, work_dir: Path, report_dir: P
 
     cached = build_cache(index_siim(train_dir), demo.cache_size, work_dir / "cache", progress=progress)
     timings["cache_s"] = time.monotonic() - started - timings["synthesis_s"]
-    run_key = hashlib.sha256(repr(config).encode()).hexdigest()[:10]  # a changed config never resumes an old run
-    trained = train_cascade(config, cached, work_dir / "runs" / f"{config.name}-{run_key}", progress=progress)
+    trained = train_cascade(config, cached, run_dir(work_dir / "runs", config, cached), progress=progress)
     timings["training_s"] = sum(fit.seconds for fit in trained.fits.values())
 
     directories = export_cascade(trained, config, Path(models_root), command, cached)

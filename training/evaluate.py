@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from service.models import manifest as manifests
 from service.cascade import rle
-from service.models.backends.onnxruntime_cpu import OnnxRuntimeCPU
-from service.imaging.reader import read_radiograph
 from service.cascade.in_process import Cascade
 from service.cascade.preprocess import resize
-from training.data import Sample
+from service.imaging.reader import read_radiograph
+from service.models import manifest as manifests
+from service.models.backends.onnxruntime_cpu import OnnxRuntimeCPU
 from training.cascade_outputs import CascadeOutputs
+from training.data import Sample
 from training.report import summarise, write_report
 
 SCORE_DEFINITION = (

@@ -31,10 +31,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from torch import Tensor, nn
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
+from torch import Tensor, nn
 
+from service.models.input_spec import InputSpec
 from service.models.manifest import (
     ClassificationThresholds,
     Manifest,
@@ -43,7 +44,6 @@ from service.models.manifest import (
     sha256_file,
     write_manifest,
 )
-from service.models.input_spec import InputSpec
 from service.models.networks import Classifier, UNet
 from service.models.networks.encoder import OUTPUT_STRIDE, require_int
 

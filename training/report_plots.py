@@ -22,8 +22,8 @@ from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from training.metrics import roc_curve  # noqa: E402
 from training.cascade_outputs import CascadeOutputs, positive_dice  # noqa: E402
+from training.metrics import roc_curve  # noqa: E402
 
 #: Largest side of one overlay tile, in pixels, both of the data and of the rendered tile.
 TILE_PX = 256

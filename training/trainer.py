@@ -7,14 +7,20 @@ What it does, and why each piece is there:
   must finish on a 2-core CPU in a fixed time);
 * the weights of the best `k` epochs averaged at the end (the SIIM winner's checkpoint averaging, a cheap
   SWA): kept only if the average validates at least as well as the best single epoch;
-* a resumable checkpoint after every epoch (model, optimiser, schedule, RNG states, history);
-* seeded determinism: the same seed on the same machine gives the same weights.
+* a resumable checkpoint after every epoch (model, optimiser, schedule, AMP scaler, CPU and CUDA RNG states,
+  history, whether the run stopped), refused unless the run's identity (config, fold, seed, data, training
+  films) is the same; a finished or early-stopped run resumes to nothing, it never trains one more epoch;
+* staged training: the encoder frozen for the first epochs, gradient-norm clipping;
+* seeded determinism: the same seed on the same machine gives the same weights (on CUDA, with
+  `optim.deterministic`, also deterministic kernels).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -49,12 +55,38 @@ class FitResult:
     images_seen: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    trained_on: list[int] = field(default_factory=list)  # dataset positions the model was trained on
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def set_determinism(deterministic: bool, device: torch.device) -> None:
+    """Deterministic CUDA kernels where asked (reproducible, slower); otherwise let cuDNN benchmark.
+
+    cuBLAS needs its workspace fixed before the first call for deterministic results, hence the variable;
+    an operation with no deterministic kernel then raises instead of quietly varying between runs.
+    """
+    if device.type != "cuda":
+        return
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def set_encoder_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (or release) `model.encoder`: no gradients, and BatchNorm statistics kept as loaded."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        raise ValueError("optim.freeze_encoder_epochs needs a model with an `encoder`")
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(not frozen)
+    encoder.train(not frozen and model.training)
 
 
 def _schedule(optimiser: torch.optim.Optimizer, kind: str, total_steps: int, lr: float):
@@ -95,14 +127,27 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
     return averaged
 
 
+def run_fingerprint(config: ModelConfig, seed: int, identity: dict | None, pool: np.ndarray) -> str:
+    """What a checkpoint must match to be resumed: the model config, the seed, the caller's identity (full
+    config, fold, data fingerprint) and the training films themselves, so no fold resumes another's run."""
+    return json.dumps({"model": repr(config), "seed": seed, "identity": identity or {},
+                       "train": [int(i) for i in np.sort(pool)]}, sort_keys=True, default=str)
+
+
 def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelConfig, out_dir: Path,
-        seed: int, device: torch.device | None = None, progress: bool = True) -> FitResult:
-    """Train `model` on `dataset` (its `indices` are the training pool) and leave the chosen weights in it."""
+        seed: int, device: torch.device | None = None, progress: bool = True,
+        identity: dict | None = None) -> FitResult:
+    """Train `model` on `dataset` (its `indices` are the training pool) and leave the chosen weights in it.
+
+    `identity` is what else defines the run (the full config, fold, data fingerprint, initialisation):
+    a `last.pt` written under another identity is refused, never resumed.
+    """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     optim = config.optim
     seed_everything(seed)
+    set_determinism(optim.deterministic, device)
     model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     steps_per_epoch = math.ceil(len(dataset) / optim.batch_size / optim.accumulate)
@@ -114,31 +159,39 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
     pool = dataset.indices.copy()
     history: list[dict[str, float]] = []
     kept: list[tuple[float, int]] = []  # (metric, epoch) of the checkpoints kept for averaging
-    start_epoch, images_seen, started = 0, 0, time.monotonic()
+    start_epoch, images_seen, started, stopped = 0, 0, time.monotonic(), False
+    trained_on: set[int] = set()  # dataset positions the training loader was given: the run's audit trail
     checkpoint = out_dir / "last.pt"
-    fingerprint = repr(config)
+    fingerprint = run_fingerprint(config, seed, identity, pool)
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         if state.get("config") != fingerprint:
-            raise ValueError(f"{checkpoint} belongs to a run with another configuration; "
-                             "resume only with the same config, or start in a new folder")
+            raise ValueError(f"{checkpoint} belongs to a run with another configuration, fold, seed or data; "
+                             "resume only the same run, or start in a new folder")
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         start_epoch, history, kept, images_seen = state["epoch"] + 1, state["history"], state["kept"], state["images"]
+        stopped, trained_on = state["stopped"], set(state["trained_on"])
     best = max((m for m, _ in kept), default=-math.inf)
     stale = 0  # epochs since the best one; a resumed run recounts it from its history
     for entry in history:
         stale = 0 if entry["metric"] >= entry["best"] else stale + 1
-    for epoch in range(start_epoch, optim.epochs):
+    for epoch in range(start_epoch, optim.epochs if not stopped else start_epoch):
         rate = positive_rate(config.sampling, epoch / max(1, optim.epochs - 1))
         order = epoch_indices(labels, pool, rate, rng)
+        trained_on.update(int(i) for i in order)
         view = RadiographDataset(dataset.cached, order, dataset.spec, dataset.pipeline)
         loader = DataLoader(view, batch_size=optim.batch_size, shuffle=False, num_workers=optim.workers,
                             drop_last=len(view) > optim.batch_size, worker_init_fn=_reseed_worker(seed, epoch))
         model.train()
+        if optim.freeze_encoder_epochs:
+            set_encoder_frozen(model, epoch < optim.freeze_encoder_epochs)
         running, batches = 0.0, 0
         bar = loader
         if progress:
@@ -152,6 +205,9 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
                 loss = task.loss(model, images, masks, targets) / optim.accumulate
             scaler.scale(loss).backward()
             if (step + 1) % optim.accumulate == 0 or step + 1 == len(loader):
+                if optim.clip_grad_norm is not None:
+                    scaler.unscale_(optimiser)  # clip the true gradients, not the loss-scaled ones
+                    nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad_norm)
                 scaler.step(optimiser)
                 scaler.update()
                 optimiser.zero_grad(set_to_none=True)
@@ -175,14 +231,21 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
                         "seconds": time.monotonic() - started})
         print(f"{task.name} epoch {epoch + 1}: loss {running / max(1, batches):.4f} {task.metric_name} {metric:.4f} "
               f"(best {best:.4f}) {time.monotonic() - started:.0f}s", flush=True)
-        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state(), "epoch": epoch, "history": history, "kept": kept,
-                    "images": images_seen, "config": fingerprint}, checkpoint)
         over_time = optim.minutes is not None and time.monotonic() - started > optim.minutes * 60
-        if stale >= optim.early_stopping or over_time:
+        stopped = stale >= optim.early_stopping or over_time
+        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                    "epoch": epoch, "history": history, "kept": kept, "images": images_seen,
+                    "stopped": stopped, "trained_on": sorted(trained_on), "config": fingerprint}, checkpoint)
+        if stopped:
             break
-    return _finish(model, task, out_dir, kept, history, images_seen, time.monotonic() - started, device)
+    if optim.freeze_encoder_epochs:
+        set_encoder_frozen(model, False)  # a run shorter than its warm-up still hands back a trainable model
+    result = _finish(model, task, out_dir, kept, history, images_seen, time.monotonic() - started, device)
+    result.trained_on = sorted(trained_on)
+    return result
 
 
 def _finish(model: nn.Module, task: Task, out_dir: Path, kept: list[tuple[float, int]],

@@ -31,7 +31,14 @@ from pathlib import Path
 from locust import FastHttpUser, events, task
 
 from load_tests.corpus import DEFAULT_DIR, MIX, Corpus, load, parse_mix, pick
-from load_tests.scenarios.summary import Sample, equal_windows, expectation_problem, summarise, write_row, write_rows
+from load_tests.scenarios.summary import (
+    Sample,
+    equal_windows,
+    expectation_problem,
+    summarise,
+    write_row,
+    write_rows,
+)
 
 HEADERS = {"Content-Type": "application/dicom"}
 SHED = "shed 503"

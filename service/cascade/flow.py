@@ -1,43 +1,107 @@
-"""The HTTP edge's CPU work around the models: bytes → model input, and model output → `Finding`.
+"""The one flow of the cascade: decode → preprocess → classify → gate → segment → mask → conclude.
 
-    prepare:  bytes → Radiograph (decode, validate) → classifier input (and segmenter input if it differs)
-    conclude: score (+ segmenter map if gated) → mask at film size → instances, RLE, priority → Finding
+    Flow.run(payload)          decode (imaging) ─▶ evaluate ─▶ conclude (instances, RLE, priority) → Finding
+    evaluate(spec, pixels)     preprocess ─▶ classify ─▶ gate ─▶ segment (gated only) ─▶ film_result
 
-Both run in worker threads (never on the event loop) and are plain functions of their inputs, so the
-DICOM listener and tests can use them as they are. The models themselves run in the model worker.
+Everything between the bytes and the `Finding` is chained here once. The callers only say *how* the models
+run and where CPU work goes:
+
+* the served path (`service.cascade.served`) hands async calls that go through the BentoML model worker,
+  which batches concurrent films, and an `offload` that runs CPU steps in threads;
+* the in-process cascade (`service.cascade.in_process`: training's evaluation, tests) hands calls that
+  batch concurrent films in this process, and runs CPU steps inline.
+
+So a model is evaluated exactly as it is served. Timings are collected in one place (`Timings`), under the
+stage names the API answers with (decode, preprocess, classify, segment, postprocess; `total` is the
+caller's, around admission and waiting).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import numpy as np
 
-from service.imaging.acceptance import AcceptancePolicy
-from service.cascade.finding import Finding, PriorityBands, build_finding
-from service.imaging.reader import read_radiograph
+from service.cascade.finding import Finding, PriorityBands, SourceFilm, build_finding
 from service.cascade.masks import MillimetreMorphology
-from service.models.model_set import ModelSet
-from service.cascade.postprocess import film_result
+from service.cascade.postprocess import CascadeResult, film_result, passes_gate
 from service.cascade.preprocess import to_batch
-from service.imaging.radiograph import Radiograph
+from service.imaging.acceptance import AcceptancePolicy
+from service.imaging.reader import read_film
+from service.models.input_spec import InputSpec
+from service.models.model_set import ModelSet
+from service.models.thresholds import TripletThreshold
 from service.settings import Settings
+
+ModelCall = Callable[[np.ndarray], Awaitable[np.ndarray]]  # (1, C, S, S) input → that film's output row(s)
+Offload = Callable[..., Awaitable[Any]]  # offload(function, *args) → its result, wherever CPU work runs
+
+
+async def inline(function: Callable[..., Any], *args: Any) -> Any:
+    """An `Offload` that runs the step in the caller (in-process use: no threads to hand work to)."""
+    return function(*args)
+
+
+class CascadeSpec(Protocol):
+    """What the flow needs to know about the two models: their inputs and thresholds (from manifests)."""
+
+    @property
+    def classifier_spec(self) -> InputSpec: ...
+    @property
+    def segmenter_spec(self) -> InputSpec: ...
+    @property
+    def gate(self) -> float: ...
+    @property
+    def operating_point(self) -> float: ...
+    @property
+    def triplet(self) -> TripletThreshold: ...
+    @property
+    def triplet_reference_size(self) -> int: ...
 
 
 @dataclass
-class Prepared:
-    """One decoded film on its way through the cascade."""
+class Timings:
+    """Milliseconds per stage for one film; a stage entered twice adds up."""
 
-    radiograph: Radiograph
-    classifier_input: np.ndarray  # (1, C, S, S)
-    segmenter_input: np.ndarray | None  # None: the same as the classifier's (same spec)
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    ms: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - started) * 1e3
+
+
+async def evaluate(spec: CascadeSpec, pixels: np.ndarray, classify: ModelCall, segment: ModelCall,
+                   offload: Offload = inline, timings: Timings | None = None) -> CascadeResult:
+    """One film's display pixels → its `CascadeResult`: score, the gate's decision, the mask at film size."""
+    timings = timings or Timings()
+    with timings.stage("preprocess"):
+        classifier_input = await offload(to_batch, [pixels], spec.classifier_spec)
+    with timings.stage("classify"):
+        score = float(np.asarray(await classify(classifier_input)).reshape(-1)[0])
+    probability = None
+    if passes_gate(score, spec.gate):
+        segmenter_input = classifier_input
+        if spec.segmenter_spec != spec.classifier_spec:
+            with timings.stage("preprocess"):
+                segmenter_input = await offload(to_batch, [pixels], spec.segmenter_spec)
+        with timings.stage("segment"):
+            probability = np.asarray(await segment(segmenter_input))[0]
+    with timings.stage("postprocess"):
+        return await offload(film_result, pixels.shape[0], pixels.shape[1], score, probability,
+                             spec.operating_point, spec.triplet, spec.triplet_reference_size)
 
 
 @dataclass(frozen=True)
-class Edge:
-    """What the HTTP edge needs to prepare and conclude films, from settings and the model manifests."""
+class Flow:
+    """The served cascade's configuration: the models, the acceptance rules, priority bands, morphology."""
 
     models: ModelSet
     policy: AcceptancePolicy
@@ -46,45 +110,37 @@ class Edge:
     model_labels: dict[str, dict[str, str | None]]
 
     @classmethod
-    def from_settings(cls, settings: Settings, models: ModelSet, backends: dict[str, str] | None = None) -> Edge:
+    def from_settings(cls, settings: Settings, models: ModelSet, backends: dict[str, str] | None = None) -> Flow:
         """`backends`: role → backend name as reported by the model worker (None until it has said)."""
         backends = backends or {}
         labels = {entry.role: {"name": entry.manifest.name, "version": entry.manifest.version,
                                "backend": backends.get(entry.role)} for entry in models.entries()}
-        return cls(
-            models=models,
-            policy=AcceptancePolicy(max_file_bytes=settings.max_file_bytes, reject_inverted=settings.reject_inverted,
-                                    decode_timeout_s=settings.decode_timeout_s or None,
-                                    decode_memory_mb=settings.decode_memory_mb, decode_workers=settings.decode_threads),
-            bands=PriorityBands(settings.stat_score, settings.stat_area_mm2),
-            morphology=MillimetreMorphology() if settings.mm_morphology else None,
-            model_labels=labels,
-        )
+        return cls(models=models, policy=AcceptancePolicy.from_settings(settings), bands=PriorityBands(
+            settings.stat_score, settings.stat_area_mm2), morphology=MillimetreMorphology() if settings.mm_morphology
+            else None, model_labels=labels)
 
-    def prepare(self, payload: bytes) -> Prepared:
-        """Decode and validate (raises `RadiographError`), then build the model inputs."""
-        started = time.perf_counter()
-        radiograph = read_radiograph(payload, self.policy)
-        decoded = time.perf_counter()
-        classifier_input = to_batch([radiograph.pixels], self.models.classifier_spec)
-        segmenter_input = None
-        if self.models.segmenter_spec != self.models.classifier_spec:
-            segmenter_input = to_batch([radiograph.pixels], self.models.segmenter_spec)
-        done = time.perf_counter()
-        return Prepared(radiograph, classifier_input, segmenter_input,
-                        {"decode": (decoded - started) * 1e3, "preprocess": (done - decoded) * 1e3})
+    def with_backends(self, backends: dict[str, str]) -> Flow:
+        """The same flow, its answers naming the engine that runs each model."""
+        labels = {role: {**label, "backend": backends.get(role)} for role, label in self.model_labels.items()}
+        return replace(self, model_labels=labels)
 
-    def needs_segmenter(self, score: float) -> bool:
-        return score >= self.models.gate
+    async def run(self, payload: bytes, classify: ModelCall, segment: ModelCall, offload: Offload = inline,
+                  keep_source: bool = False) -> Finding:
+        """A film's bytes → its `Finding`; raises `RadiographError` for a film that cannot be triaged.
 
-    def conclude(self, prepared: Prepared, score: float, probability: np.ndarray | None) -> Finding:
-        """The Finding for a film from its score and, if gated, the segmenter's map at its input size."""
-        started = time.perf_counter()
-        radiograph = prepared.radiograph
-        models = self.models
-        result = film_result(radiograph.rows, radiograph.columns, score, probability, models.operating_point,
-                             models.triplet, models.triplet_reference_size)
-        finding = build_finding(radiograph, result, models.operating_point, self.bands, self.morphology,
-                                models=self.model_labels, timings_ms=prepared.timings_ms)
-        finding.timings_ms["postprocess"] = (time.perf_counter() - started) * 1e3  # the Finding's own dict
+        `keep_source` (the DICOM side): the parsed header and the display pixels stay on the Finding, so the
+        SEG/SR/SC writers neither parse nor decode the film again.
+        """
+        timings = Timings()
+        with timings.stage("decode"):
+            film = await offload(read_film, payload, self.policy)
+        radiograph = film.radiograph
+        result = await evaluate(self.models, radiograph.pixels, classify, segment, offload, timings)
+        with timings.stage("postprocess"):
+            finding: Finding = await offload(build_finding, radiograph, result, self.models.operating_point,
+                                             self.bands, self.morphology, self.model_labels, timings.ms)
+        finding.timings_ms.update(timings.ms)  # with the post-processing just measured
+        if keep_source:
+            finding = replace(finding, source=SourceFilm(film.header, radiograph.pixels, radiograph.spacing_mm,
+                                                         radiograph.spacing_source))
         return finding

@@ -1,18 +1,54 @@
-"""The cascade in one process (training's evaluation, tests, benchmarks' baseline), through the one flow."""
+"""The cascade in one process (training's evaluation, tests), through the one flow (`flow.evaluate`).
+
+Films go through `evaluate` concurrently on a private event loop; `_Batcher` gathers the model calls that
+the films make in the same turn of that loop into one batch, as BentoML's adaptive batching does for the
+served path. So the in-process cascade runs each model once per stage for the whole list of films (the gated
+ones for the segmenter), with the same gate, TTA and mask rule as the service.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from service.cascade.postprocess import CascadeResult, film_result, gated
+from service.cascade.flow import evaluate
+from service.cascade.postprocess import CascadeResult, film_result
 from service.cascade.preprocess import to_batch
 from service.models.backends import Backend
 from service.models.inference import classify_scores, segment_maps
 from service.models.input_spec import InputSpec
 from service.models.thresholds import TripletThreshold
+
+
+class _Batcher:
+    """An async model call that runs every call made in the same loop turn as one batch."""
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.run = run
+        self.pending: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
+
+    async def __call__(self, batch: np.ndarray) -> np.ndarray:
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self._flush)  # after the other films' steps of this turn
+        self.pending.append((batch, future))
+        return await future
+
+    def _flush(self) -> None:
+        pending, self.pending = self.pending, []
+        try:
+            outputs = self.run(np.concatenate([batch for batch, _ in pending]))
+        except Exception as exc:  # noqa: BLE001 -- every waiting film gets the model's failure
+            for _, future in pending:
+                future.set_exception(exc)
+            return
+        start = 0
+        for batch, future in pending:
+            future.set_result(outputs[start:start + len(batch)])
+            start += len(batch)
 
 
 @dataclass
@@ -43,8 +79,10 @@ class Cascade:
                            self.triplet_reference_size)
 
     def run(self, films: Sequence[np.ndarray]) -> list[CascadeResult]:
-        scores = self.classify(films)
-        chosen = gated(scores, self.gate)
-        maps = self.segment([films[i] for i in chosen]) if len(chosen) else np.zeros((0, 1, 1), np.float32)
-        by_film = dict(zip(chosen.tolist(), maps))
-        return [self.result(film, score, by_film.get(index)) for index, (film, score) in enumerate(zip(films, scores))]
+        """Every film through the flow; each model runs once per stage over the films that reach it."""
+        return asyncio.run(self._run(films))
+
+    async def _run(self, films: Sequence[np.ndarray]) -> list[CascadeResult]:
+        classify = _Batcher(lambda batch: classify_scores(self.classifier, batch, self.hflip_tta))
+        segment = _Batcher(lambda batch: segment_maps(self.segmenter, batch, self.hflip_tta))
+        return list(await asyncio.gather(*(evaluate(self, np.asarray(film), classify, segment) for film in films)))

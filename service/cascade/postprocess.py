@@ -15,9 +15,14 @@ from service.cascade.preprocess import to_original
 from service.models.thresholds import TripletThreshold
 
 
+def passes_gate(score: float, gate: float) -> bool:
+    """Whether the segmenter must see a film with this triage score: the one place the gate is decided."""
+    return bool(score >= gate)
+
+
 def gated(scores: np.ndarray, gate: float) -> np.ndarray:
-    """Indices of the films the segmenter must see (score ≥ gate)."""
-    return np.flatnonzero(np.asarray(scores) >= gate)
+    """Indices of the films in a batch the segmenter must see (`passes_gate` of each)."""
+    return np.flatnonzero([passes_gate(float(score), gate) for score in np.asarray(scores).reshape(-1)])
 
 
 def film_mask(probability: np.ndarray, rows: int, columns: int, rule: TripletThreshold,

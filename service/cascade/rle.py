@@ -22,11 +22,15 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from service.errors import ServiceError
+
 EMPTY = "-1"
 
 
-class RLEError(ValueError):
+class RLEError(ServiceError, ValueError):
     """A run-length string that does not describe a mask of the given size."""
+
+    code, http_status = "invalid_rle", 422
 
 
 def encode(mask: np.ndarray) -> str:

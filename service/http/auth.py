@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.errors import ServiceError
+
 log = logging.getLogger("ptx.auth")
 
 MIN_TOKEN_LENGTH = 16
@@ -46,8 +48,10 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class TokenError(ValueError):
+class TokenError(ServiceError, ValueError):
     """A token setting that cannot be used; the message names the setting, never the token."""
+
+    code = "invalid_token_setting"
 
 
 def _digest(token: bytes) -> bytes:

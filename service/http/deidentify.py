@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 UID_FIELDS = ("study_uid", "series_uid", "sop_uid")
@@ -60,3 +61,8 @@ def from_settings(settings: Any) -> Pseudonymiser | None:
         return None
     key = settings.deidentify_key.get_secret_value() if settings.deidentify_key is not None else None
     return Pseudonymiser(key)
+
+
+def answer_filter(pseudonymiser: Pseudonymiser | None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The answer as sent: with PTX_DEIDENTIFY_RESPONSES its UIDs pseudonymised and file names dropped."""
+    return (lambda body: body) if pseudonymiser is None else pseudonymiser.answer

@@ -22,12 +22,16 @@ import bentoml
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from service.http.schemas import error
 from service.cascade.finding import Priority
-from service.store.results_files import RESULT_FILES, ResultsFolder
-
+from service.http.schemas import error
 from service.store import InstanceStatus, NotFoundError, StoreError, StudyStatus
-from service.store.base import SPOOL_MISSING, DeliveryRecord, FindingRecord, WorklistItem
+from service.store.base import (
+    SPOOL_MISSING,
+    DeliveryRecord,
+    FindingRecord,
+    WorklistItem,
+)
+from service.store.results_files import RESULT_FILES, ResultsFolder
 
 router = APIRouter()
 MAX_PAGE = 500

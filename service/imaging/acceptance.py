@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from pydicom.uid import UID
 
+from service.settings import Settings
+
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 DX_FOR_PROCESSING = UID("1.2.840.10008.5.1.4.1.1.1.1.1")
@@ -41,6 +43,9 @@ class AcceptancePolicy:
     max_pixels: int = 40_000_000
     max_file_bytes: int = 512 * 1024 * 1024
     reject_inverted: bool = False
+    # Refuse a film with nothing to see (constant, near-constant, a few grey levels): `degenerate_image`. Off
+    # only for reading what is not a film, such as a training mask PNG (binary, empty for a negative).
+    reject_degenerate: bool = True
     # Compressed pixel data decoded in killable worker processes (service.imaging.decode_pool) when set: the
     # service sets it (PTX_DECODE_TIMEOUT_S); None decodes in the calling thread (training, tools).
     decode_timeout_s: float | None = None
@@ -56,11 +61,42 @@ class AcceptancePolicy:
         if self.max_pixels < self.min_side * self.min_side:
             raise ValueError(f"max_pixels ({self.max_pixels}) is below min_side squared ({self.min_side ** 2})")
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AcceptancePolicy:
+        """The service's policy: the `PTX_ACCEPT_*` selection rules and the decode and size limits."""
+        return cls(modalities=_any_or(settings.accept_modalities, str.upper, "PTX_ACCEPT_MODALITIES"),
+                   sop_classes=_any_or(settings.accept_sop_classes, UID, "PTX_ACCEPT_SOP_CLASSES"),
+                   body_part_tokens=_tokens(settings.accept_body_parts), min_side=settings.accept_min_side,
+                   max_side=settings.accept_max_side, max_pixels=settings.accept_max_pixels,
+                   max_file_bytes=settings.max_file_bytes, reject_inverted=settings.reject_inverted,
+                   decode_timeout_s=settings.decode_timeout_s or None, decode_memory_mb=settings.decode_memory_mb,
+                   decode_workers=settings.decode_threads)
+
     def is_chest(self, body_part: str) -> bool:
         if self.body_part_tokens is None:
             return True
         value = body_part.upper()
         return any(token in value for token in self.body_part_tokens)
+
+
+def _values(text: str, name: str) -> list[str]:
+    values = [value.strip() for value in text.split(",") if value.strip()]
+    if not values:
+        raise ValueError(f"{name} lists no value; give comma-separated values or '*' for any")
+    return values
+
+
+def _any_or(text: str, convert: type | object, name: str) -> frozenset[str] | None:
+    """"*": any value (None); otherwise the comma-separated values, converted."""
+    if text.strip() == "*":
+        return None
+    return frozenset(convert(value) for value in _values(text, name))  # type: ignore[operator]
+
+
+def _tokens(text: str) -> tuple[str, ...] | None:
+    if text.strip() == "*":
+        return None
+    return tuple(token.upper() for token in _values(text, "PTX_ACCEPT_BODY_PARTS"))
 
 
 def permissive_policy() -> AcceptancePolicy:

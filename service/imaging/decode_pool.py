@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 
-from service.processes import safe_context
 from service.imaging.radiograph import RadiographError, RejectionCode
+from service.processes import safe_context
 
 log = logging.getLogger("ptx.decode")
 

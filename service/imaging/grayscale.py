@@ -101,3 +101,61 @@ def appears_inverted(pixels: np.ndarray, margin: float = 0.02) -> bool:
     right = float(np.median(band[:, int(0.14 * w) : int(0.30 * w)]))
     left = float(np.median(band[:, int(0.70 * w) : int(0.86 * w)]))
     return centre + margin < right and centre + margin < left
+
+
+# --- is there anything left to see? ----------------------------------------------------------------------------
+#
+# Thresholds, measured on what the service must accept: the 4 real chest films in shared/realdata/chest and
+# the training generator's films (`python -m training synth`, every format it writes: 8/12 bit, windows, rescale,
+# MONOCHROME1) as the model sees them. They saturate at most 1.8 % of their pixels, their central 98 % spans
+# at least 0.63 of the grey scale, and they show at least 175 distinct grey levels. Each limit sits far from that.
+
+# A file's window or VOI LUT is set aside when more than this fraction of the film lands on its two extremes
+# (black or white). The lung fields alone are a quarter to a third of a PA film and a legitimate window clips
+# only collimator borders and direct exposure (real films: under 2 %), so a window leaving under 10 % of the
+# film in grey shows no lung at all: it was meant for other data (e.g. 12-bit values stored at an offset).
+WINDOW_SATURATION_LIMIT = 0.90
+# A model input whose 1st to 99th percentile span less than this of [0, 1] is near-constant: less than 13 of
+# 256 display levels for 98 % of the film, less contrast in total than the edge of one subtle synthetic lesion
+# ("hard": 1-5 % of the display range). Real films span 0.69 or more.
+MIN_GREY_SPREAD = 0.05
+# Fewer distinct grey levels than this (5 bits) is a thresholded, posterised or mask-like image: ribs, vessels
+# and a pleural line need gradations. Real 8-bit films show 175 or more.
+MIN_GREY_LEVELS = 32
+_SAMPLES = 1 << 18
+
+
+def _sample(pixels: np.ndarray) -> np.ndarray:
+    """A strided subsample of at most about `_SAMPLES` pixels: enough for fractions and quantiles."""
+    step = max(1, int(np.sqrt(pixels.size / _SAMPLES)))
+    return pixels[::step, ::step] if pixels.ndim == 2 else pixels.ravel()[::step]
+
+
+def saturated_fraction(pixels: np.ndarray) -> float:
+    """Fraction of display pixels (in [0, 1]) on either extreme: what a window clipped to black or white."""
+    sample = _sample(pixels)
+    return float(np.count_nonzero((sample <= 0.0) | (sample >= 1.0))) / max(1, sample.size)
+
+
+def degenerate_reason(pixels: np.ndarray) -> str | None:
+    """Why display pixels (in [0, 1]) cannot hold anatomy, or None when they can.
+
+    Near-constant (1st-99th percentile span under MIN_GREY_SPREAD, which includes constant) or too few grey
+    levels (under MIN_GREY_LEVELS). One sort of the subsample gives both.
+    """
+    sample = np.sort(_sample(pixels), axis=None)
+    if sample.size == 0 or not np.isfinite(sample[0]) or not np.isfinite(sample[-1]):
+        return "its pixels are not finite numbers"
+    low, high = (float(sample[int(q * (sample.size - 1))]) for q in (0.01, 0.99))
+    if high - low < MIN_GREY_SPREAD:
+        return (f"it is near-constant: 98 % of its pixels lie within {high - low:.3f} of the grey range, "
+                f"under the minimum of {MIN_GREY_SPREAD}")
+    levels = 1 + int(np.count_nonzero(np.diff(sample)))
+    if levels < MIN_GREY_LEVELS:
+        return f"it has {levels} grey levels, under the minimum of {MIN_GREY_LEVELS}"
+    return None
+
+
+def hides_film(pixels: np.ndarray) -> bool:
+    """Whether a window from the file left (nearly) nothing of the film visible: saturated or degenerate."""
+    return saturated_fraction(pixels) > WINDOW_SATURATION_LIMIT or degenerate_reason(pixels) is not None

@@ -19,9 +19,9 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from service.errors import WarningCode
 from service.imaging.acceptance import DX_FOR_PROCESSING, AcceptancePolicy
 from service.imaging.radiograph import RadiographError, RejectionCode
-from service.errors import WarningCode
 from service.imaging.uids import is_dicom_uid
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")

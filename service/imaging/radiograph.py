@@ -32,6 +32,7 @@ class RejectionCode(str, Enum):
     CORRUPT_PIXEL_DATA = "corrupt_pixel_data"
     DECODE_TIMEOUT = "decode_timeout"
     APPEARS_INVERTED = "appears_inverted"
+    DEGENERATE_IMAGE = "degenerate_image"  # the model input is (near-)constant or has too few grey levels
 
     @property
     def http_status(self) -> int:

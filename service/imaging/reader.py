@@ -13,6 +13,7 @@ import io
 import math
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -22,15 +23,24 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
+from service.errors import WarningCode
 from service.imaging import grayscale
 from service.imaging.acceptance import AcceptancePolicy
 from service.imaging.decoding import decode_pixels
-from service.imaging.header import ImageHeader, check_header, check_size, read_floats, read_text
+from service.imaging.display import check_visible, to_display
+from service.imaging.header import (
+    check_header,
+    check_size,
+    read_floats,
+)
 from service.imaging.radiograph import Radiograph, RadiographError, RejectionCode
-from service.errors import WarningCode
 
 # Invalid values are reported by our own checks with the tag named; pydicom's own warnings would only
 # repeat them in the log, sometimes quoting values, so reading validation is off for this process.
@@ -41,16 +51,29 @@ Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
 DEFAULT_POLICY = AcceptancePolicy()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_SEQUENCE_DEPTH = 32  # nesting in an image header (real ones: a few levels)
+_PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # Float, Double Float, Pixel Data
 _FIRST_GROUPS = (0x0000, 0x0002, 0x0008)  # where a dataset without a preamble (ACR-NEMA) starts
-# Integer extremes: pydicom indexes VOI LUTs with integers (float input gives wrong results there).
-_PROBE = np.array([-(2**31), 2**31 - 1], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Film:
+    """A radiograph with the header it was read from (pixel data dropped): for the DICOM result writers,
+    which must copy the patient and study modules, so that they do not parse the file again."""
+
+    radiograph: Radiograph
+    header: Dataset | None  # None for a PNG
 
 
 def read_radiograph(source: Source, policy: AcceptancePolicy = DEFAULT_POLICY) -> Radiograph:
     """Decode and validate one chest radiograph; raise `RadiographError` (with a stable `code`) otherwise."""
+    return read_film(source, policy).radiograph
+
+
+def read_film(source: Source, policy: AcceptancePolicy = DEFAULT_POLICY) -> Film:
+    """`read_radiograph`, keeping the parsed header (without pixel data) beside the radiograph."""
     data = _load(source, policy.max_file_bytes)
     if data[: len(PNG_SIGNATURE)] == PNG_SIGNATURE:
-        return _read_png(data, policy)
+        return Film(_read_png(data, policy), None)
     check_inflated_size(data, policy.max_file_bytes)
     ds, inferred_syntax = parse_dicom(data)
     try:
@@ -65,8 +88,10 @@ def read_radiograph(source: Source, policy: AcceptancePolicy = DEFAULT_POLICY) -
         warnings.append(WarningCode.TRANSFER_SYNTAX_INFERRED.value)
     if spacing is None:
         warnings.append(WarningCode.SPACING_UNKNOWN.value)
+    if policy.reject_degenerate:  # on what the model will see: after any window fallback
+        check_visible(pixels)
     _check_plausible(pixels, policy, warnings, frontal=header.view_position in policy.frontal_views)
-    return Radiograph(
+    radiograph = Radiograph(
         pixels=pixels,
         spacing_mm=spacing,
         spacing_source=spacing_source,
@@ -83,6 +108,10 @@ def read_radiograph(source: Source, policy: AcceptancePolicy = DEFAULT_POLICY) -
         source_format="dicom",
         warnings=tuple(warnings),
     )
+    for tag in _PIXEL_DATA_TAGS:  # the bytes are decoded; the header alone travels on
+        if tag in ds:
+            del ds[tag]
+    return Film(radiograph, ds)
 
 
 def _load(source: Source, max_bytes: int) -> bytes:
@@ -233,59 +262,6 @@ def _truncated_pixel_data(data: bytes, error: RadiographError) -> RadiographErro
     )
 
 
-def to_display(stored: np.ndarray, ds: Dataset, header: ImageHeader) -> tuple[np.ndarray, str, list[str]]:
-    """Stored values → float32 [0, 1], air dark. Returns pixels, where the window came from, warnings.
-
-    Linear chains (rescale + LINEAR window, or rescale + robust range) run as one float32 affine pass;
-    LUT sequences and SIGMOID windows go through pydicom and are then mapped onto [0, 1] by their own range.
-    """
-    warnings: list[str] = []
-    has_window = read_floats(ds, "WindowCenter") is not None and read_floats(ds, "WindowWidth") is not None
-    function = read_text(ds, "VOILUTFunction") or "LINEAR"
-    nonlinear = bool(ds.get("ModalityLUTSequence")) or bool(ds.get("VOILUTSequence")) or (
-        has_window and function == "SIGMOID"
-    )
-    if nonlinear:
-        try:
-            values = apply_modality_lut(stored, ds)
-            out = apply_voi_lut(values, ds)
-            with np.errstate(over="ignore"):  # SIGMOID saturates at the extremes, which is the point
-                probe = apply_voi_lut(_PROBE, ds)  # the output at both input extremes: the VOI's own range
-            affine = grayscale.range_window(float(probe[0]), float(probe[1]))
-            if header.inverted:
-                affine = affine.inverted()
-            return affine.apply(out), "voi_lut", warnings
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            warnings.append(WarningCode.INVALID_WINDOW.value)
-            stored_values, source = apply_modality_lut(stored, ds), "percentile"
-            affine = grayscale.range_window(*grayscale.percentile_range(stored_values))
-            return (affine.inverted() if header.inverted else affine).apply(stored_values), source, warnings
-
-    slope = read_floats(ds, "RescaleSlope")
-    intercept = read_floats(ds, "RescaleIntercept")
-    modality = grayscale.rescale(slope[0], intercept[0]) if slope and intercept else grayscale.IDENTITY
-    window: grayscale.Affine | None = None
-    source = "window"
-    if has_window:
-        center = read_floats(ds, "WindowCenter")[0]  # type: ignore[index]  # several windows: the first is the default
-        width = read_floats(ds, "WindowWidth")[0]  # type: ignore[index]
-        try:
-            window = grayscale.linear_window(center, width, function)
-        except ValueError:
-            warnings.append(WarningCode.INVALID_WINDOW.value)
-    if window is None:
-        if header.bits_stored <= 8 and modality == grayscale.IDENTITY:
-            window, source = grayscale.range_window(0.0, float(2**header.bits_stored - 1)), "full_range"
-        else:
-            low, high = grayscale.percentile_range(stored)
-            low, high = sorted((modality.scale * low + modality.offset, modality.scale * high + modality.offset))
-            window, source = grayscale.range_window(low, high), "percentile"
-    affine = window.after(modality)
-    if header.inverted:
-        affine = affine.inverted()
-    return affine.apply(stored), source, warnings
-
-
 def pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]:
     """(row, column) spacing in mm at the patient, and the attribute it came from; (None, None) if unknown.
 
@@ -346,6 +322,8 @@ def _read_png(data: bytes, policy: AcceptancePolicy) -> Radiograph:
     else:
         affine, source = grayscale.range_window(*grayscale.percentile_range(stored)), "percentile"
     pixels = affine.apply(stored)
+    if policy.reject_degenerate:
+        check_visible(pixels)
     warnings = [WarningCode.SPACING_UNKNOWN.value]
     _check_plausible(pixels, policy, warnings, frontal=True)
     return Radiograph(

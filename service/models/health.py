@@ -24,21 +24,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.errors import ServiceError
+
 log = logging.getLogger("ptx.model_health")
 
 PROBE_TOLERANCE = 1e-3  # same engine, same input: outputs match to float rounding (threads may reorder sums)
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(ServiceError, RuntimeError):
     """A model is out of service (failed, or cooling down after a failure); the film was not triaged."""
+
+    code, http_status = "model_unavailable", 503
 
     def __init__(self, role: str, reason: str) -> None:
         super().__init__(f"the {role} is out of service ({reason}); retry later")
         self.role = role
 
 
-class InvalidModelOutput(RuntimeError):
+class InvalidModelOutput(ServiceError, RuntimeError):
     """A model answered with values it cannot produce (NaN, infinity, out of range)."""
+
+    code, http_status = "invalid_model_output", 503
 
 
 def check_output(role: str, outputs: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:

@@ -19,11 +19,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from typing_extensions import TypeAliasType
 
-from service.models.thresholds import TripletThreshold
+from service.errors import ServiceError
 from service.models.input_spec import InputSpec
+from service.models.thresholds import TripletThreshold
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -38,8 +46,10 @@ MetricValue = TypeAliasType(
 )
 
 
-class ManifestError(ValueError):
+class ManifestError(ServiceError, ValueError):
     """A manifest that cannot be trusted: unreadable, invalid, or not matching the files next to it."""
+
+    code = "invalid_manifest"
 
 
 class _Strict(BaseModel):

@@ -11,9 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.models import manifest as manifests
-from service.models.manifest import ClassificationThresholds, Manifest, ManifestError, SegmentationThresholds
-from service.models.thresholds import TripletThreshold
 from service.models.input_spec import InputSpec
+from service.models.manifest import (
+    ClassificationThresholds,
+    Manifest,
+    ManifestError,
+    SegmentationThresholds,
+)
+from service.models.thresholds import TripletThreshold
 from service.settings import Settings
 
 

@@ -13,13 +13,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from service.metrics import metrics, start_resource_sampler
 from service.models.backends import Backend
 from service.models.health import ModelHealth, ModelUnavailable, check_output
-from service.models.model_set import ModelEntry, ModelSet
 from service.models.inference import classify_scores, segment_maps
+from service.models.model_set import ModelEntry, ModelSet
 from service.settings import Settings
 
 log = logging.getLogger("ptx.runtime")
@@ -61,6 +63,21 @@ def default_loader(entry: ModelEntry, settings: Settings) -> Backend:
                         cache_dir=cache)
 
 
+def observed_by(registry: Any) -> Callable[[str, np.ndarray, np.ndarray], np.ndarray]:
+    """`observe(model, batch, packed)`: batch size and run time per batch into `registry`, `packed` returned
+    (children cached: `labels()` costs more than `observe()`)."""
+    children = {role: (registry.batch_size.labels(model=role), registry.model_batch_seconds.labels(model=role))
+                for role in ("classifier", "segmenter")}
+
+    def observe(model: str, batch: np.ndarray, packed: np.ndarray) -> np.ndarray:
+        sizes, seconds = children[model]
+        sizes.observe(len(batch))
+        seconds.observe(float(packed[0, -2]) if len(packed) else 0.0)
+        return packed
+
+    return observe
+
+
 class ModelRunner:
     """Both models, loaded once, one run at a time (a lock: on a CPU box both models want every core; on a
     GPU, one stream). A run that fails or answers NaN takes its model out of service (`ModelHealth`): calls
@@ -81,6 +98,27 @@ class ModelRunner:
                                   on_change=on_health_change)
         for role in ("classifier", "segmenter"):
             self.health.remember(role)
+
+    @classmethod
+    def for_worker(cls, models: ModelSet, settings: Settings) -> ModelRunner:
+        """The model worker's runner: resources watched from the start (memory is worth watching while the
+        models load), health and model identity exported as metrics, warmed up when PTX_WARMUP is set."""
+        from service.models.backends.onnxruntime import (
+            probe_gpu,  # here: the edge never loads onnxruntime
+        )
+
+        registry = metrics()
+        registry.gpu_visible.set(1 if probe_gpu() is not None else 0)
+        start_resource_sampler("models", gpu=True)
+        runner = cls(models, settings, on_health_change=lambda role, ready: registry.ready.labels(
+            role=role).set(1 if ready else 0))
+        if settings.warmup:
+            runner.warmup((1, settings.max_batch_size))
+        for entry, backend in zip(models.entries(), (runner.classifier, runner.segmenter)):
+            registry.model_info.labels(role=entry.role, name=entry.manifest.name, version=entry.manifest.version,
+                                       backend=backend.name, provider=getattr(backend, "provider", "unknown")).set(1)
+            registry.ready.labels(role=entry.role).set(1)
+        return runner
 
     def classify(self, batch: np.ndarray) -> np.ndarray:
         """Packed scores (N, 3) for a preprocessed classifier batch."""

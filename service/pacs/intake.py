@@ -42,11 +42,18 @@ from datetime import datetime
 from pydicom import dcmread
 
 from service.cascade.finding import Finding
-from service.log_safety import describe_exception
 from service.imaging.radiograph import RadiographError
+from service.log_safety import describe_exception
 from service.pacs.spool import Spool
 from service.store import (
-    INTERNAL_ERROR, SPOOL_MISSING, FindingRecord, InstanceRecord, InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore,
+    INTERNAL_ERROR,
+    SPOOL_MISSING,
+    FindingRecord,
+    InstanceRecord,
+    InstanceStatus,
+    NotFoundError,
+    ReceivedInstance,
+    ResultsStore,
     utc_now,
 )
 
@@ -177,8 +184,7 @@ class Intake:
             log.warning("spool file %s had no receipt recorded (interrupted C-STORE); adopted", sop_uid)
             return InstanceRecord(**vars(received), status=InstanceStatus.RECEIVED, error_code=None, attempts=0,
                                   updated_at=received.received_at)
-        study = self.store.study(study_uid)
-        record = next((i for i in study.instances if i.sop_uid == sop_uid), None) if study else None
+        record = self.store.instance(sop_uid)
         if record is not None and record.status is InstanceStatus.DONE and self.on_finding is not None:
             # Recorded, then the process died before the file was removed, which comes after the results:
             # some may be missing. Make them again (same UIDs: idempotent, see ResultIdentity.uid).
@@ -356,8 +362,8 @@ class Intake:
         log.info("instance %s: results made again after an interruption", sop_uid)
 
     def _receipt(self, finding: Finding) -> datetime | None:
-        study = self.store.study(finding.study_uid) if finding.study_uid else None
-        return next((i.received_at for i in study.instances if i.sop_uid == finding.sop_uid), None) if study else None
+        record = self.store.instance(finding.sop_uid) if finding.sop_uid else None
+        return None if record is None else record.received_at
 
     def _observe(self, seconds: float) -> None:
         assert self.observe_notification is not None

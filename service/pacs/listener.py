@@ -36,20 +36,41 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
-    JPEG2000, UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
-    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from service.imaging.acceptance import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE
+from service.imaging.acceptance import (
+    CR_IMAGE_STORAGE,
+    DX_FOR_PRESENTATION,
+    DX_FOR_PROCESSING,
+    SECONDARY_CAPTURE,
+)
+from service.imaging.uids import is_dicom_uid
 from service.pacs.allowlist import CallingAeAllowlist
 from service.pacs.pdu_limit import limited_request_handler
 from service.pacs.spool import Spool
-from service.imaging.uids import is_dicom_uid
-from service.store import InstanceRecord, InstanceStatus, ReceivedInstance, ResultsStore, StudyRecord, utc_now
+from service.store import (
+    InstanceRecord,
+    InstanceStatus,
+    ReceivedInstance,
+    ResultsStore,
+    utc_now,
+)
 
 log = logging.getLogger("ptx.dicom")
 
@@ -316,11 +337,8 @@ class DicomListener:
                      str(event.request.AffectedSOPClassUID))
 
     def _known(self, keys: _Keys) -> InstanceRecord | None:
-        """The stored record of this instance in its study, or None (a cheap check before spooling again)."""
-        study: StudyRecord | None = self.store.study(keys.study_uid)
-        if study is None:
-            return None
-        return next((i for i in study.instances if i.sop_uid == keys.sop_uid), None)
+        """The stored record of this instance, or None (a cheap check before spooling again)."""
+        return self.store.instance(keys.sop_uid)
 
     def _discard_if_finished(self, keys: _Keys) -> None:
         """A concurrent or cross-study repeat rewrote the spool file of an instance already known: if that

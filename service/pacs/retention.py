@@ -31,12 +31,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from pydicom import dcmread
-
-from service.store.results_files import ResultsFolder
-from service.pacs.spool import Spool
 from service.imaging.uids import is_dicom_uid
+from service.pacs.spool import Spool
 from service.store import DeliveryState, InstanceStatus, ResultsStore, utc_now
+from service.store.results_files import ResultsFolder
 
 log = logging.getLogger("ptx.retention")
 
@@ -116,14 +114,8 @@ class Retention:
         return removed, kept
 
     def _finished(self, sop_uid: str) -> bool:
-        """Whether the store has this spooled instance as done or failed (its study UID from the file)."""
-        try:
-            study_uid = str(dcmread(self.spool.path(sop_uid), stop_before_pixels=True,
-                                    specific_tags=["StudyInstanceUID"]).get("StudyInstanceUID", ""))
-        except Exception:  # noqa: BLE001 -- unreadable: the intake decides about it at its next start
-            return False
-        study = self.store.study(study_uid) if study_uid else None
-        record = None if study is None else next((i for i in study.instances if i.sop_uid == sop_uid), None)
+        """Whether the store has this spooled instance as done or failed."""
+        record = self.store.instance(sop_uid)
         return record is not None and record.status in (InstanceStatus.DONE, InstanceStatus.FAILED)
 
 

@@ -21,17 +21,18 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 
-from service.pacs.delivery import Backoff, Dispatcher, make_senders, parse_destinations
+from service.cascade.finding import Finding
+from service.metrics import child, metrics
 from service.pacs.allowlist import CallingAeAllowlist
+from service.pacs.delivery import Backoff, Dispatcher, make_senders, parse_destinations
+from service.pacs.intake import Intake
 from service.pacs.listener import DicomListener
 from service.pacs.results import build_results
-from service.cascade.finding import Finding
-from service.pacs.intake import Intake
-from service.store.results_files import ResultsFolder
 from service.pacs.retention import SWEEP_EVERY_S, Retention
-from service.settings import Settings
 from service.pacs.spool import Spool
+from service.settings import Settings
 from service.store import ResultsStore
+from service.store.results_files import ResultsFolder
 
 log = logging.getLogger("ptx.pacs")
 OVERLAY_PNG_SIDE = 1024
@@ -77,6 +78,16 @@ class Pacs:
                                       max_pdu=settings.dicom_max_pdu, max_message_bytes=settings.max_file_bytes,
                                       on_received=self.intake.notify, on_outcome=on_dicom_outcome)
 
+    @classmethod
+    def observed(cls, settings: Settings, store: ResultsStore, results: ResultsFolder,
+                 triage: Callable[[bytes], Awaitable[Finding]]) -> Pacs:
+        """The PACS side with its metrics: time to notification, delivery attempts, C-STORE outcomes."""
+        registry = metrics()
+        return cls(settings, store, results, triage, observe_notification=registry.notification_seconds.observe,
+                   on_attempt=lambda destination, ok: child(registry.deliveries, destination=destination,
+                                                            outcome="ok" if ok else "failed").inc(),
+                   on_dicom_outcome=lambda outcome: child(registry.dicom_received, outcome=outcome).inc())
+
     async def start(self) -> None:
         """Intake first (its start-up scan must not race the listener's first writes), then the listener."""
         if self.dispatcher is not None:
@@ -91,8 +102,6 @@ class Pacs:
 
     async def _watch(self, every_s: float = 5.0) -> None:
         """Spool depth and delivery states as gauges (queries, so on a timer, not per scrape)."""
-        from service.metrics import child, metrics
-
         registry = metrics()
         while True:
             try:
@@ -138,8 +147,11 @@ class Pacs:
             await self.dispatcher.enqueue_async(str(finding.study_uid), object_uid, kind, path)
 
     def _write_results(self, data: bytes, finding: Finding) -> list[tuple[str, str, str]]:
-        source = dcmread(io.BytesIO(data))
-        made = build_results(source, finding, overlay=True, pixels=finding.display)  # None: decoded here
+        """The finding's objects from the header and pixels triage kept (`Finding.source`): no second parse
+        or decode; a finding without them (not from the intake) has the film parsed and decoded here."""
+        kept = finding.source
+        source = kept.header if kept is not None and kept.header is not None else dcmread(io.BytesIO(data))
+        made = build_results(source, finding, overlay=True, pixels=None if kept is None else kept.pixels)
         study, sop = str(finding.study_uid), str(finding.sop_uid)
         written = []
         for kind, ds in (("SEG", made.seg), ("SR", made.sr), ("SC", made.overlay)):  # SEG first: the SR cites it

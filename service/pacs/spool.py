@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from service.errors import ServiceError
 from service.imaging.uids import MAX_UID_LENGTH, is_dicom_uid
 from service.store.durable import durable_write
 
@@ -34,8 +35,10 @@ log = logging.getLogger("ptx.spool")
 SUFFIX = ".dcm"
 TEMP_PREFIX = ".incoming-"
 TEMP_SUFFIX = ".tmp"
-class InvalidUidError(ValueError):
+class InvalidUidError(ServiceError, ValueError):
     """A SOP Instance UID that is not a DICOM UID; it is never used as a file name."""
+
+    code, http_status = "invalid_uid", 400
 
 
 def _check_uid(sop_uid: str) -> str:

@@ -15,9 +15,24 @@ from datetime import datetime
 from pathlib import Path
 
 from service.store.base import (
-    DEFAULT_MAX_ATTEMPTS, INTERNAL_ERROR, SPOOL_MISSING, DeliveryKind, DeliveryRecord, DeliveryState, FindingRecord,
-    InstanceRecord, InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore, SchemaTooNewError, StoreError,
-    StudyRecord, StudyStatus, WorklistItem, utc_now,
+    DEFAULT_MAX_ATTEMPTS,
+    INTERNAL_ERROR,
+    SPOOL_MISSING,
+    DeliveryKind,
+    DeliveryRecord,
+    DeliveryState,
+    FindingRecord,
+    InstanceRecord,
+    InstanceStatus,
+    NotFoundError,
+    ReceivedInstance,
+    ResultsStore,
+    SchemaTooNewError,
+    StoreError,
+    StudyRecord,
+    StudyStatus,
+    WorklistItem,
+    utc_now,
 )
 from service.store.migrations import LATEST_VERSION
 from service.store.sql import Dialect, SqlResultsStore

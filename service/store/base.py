@@ -31,22 +31,29 @@ from types import TracebackType
 from typing import Any, Self
 
 from service.cascade.finding import Finding, Priority
+from service.errors import ServiceError
 
 DEFAULT_MAX_ATTEMPTS = 10
 SPOOL_MISSING = "spool_missing"  # the store knows the instance, its bytes are gone (disk replaced, manual cleanup)
 INTERNAL_ERROR = "internal_error"  # an instance's attempts spent without an outcome (not its content): retryable
 
 
-class StoreError(Exception):
+class StoreError(ServiceError):
     """Root of the store's own errors (database driver errors pass through unchanged, with their cause)."""
+
+    code = "store_error"
 
 
 class SchemaTooNewError(StoreError):
     """The database was migrated by a newer version of this code; writing to it could corrupt what it expects."""
 
+    code = "schema_too_new"
+
 
 class NotFoundError(StoreError, LookupError):
     """An operation named an instance, study or delivery the store does not have."""
+
+    code, http_status = "not_found", 404
 
 
 class StudyStatus(str, Enum):
@@ -239,6 +246,10 @@ class ResultsStore(ABC):
                  since: datetime | None = None, limit: int = 50, offset: int = 0) -> list[WorklistItem]:
         """Studies by priority (STAT, URGENT, then ROUTINE and pending), then first arrival, then UID;
         `since` keeps studies first received at or after it."""
+
+    @abstractmethod
+    def instance(self, sop_uid: str) -> InstanceRecord | None:
+        """The instance with this SOP Instance UID, in whichever study (one row, not the study's list)."""
 
     @abstractmethod
     def study(self, study_uid: str) -> StudyRecord | None:

@@ -1,4 +1,4 @@
-"""The results store in plain SQL, shared by both databases; what differs between them is a `Dialect`.
+"""The results store in plain SQL, shared by both databases (long: every statement of the store, written once).
 
 The statements are written once, with `?` parameters (never formatted values), in the SQL that SQLite ≥ 3.35
 and PostgreSQL ≥ 10 both speak: `ON CONFLICT … DO NOTHING` for idempotent inserts, `RETURNING`, `CASE` for
@@ -19,9 +19,24 @@ from typing import Any, Protocol
 
 from service.cascade.finding import Priority
 from service.store.base import (
-    DEFAULT_MAX_ATTEMPTS, INTERNAL_ERROR, DeliveryKind, DeliveryRecord, DeliveryState, FindingRecord,
-    InstanceRecord, InstanceStatus, NotFoundError, ReceivedInstance, ResultsStore, SchemaTooNewError, StoreError,
-    StudyRecord, StudyStatus, WorklistItem, require_utc, utc_now,
+    DEFAULT_MAX_ATTEMPTS,
+    INTERNAL_ERROR,
+    DeliveryKind,
+    DeliveryRecord,
+    DeliveryState,
+    FindingRecord,
+    InstanceRecord,
+    InstanceStatus,
+    NotFoundError,
+    ReceivedInstance,
+    ResultsStore,
+    SchemaTooNewError,
+    StoreError,
+    StudyRecord,
+    StudyStatus,
+    WorklistItem,
+    require_utc,
+    utc_now,
 )
 from service.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_MIGRATIONS
 
@@ -344,6 +359,11 @@ class SqlResultsStore(ResultsStore):
                + f" ORDER BY {RANK}, received_at, study_uid LIMIT ? OFFSET ?")
         with self._transaction(write=False) as tx:
             return [_item(row) for row in tx.all(sql, [*params, limit, offset])]
+
+    def instance(self, sop_uid: str) -> InstanceRecord | None:
+        with self._transaction(write=False) as tx:
+            row = tx.one(f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE sop_uid = ?", (sop_uid,))
+        return None if row is None else _instance(row)
 
     def study(self, study_uid: str) -> StudyRecord | None:
         with self._transaction(write=False) as tx:

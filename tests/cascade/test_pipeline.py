@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from service.cascade.masks import find_instances
-from service.models.inference import classify_scores, segment_maps
 from service.cascade.postprocess import film_mask, gated
-from service.models.thresholds import TripletThreshold
 from service.cascade.preprocess import to_original
+from service.models.inference import classify_scores, segment_maps
+from service.models.thresholds import TripletThreshold
 
 
 class Recording:

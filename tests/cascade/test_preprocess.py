@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.cascade.preprocess import (
+    mask_to_input,
+    resize,
+    to_batch,
+    to_input,
+    to_original,
+)
 from service.models.input_spec import InputSpec
-from service.cascade.preprocess import mask_to_input, resize, to_batch, to_input, to_original
 
 
 def test_input_is_resized_and_normalised_per_spec():

@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 
 from service.cascade.finding import Priority
-from tests.servers import bento_server
 from tests.http.test_app_triage import post
+from tests.servers import bento_server
 from training.__main__ import main as training_main
 
 

@@ -24,8 +24,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from service.models.manifest import sha256_file
-from tests.servers import REPO, bento_server, free_port
 from tests.http.test_app_triage import metrics_text, post, sample
+from tests.servers import REPO, bento_server, free_port
 
 COOLDOWN_S = 4
 MODELS = REPO / "models"

@@ -7,8 +7,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from load_tests.overload import flood
-from tests.servers import bento_server
 from tests.http.test_app_triage import metrics_text, post, sample
+from tests.servers import bento_server
 
 MAX_IN_FLIGHT = 4
 CLIENTS = 32  # 8× what is admitted: queued instead of refused, a film would wait ~32 films' work

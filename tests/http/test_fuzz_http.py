@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz_cases import deflate_bomb, load_files, mutated, nested_sequences
-from tests.servers import bento_server
 from tests.http.test_app_triage import metrics_text
+from tests.servers import bento_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 MAX_BYTES = 8 * 1024 * 1024

@@ -22,8 +22,8 @@ from pydicom.uid import JPEG2000Lossless
 from service.imaging.acceptance import AcceptancePolicy, permissive_policy
 from service.imaging.decode_pool import DecodePool, pixel_subset
 from service.imaging.decoding import decode_here, decode_pixels
-from service.imaging.reader import read_radiograph
 from service.imaging.radiograph import RadiographError, RejectionCode
+from service.imaging.reader import read_radiograph
 from tests.dicom_factory import dataset
 from tests.slow_decoders import CRASH, HUNGRY, SLOW, misbehaving
 
@@ -186,17 +186,17 @@ def test_uncompressed_pixels_stay_in_the_thread(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_the_edge_and_the_dicom_intake_decode_under_the_limit() -> None:
-    """Both reach read_radiograph through Edge.prepare with the policy built from the settings."""
+    """Both reach read_radiograph through Flow.run with the policy built from the settings."""
+    from service.cascade.flow import Flow
     from service.models.model_set import resolve
     from service.settings import load_settings
-    from service.cascade.flow import Edge
 
     settings = load_settings(environ={"PTX_DECODE_TIMEOUT_S": "3.5", "PTX_DECODE_MEMORY_MB": "1024",
                                       "PTX_DECODE_THREADS": "3"})
-    policy = Edge.from_settings(settings, resolve(settings)).policy
+    policy = Flow.from_settings(settings, resolve(settings)).policy
     assert (policy.decode_timeout_s, policy.decode_memory_mb, policy.decode_workers) == (3.5, 1024, 3)
     off = load_settings(environ={"PTX_DECODE_TIMEOUT_S": "0"})
-    assert Edge.from_settings(off, resolve(off)).policy.decode_timeout_s is None
+    assert Flow.from_settings(off, resolve(off)).policy.decode_timeout_s is None
 
 
 def test_prestarted_workers_answer_the_first_decode_without_a_start_up(realdata: Path) -> None:

@@ -21,12 +21,22 @@ from hypothesis import strategies as st
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
 from service.imaging.acceptance import AcceptancePolicy, permissive_policy
-from service.imaging.reader import MAX_SEQUENCE_DEPTH, read_radiograph
 from service.imaging.radiograph import Radiograph, RadiographError, RejectionCode
+from service.imaging.reader import MAX_SEQUENCE_DEPTH, read_radiograph
 from tests.dicom_factory import dataset
 from tests.fuzz_cases import (
-    HUGE_LENGTHS, SUITE_FILES, apply_plan, check_outcome, deflate_bomb, length_fields, load_files, nested_sequences,
-    patient_values, plans, set_length, to_bytes,
+    HUGE_LENGTHS,
+    SUITE_FILES,
+    apply_plan,
+    check_outcome,
+    deflate_bomb,
+    length_fields,
+    load_files,
+    nested_sequences,
+    patient_values,
+    plans,
+    set_length,
+    to_bytes,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every mangled element

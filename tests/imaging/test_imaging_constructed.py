@@ -13,8 +13,8 @@ from pydicom.pixels import apply_voi_lut
 from pydicom.uid import JPEGLSLossless, RLELossless
 
 from service.imaging.acceptance import SECONDARY_CAPTURE, AcceptancePolicy
-from service.imaging.reader import read_radiograph
 from service.imaging.radiograph import RadiographError, RejectionCode
+from service.imaging.reader import read_radiograph
 from tests.dicom_factory import chest_like, dataset, to_bytes
 
 SENTINELS = ("Sentinel", "SENTINEL-ID-0001")

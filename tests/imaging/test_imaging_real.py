@@ -11,8 +11,8 @@ from pydicom.pixels import apply_voi_lut
 
 from service.imaging.acceptance import permissive_policy
 from service.imaging.grayscale import appears_inverted
-from service.imaging.reader import read_radiograph
 from service.imaging.radiograph import Radiograph, RadiographError
+from service.imaging.reader import read_radiograph
 from tests import realdata as registry
 
 

@@ -16,8 +16,8 @@ import onnxruntime as ort
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from service.models.backends import BackendUnavailable
-from service.models.backends import factory
+from service.cascade.preprocess import to_batch
+from service.models.backends import BackendUnavailable, factory
 from service.models.backends.factory import choose_kind, load_backend
 from service.models.backends.onnxruntime import (
     CPU,
@@ -29,9 +29,12 @@ from service.models.backends.onnxruntime import (
     plan_session,
 )
 from service.models.backends.onnxruntime_cpu import OnnxRuntimeCPU
-from service.models.backends.torch_backend import TorchBackend, batch_bucket, network_spec
+from service.models.backends.torch_backend import (
+    TorchBackend,
+    batch_bucket,
+    network_spec,
+)
 from service.models.manifest import ManifestError, input_spec, load_manifest
-from service.cascade.preprocess import to_batch
 from tests.dicom_factory import chest_like
 from tests.servers import REPO
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from service.models.input_spec import InputSpec
 from service.models.manifest import (
     Manifest,
     ManifestError,
@@ -21,7 +22,6 @@ from service.models.manifest import (
     write_manifest,
 )
 from service.models.thresholds import TripletThreshold
-from service.models.input_spec import InputSpec
 
 
 def manifest_dict(name: str = "ptx-seg", version: str = "1.0", task: str = "segmentation", **changes) -> dict:

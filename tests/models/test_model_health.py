@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from service.models.backends.onnxruntime_cpu import OnnxRuntimeCPU
-from service.models.health import InvalidModelOutput, ModelHealth, ModelUnavailable, check_output
+from service.models.health import (
+    InvalidModelOutput,
+    ModelHealth,
+    ModelUnavailable,
+    check_output,
+)
 from service.models.model_set import resolve
 from service.models.runner import ModelRunner
 from service.settings import load_settings
@@ -131,7 +136,8 @@ def test_the_runner_returns_no_result_from_a_failing_model_and_recovers(mode):
 
 
 def test_the_intake_waits_out_a_503_without_failing_the_film():
-    from service.app import ApiError, until_available  # imports BentoML: only in this test
+    from service.cascade.served import until_available
+    from service.http.answers import ApiError
 
     outcomes = [ApiError(503, "model_unavailable", "out"), ApiError(503, "overloaded", "full"), "finding"]
     calls = []

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 import numpy as np
 import pytest
 
-from service.models.backends.onnxruntime_cpu import OnnxRuntimeCPU
 from service.cascade.finding import PriorityBands, build_finding
+from service.cascade.flow import Flow
+from service.cascade.preprocess import to_batch
 from service.imaging.reader import read_radiograph
+from service.models.backends.onnxruntime_cpu import OnnxRuntimeCPU
 from service.models.manifest import ManifestError, load_manifest, write_manifest
 from service.models.model_set import resolve
-from service.cascade.preprocess import to_batch
 from service.models.runner import ModelRunner, pack, unpack
 from service.settings import load_settings
-from service.cascade.flow import Edge
 from tests.servers import REPO
 from training.evaluate import load_cascade
 
@@ -75,24 +76,28 @@ def test_resolve_refuses_ambiguity_wrong_task_and_tampering(tmp_path, settings):
 
 def test_runner_and_edge_give_the_cascade_answer(realdata, settings, models, cascade):
     runner = ModelRunner(models, settings, loader=ort_loader)
-    edge = Edge.from_settings(settings, models, {"classifier": "x", "segmenter": "y"})
+    flow = Flow.from_settings(settings, models, {"classifier": "x", "segmenter": "y"})
     paths = sorted((realdata / "chest").glob("*.dcm"))
-    prepared = [edge.prepare(path.read_bytes()) for path in paths]
     films = [read_radiograph(path).pixels for path in paths]
     expected = cascade.run(films)
+    side = models.segmenter_spec.size
+    inputs: list[np.ndarray] = []
 
-    batch = np.concatenate([p.classifier_input for p in prepared])
-    scores = unpack(runner.classify(batch), ()).outputs
+    async def classify(batch: np.ndarray) -> np.ndarray:
+        inputs.append(batch)
+        return unpack(runner.classify(batch), ()).outputs
+
+    async def segment(batch: np.ndarray) -> np.ndarray:
+        return unpack(runner.segment(batch), (side, side)).outputs
+
+    findings = [asyncio.run(flow.run(path.read_bytes(), classify, segment)) for path in paths]
+    batch = np.concatenate(inputs)
+    scores = [finding.score for finding in findings]
     assert scores == pytest.approx([r.score for r in expected], abs=1e-5)
     assert np.allclose(batch, to_batch(films, models.classifier_spec))
-    side = models.segmenter_spec.size
-    for item, film, score, want in zip(prepared, films, scores, expected):
-        probability = None
-        if edge.needs_segmenter(float(score)):
-            probability = unpack(runner.segment(item.classifier_input), (side, side)).outputs[0]
-        finding = edge.conclude(item, float(score), probability)
+    for path, finding, want in zip(paths, findings, expected):
         assert np.array_equal(finding.mask, want.mask)
-        reference = build_finding(item.radiograph, want, models.operating_point, PriorityBands())
+        reference = build_finding(read_radiograph(path), want, models.operating_point, PriorityBands())
         assert finding.priority == reference.priority and finding.rle == reference.rle
         assert finding.models["classifier"] == {"name": "ptx-classifier-demo", "version": "0.1.0", "backend": "x"}
         assert {"decode", "preprocess", "postprocess"} <= set(finding.timings_ms)

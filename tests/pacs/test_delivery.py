@@ -31,8 +31,12 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (JPEGBaseline8Bit, ExplicitVRLittleEndian, SecondaryCaptureImageStorage,
-                         generate_uid)
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from service.pacs.delivery import (
     Backoff,
@@ -44,7 +48,13 @@ from service.pacs.delivery import (
     make_senders,
     parse_destinations,
 )
-from service.store import DeliveryKind, DeliveryState, ReceivedInstance, ResultsStore, open_store
+from service.store import (
+    DeliveryKind,
+    DeliveryState,
+    ReceivedInstance,
+    ResultsStore,
+    open_store,
+)
 from tests.servers import free_port, process_group, wait_port
 
 STORESCP = shutil.which("storescp") or "/usr/bin/storescp"
@@ -326,10 +336,10 @@ MODELS = {
 @pytest.fixture(scope="module")
 def real_seg(realdata: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """A real SEG (service.pacs.results.build_seg) over the SIIM chest film: (file, study UID, SOP UID)."""
-    from service.pacs.results import ResultIdentity, build_seg
     from service.cascade.finding import PriorityBands, build_finding
-    from service.imaging.reader import read_radiograph
     from service.cascade.postprocess import CascadeResult
+    from service.imaging.reader import read_radiograph
+    from service.pacs.results import ResultIdentity, build_seg
 
     film = realdata / "chest/siim_cr_jpegbaseline_mono2.dcm"
     source, radiograph = pydicom.dcmread(film), read_radiograph(film)

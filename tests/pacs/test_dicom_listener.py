@@ -30,25 +30,42 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
-    UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
 )
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, ComputedRadiographyImageStorage, Verification  # type: ignore
+from pynetdicom.sop_class import (  # type: ignore
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    Verification,
+)
 
-from service.models.backends.onnxruntime_cpu import OnnxRuntimeCPU
-from service.pacs.allowlist import CallingAeAllowlist
-from service.pacs.listener import OUT_OF_RESOURCES, DicomListener
 from service.cascade.finding import Finding
-from service.pacs.intake import INTERNAL_ERROR, Intake
-from service.store import SPOOL_MISSING
-from service.models.model_set import resolve
+from service.cascade.flow import Flow
 from service.imaging.radiograph import RadiographError
+from service.models.backends.onnxruntime_cpu import OnnxRuntimeCPU
+from service.models.model_set import resolve
 from service.models.runner import ModelRunner, unpack
-from service.settings import load_settings
+from service.pacs.allowlist import CallingAeAllowlist
+from service.pacs.intake import INTERNAL_ERROR, Intake
+from service.pacs.listener import OUT_OF_RESOURCES, DicomListener
 from service.pacs.spool import Spool
-from service.store import (FindingRecord, InstanceRecord, InstanceStatus, ReceivedInstance, ResultsStore, StudyStatus,
-                           open_store, utc_now)
-from service.cascade.flow import Edge
+from service.settings import load_settings
+from service.store import (
+    SPOOL_MISSING,
+    FindingRecord,
+    InstanceRecord,
+    InstanceStatus,
+    ReceivedInstance,
+    ResultsStore,
+    StudyStatus,
+    open_store,
+    utc_now,
+)
 from tests.dicom_factory import chest_like, dataset
 from tests.realdata import CHEST
 from tests.servers import REPO
@@ -169,32 +186,36 @@ def ort_loader(entry: Any, settings: Any) -> OnnxRuntimeCPU:
 
 
 class InProcessTriage:
-    """The service's triage without BentoML: `Edge.prepare` → classifier → gate → segmenter → `Edge.conclude`.
+    """The service's triage without BentoML: the same `Flow.run`, the models through a `ModelRunner`.
 
-    Async like `service.app.Triage.triage`; the CPU steps run in threads, the models one batch at a time.
+    Async like `service.cascade.served.ServedCascade.triage`; CPU steps in threads, the models one batch at a
+    time; the parsed header and pixels kept on the Finding, as for the intake.
     """
 
     def __init__(self) -> None:
         settings = load_settings(environ={})
         models = resolve(settings)
         self.runner = ModelRunner(models, settings, loader=ort_loader)
-        self.edge = Edge.from_settings(settings, models, {"classifier": "onnxruntime-cpu",
+        self.flow = Flow.from_settings(settings, models, {"classifier": "onnxruntime-cpu",
                                                           "segmenter": "onnxruntime-cpu"})
         self.side = models.segmenter_spec.size
         self.lock = threading.Lock()
 
-    def run(self, payload: bytes) -> Finding:
-        prepared = self.edge.prepare(payload)
+    def _locked(self, run: Any, batch: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         with self.lock:
-            score = float(unpack(self.runner.classify(prepared.classifier_input), ()).outputs[0])
-            probability = None
-            if self.edge.needs_segmenter(score):
-                batch = prepared.segmenter_input if prepared.segmenter_input is not None else prepared.classifier_input
-                probability = unpack(self.runner.segment(batch), (self.side, self.side)).outputs[0]
-        return self.edge.conclude(prepared, score, probability)
+            return unpack(run(batch), shape).outputs
+
+    async def classify(self, batch: np.ndarray) -> np.ndarray:
+        return await asyncio.to_thread(self._locked, self.runner.classify, batch, ())
+
+    async def segment(self, batch: np.ndarray) -> np.ndarray:
+        return await asyncio.to_thread(self._locked, self.runner.segment, batch, (self.side, self.side))
+
+    def run(self, payload: bytes) -> Finding:
+        return asyncio.run(self(payload))
 
     async def __call__(self, payload: bytes) -> Finding:
-        return await asyncio.to_thread(self.run, payload)
+        return await self.flow.run(payload, self.classify, self.segment, asyncio.to_thread, keep_source=True)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,16 @@ from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 
-from service.store.results_files import ResultsFolder
 from service.settings import load_settings
 from service.store import open_store
+from service.store.results_files import ResultsFolder
 from tests.dicom_factory import chest_like
-from tests.pacs.test_dicom_listener import receiver, scu, send_with_pynetdicom, small_film
+from tests.pacs.test_dicom_listener import (
+    receiver,
+    scu,
+    send_with_pynetdicom,
+    small_film,
+)
 
 OUR_MAX_PDU = 16 * 1024
 

@@ -25,6 +25,10 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 from scipy import ndimage
 
+from service.cascade.finding import Finding, PriorityBands, SourceFilm, build_finding
+from service.cascade.postprocess import CascadeResult
+from service.imaging.radiograph import Radiograph
+from service.imaging.reader import read_radiograph
 from service.pacs.results import (
     DicomResults,
     ResultIdentity,
@@ -37,10 +41,6 @@ from service.pacs.results import (
 from service.pacs.results.identity import ModelIdentity, package_version
 from service.pacs.results.overlay import OUTLINE_RGB, outline, outline_width
 from service.pacs.results.seg import PLACEHOLDER_SLICE_THICKNESS_MM
-from service.cascade.finding import Finding, PriorityBands, build_finding
-from service.imaging.reader import read_radiograph
-from service.cascade.postprocess import CascadeResult
-from service.imaging.radiograph import Radiograph
 from tests import realdata as registry
 
 MODELS = {
@@ -515,14 +515,19 @@ def test_overlay_carries_the_film_anatomy(films):
     assert "Laterality" not in sc, "a chest is unpaired and the film says its laterality"
 
 
+def kept(source, radiograph) -> SourceFilm:
+    """What the intake's triage keeps on a Finding (`Flow.run(keep_source=True)`)."""
+    return SourceFilm(source, radiograph.pixels, radiograph.spacing_mm, radiograph.spacing_source)
+
+
 @pytest.mark.parametrize("entry", FILES, ids=registry.ids(FILES))
 def test_the_overlay_drawn_on_the_triaged_pixels_equals_the_one_decoded_again(films, entry):
-    """The DICOM side hands the SC builder the pixels triage already decoded (`Finding.display`) instead of
+    """The DICOM side hands the SC builder the pixels triage already decoded (`Finding.source`) instead of
     letting it decode the film again: the same image to the byte, for each real chest film."""
     source, radiograph = films[entry.path]
     finding = dataclasses.replace(finding_on(radiograph, two_blobs(radiograph.pixels.shape), 0.93, True),
-                                  display=radiograph.pixels)
-    given = build_overlay(source, finding, ResultIdentity.from_models(MODELS), finding.display)
+                                  source=kept(source, radiograph))
+    given = build_overlay(source, finding, ResultIdentity.from_models(MODELS), finding.source.pixels)
     decoded = build_overlay(source, finding, ResultIdentity.from_models(MODELS))
     assert given.PixelData == decoded.PixelData
 
@@ -530,16 +535,16 @@ def test_the_overlay_drawn_on_the_triaged_pixels_equals_the_one_decoded_again(fi
 def test_the_dicom_side_writes_the_overlay_without_decoding_the_film_again(films, tmp_path, monkeypatch):
     """`Pacs._write_results` with a Finding carrying its display pixels never calls the decoder; without
     them it decodes (the fallback stays)."""
-    from service.pacs.side import side as pacs_module
+    from service.pacs import side as pacs_module
     from service.pacs.results import overlay as overlay_module
-    from service.store.results_files import ResultsFolder
     from service.settings import load_settings
     from service.store import open_store
+    from service.store.results_files import ResultsFolder
 
     source, radiograph = films[SIIM.path]
     data = reread(source)
     finding = dataclasses.replace(finding_on(radiograph, two_blobs(radiograph.pixels.shape), 0.93, True),
-                                  display=radiograph.pixels)
+                                  source=kept(source, radiograph))
     decodes: list[str] = []
     real_decode = overlay_module.decode_pixels
     monkeypatch.setattr(overlay_module, "decode_pixels", lambda ds: decodes.append("decode") or real_decode(ds))
@@ -552,5 +557,5 @@ def test_the_dicom_side_writes_the_overlay_without_decoding_the_film_again(films
         pacs = pacs_module.Pacs(settings, store, ResultsFolder(tmp_path / "results"), never)
         written = pacs._write_results(data, finding)
         assert [kind for kind, _, _ in written] == ["SEG", "SR", "SC"] and decodes == []
-        pacs._write_results(data, dataclasses.replace(finding, display=None))
+        pacs._write_results(data, dataclasses.replace(finding, source=None))
         assert decodes == ["decode"]

@@ -23,9 +23,9 @@ from PIL import Image
 
 from service.cascade.finding import Priority
 from tests import realdata as registry
+from tests.http.test_app_triage import post
 from tests.orthanc import orthanc_server
 from tests.servers import bento_server, free_port
-from tests.http.test_app_triage import post
 from training.__main__ import main as training_main
 
 

@@ -14,9 +14,9 @@ import threading
 import time
 import urllib.request
 
-from tests.servers import bento_server, free_port
 from tests.http.test_app_triage import metrics_text, sample
 from tests.pacs.test_pacs_crash import _exists, burst, copies, get
+from tests.servers import bento_server, free_port
 from training.__main__ import main as training_main
 
 FILMS = 12

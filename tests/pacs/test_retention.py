@@ -12,13 +12,18 @@ import pytest
 from pydicom.uid import generate_uid
 
 from service.cascade.finding import Priority
-from service.store.results_files import ResultsFolder
 from service.pacs.retention import Retention
-from service.settings import load_settings
 from service.pacs.spool import Spool
+from service.settings import load_settings
 from service.store import (
-    DeliveryKind, FindingRecord, InstanceStatus, ReceivedInstance, ResultsStore, open_store,
+    DeliveryKind,
+    FindingRecord,
+    InstanceStatus,
+    ReceivedInstance,
+    ResultsStore,
+    open_store,
 )
+from service.store.results_files import ResultsFolder
 from tests.dicom_factory import chest_like, dataset, to_bytes
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

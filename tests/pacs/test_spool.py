@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from service.imaging.uids import is_dicom_uid
 from service.pacs import spool as spool_module
 from service.pacs.spool import InvalidUidError, Spool
-from service.imaging.uids import is_dicom_uid
 
 UID_A = "1.2.826.0.1.3680043.8.498.1"
 UID_B = "1.2.826.0.1.3680043.8.498.2"

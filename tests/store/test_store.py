@@ -21,8 +21,18 @@ import pytest
 from service.cascade.finding import Finding, Priority
 from service.cascade.masks import Instance
 from service.store import (
-    LATEST_VERSION, DeliveryKind, DeliveryState, FindingRecord, InstanceStatus, NotFoundError, ReceivedInstance,
-    ResultsStore, SchemaTooNewError, StoreError, StudyStatus, open_store,
+    LATEST_VERSION,
+    DeliveryKind,
+    DeliveryState,
+    FindingRecord,
+    InstanceStatus,
+    NotFoundError,
+    ReceivedInstance,
+    ResultsStore,
+    SchemaTooNewError,
+    StoreError,
+    StudyStatus,
+    open_store,
 )
 from service.store.migrations import MIGRATIONS
 

@@ -104,10 +104,10 @@ def test_training_resumes_only_with_the_same_config(tiny_data, tmp_path):
 
 
 def test_same_seed_same_weights(tiny_data, tmp_path):
+    from training import augment as augmentation
     from training.datasets import RadiographDataset
     from training.tasks import build_classifier, classifier_task, input_spec
     from training.trainer import fit, seed_everything
-    from training import augment as augmentation
 
     torch.set_num_threads(1)
     config = from_dict({**TINY, "classifier": {**TINY["classifier"], "optim": {"epochs": 1, "batch_size": 8}}}).classifier

@@ -9,8 +9,16 @@ import pytest
 from PIL import Image
 
 from service.cascade import rle
-from training.data import DataError, build_cache, index_folder, index_siim, make_folds, read_rle_csv, write_folds
 from tests.dicom_factory import chest_like, dataset, to_bytes
+from training.data import (
+    DataError,
+    build_cache,
+    index_folder,
+    index_siim,
+    make_folds,
+    read_rle_csv,
+    write_folds,
+)
 
 
 def siim_folder(root: Path, masks: dict[str, np.ndarray | None], patient: dict[str, str] | None = None) -> Path:

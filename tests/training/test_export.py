@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import training.export as export_module
-from service.models.manifest import load_manifest, sha256_file
 from service.models.input_spec import InputSpec
-from training.export import ExportCheckError, export_model
+from service.models.manifest import load_manifest, sha256_file
 from service.models.networks import Classifier, UNet
-from training.export import export_onnx
+from training.export import ExportCheckError, export_model, export_onnx
 from training.tensorrt import (
     NOT_INSTALLED,
     TensorRTUnavailable,

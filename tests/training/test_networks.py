@@ -8,9 +8,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from training.losses import multitask_loss, segmentation_loss
-from service.models.networks import Classifier, ResNetEncoder, UNet, load_encoder_weights
+from service.models.networks import (
+    Classifier,
+    ResNetEncoder,
+    UNet,
+    load_encoder_weights,
+)
 from training.export import export_onnx
+from training.losses import multitask_loss, segmentation_loss
 
 torch.set_num_threads(1)
 
@@ -130,8 +135,8 @@ def test_unet34_and_custom_decoder_shapes() -> None:
 def test_argument_errors() -> None:
     with pytest.raises(ValueError, match=r"multiples of 32, got 64x80"):
         UNet(18, width=8)(torch.rand(1, 1, 64, 80))
-    with pytest.raises(ValueError, match=r"encoder depth must be one of \[18, 34\], got 50"):
-        UNet(50)
+    with pytest.raises(ValueError, match=r"encoder depth must be one of \[18, 34, 50\], got 101"):
+        UNet(101)
     with pytest.raises(ValueError, match=r"decoder_channels must have 5 entries"):
         UNet(18, width=8, decoder_channels=(8, 8))
     with pytest.raises(ValueError, match=r"width must be an integer >= 4, got 2"):

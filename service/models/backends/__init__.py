@@ -18,9 +18,13 @@ from typing import Protocol
 
 import numpy as np
 
+from service.errors import ServiceError
 
-class BackendUnavailable(RuntimeError):
+
+class BackendUnavailable(ServiceError, RuntimeError):
     """The engine asked for cannot run here (a package or the GPU it needs is missing); the message says which."""
+
+    code, http_status = "backend_unavailable", 503
 
 
 class Backend(Protocol):

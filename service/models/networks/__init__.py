@@ -4,13 +4,15 @@ Plain PyTorch (torchvision, timm and segmentation-models-pytorch are not availab
 """
 
 from service.models.networks.classifier import AuxSegmentationHead, Classifier
-from service.models.networks.encoder import BasicBlock, ResNetEncoder, load_encoder_weights
+from service.models.networks.encoder import BasicBlock, Bottleneck, ResNetEncoder
 from service.models.networks.unet import SCSE, DecoderBlock, UNet
+from service.models.networks.weights import load_encoder_weights
 
 __all__ = [
     "SCSE",
     "AuxSegmentationHead",
     "BasicBlock",
+    "Bottleneck",
     "Classifier",
     "DecoderBlock",
     "ResNetEncoder",

@@ -18,7 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from service.models.networks.encoder import IMAGENET_WIDTH, ResNetEncoder, check_input_size
+from service.models.networks.encoder import (
+    IMAGENET_WIDTH,
+    ResNetEncoder,
+    check_input_size,
+)
 from service.models.networks.unet import conv_bn_relu
 
 
@@ -47,7 +51,7 @@ class Classifier(nn.Module):
       training; it requires ``aux_segmentation=True``.
 
     Args:
-        encoder_depth: 18 or 34.
+        encoder_depth: 18, 34 or 50.
         in_channels: 1 for radiographs.
         width: encoder base width (64 = torchvision-compatible).
         aux_segmentation: build the auxiliary segmentation head (see the module docstring).

@@ -1,11 +1,11 @@
-"""ResNet-18/34 encoder whose parameter names are torchvision's, without importing torchvision.
+"""ResNet-18/34/50 encoders whose parameter names are torchvision's, without importing torchvision.
 
 Why torchvision's names: the ImageNet weights every pneumothorax solution starts from are published as
 torchvision state dicts. torchvision does not import in this environment (and the serving install never
 has it), so the architecture is rewritten here in plain PyTorch with *exactly* the same module tree
 (`conv1`, `bn1`, `layer1.0.conv1`, ..., `layer4.1.downsample.0`) so that a locally stored
-`resnet18-f37072fd.pth` / `resnet34-b627a593.pth` loads with `strict=True` and nothing is silently left at
-random initialisation. The classification head `fc` is deliberately absent: the networks in this package
+`resnet18-f37072fd.pth` / `resnet34-b627a593.pth` / `resnet50-0676ba61.pth` loads with `strict=True` and
+nothing is silently left at random initialisation (the loader is `weights.load_encoder_weights`). The classification head `fc` is deliberately absent: the networks in this package
 put their own heads on the feature maps.
 
 `width` is the base channel count (64 in torchvision). A narrow encoder (e.g. 16) gives a demo model small
@@ -14,14 +14,15 @@ enough to train on a CPU and to ship in a repository, but it has no pretrained w
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor, nn
 
-#: Blocks per stage for the supported depths (torchvision's `resnet18` / `resnet34`).
-BLOCKS_PER_STAGE: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+#: Blocks per stage for the supported depths (torchvision's `resnet18` / `resnet34` / `resnet50`).
+BLOCKS_PER_STAGE: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
+
+#: Depths built from bottleneck blocks (1x1-3x3-1x1, four times wider out than in), as in torchvision.
+BOTTLENECK_DEPTHS = frozenset({50})
+BOTTLENECK_EXPANSION = 4
 
 #: The only base width for which torchvision ImageNet weights exist.
 IMAGENET_WIDTH = 64
@@ -55,6 +56,38 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (ResNet "v1.5": the stride sits on the 3x3 convolution), for ResNet-50.
+
+    Why v1.5: it is what torchvision's and timm's `resnet50` ImageNet weights were trained with; the
+    stride on the 1x1 convolution (v1) would load the same tensors into a different function.
+    """
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        out_channels = channels * BOTTLENECK_EXPANSION
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Sequential | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
 def require_int(name: str, value: object, minimum: int) -> int:
     """Return `value` if it is an integer (not a bool) >= `minimum`, else raise ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -63,9 +96,10 @@ def require_int(name: str, value: object, minimum: int) -> int:
 
 
 class ResNetEncoder(nn.Module):
-    """ResNet-18/34 trunk returning the feature map of every stage (for U-Net skips and heads).
+    """ResNet-18/34/50 trunk returning the feature map of every stage (for U-Net skips and heads).
 
-    `forward` returns five maps, finest first:
+    `forward` returns five maps, finest first (channels for 18/34; ResNet-50's stages are 4x wider:
+    4, 8, 16 and 32 times `width`, see `out_channels`):
 
     ====  ==============  ==========  ========
     idx   module          stride      channels
@@ -91,16 +125,18 @@ class ResNetEncoder(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        stage_channels = [width, 2 * width, 4 * width, 8 * width]
+        planes = [width, 2 * width, 4 * width, 8 * width]
+        block: type[BasicBlock] | type[Bottleneck] = Bottleneck if depth in BOTTLENECK_DEPTHS else BasicBlock
+        expansion = BOTTLENECK_EXPANSION if block is Bottleneck else 1
         blocks = BLOCKS_PER_STAGE[depth]
         current = width
-        for index, (channels, count) in enumerate(zip(stage_channels, blocks, strict=True)):
+        for index, (channels, count) in enumerate(zip(planes, blocks, strict=True)):
             stride = 1 if index == 0 else 2
-            layers = [BasicBlock(current, channels, stride)]
-            layers += [BasicBlock(channels, channels) for _ in range(count - 1)]
+            layers = [block(current, channels, stride)]
+            layers += [block(channels * expansion, channels) for _ in range(count - 1)]
             self.add_module(f"layer{index + 1}", nn.Sequential(*layers))
-            current = channels
-        self.out_channels: tuple[int, ...] = (width, *stage_channels)
+            current = channels * expansion
+        self.out_channels: tuple[int, ...] = (width, *(channels * expansion for channels in planes))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -136,58 +172,3 @@ def check_input_size(x: Tensor) -> None:
         raise ValueError(
             f"input height and width must be multiples of {OUTPUT_STRIDE}, got {height}x{width}"
         )
-
-
-def _short(keys: set[str], limit: int = 8) -> str:
-    ordered = sorted(keys)
-    text = ", ".join(ordered[:limit])
-    return text + (f", ... ({len(ordered) - limit} more)" if len(ordered) > limit else "")
-
-
-def load_encoder_weights(encoder: ResNetEncoder, path: str | os.PathLike[str]) -> ResNetEncoder:
-    """Load a torchvision ResNet state dict (e.g. ImageNet weights stored locally) into `encoder`.
-
-    * `fc.*` (the ImageNet classifier) is ignored.
-    * For a 1-channel encoder, the RGB `conv1.weight` is summed over its input channels: a grey image
-      replicated to RGB gives the same first-layer response as the grey image through the summed kernel,
-      so the pretrained features survive the change of input.
-    * Anything else that does not match (missing or unexpected keys, e.g. ResNet-34 weights into a ResNet-18,
-      or shapes) raises ValueError naming the keys; nothing is loaded partially.
-
-    Returns the encoder, for chaining.
-    """
-    if encoder.width != IMAGENET_WIDTH:
-        raise ValueError(
-            f"ImageNet weights exist only for width={IMAGENET_WIDTH}; this encoder has width={encoder.width} "
-            "and must be trained from scratch"
-        )
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(loaded, Mapping):
-        raise ValueError(f"{os.fspath(path)!r} does not hold a state dict (got {type(loaded).__name__})")
-    state = {key: value for key, value in loaded.items() if not key.startswith("fc.")}
-    conv1 = state.get("conv1.weight")
-    if isinstance(conv1, Tensor) and conv1.dim() == 4 and conv1.shape[1] != encoder.in_channels:
-        if conv1.shape[1] == 3 and encoder.in_channels == 1:
-            state["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
-        else:
-            raise ValueError(
-                f"conv1.weight has {conv1.shape[1]} input channels; the encoder has {encoder.in_channels} "
-                "(only 3 -> 1 by summing over RGB is supported)"
-            )
-    expected = encoder.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{os.fspath(path)!r} does not match a torchvision ResNet-{encoder.depth}: "
-            f"missing keys [{_short(missing)}]; unexpected keys [{_short(unexpected)}]"
-        )
-    wrong_shape = {
-        f"{key} {tuple(state[key].shape)} != {tuple(value.shape)}"
-        for key, value in expected.items()
-        if tuple(state[key].shape) != tuple(value.shape)
-    }
-    if wrong_shape:
-        raise ValueError(f"{os.fspath(path)!r}: shape mismatch for [{_short(wrong_shape)}]")
-    encoder.load_state_dict(state, strict=True)
-    return encoder

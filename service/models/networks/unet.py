@@ -14,7 +14,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from service.models.networks.encoder import IMAGENET_WIDTH, ResNetEncoder, check_input_size, require_int
+from service.models.networks.encoder import (
+    IMAGENET_WIDTH,
+    ResNetEncoder,
+    check_input_size,
+    require_int,
+)
 
 
 class SCSE(nn.Module):
@@ -73,13 +78,13 @@ def default_decoder_channels(width: int) -> tuple[int, int, int, int, int]:
 
 
 class UNet(nn.Module):
-    """ResNet-18/34 U-Net: image (N, in_channels, H, W) -> mask logits (N, 1, H, W).
+    """ResNet-18/34/50 U-Net: image (N, in_channels, H, W) -> mask logits (N, 1, H, W).
 
     H and W must be multiples of 32. The output are logits (apply a sigmoid for probabilities) so that the
     losses can use the numerically stable `*_with_logits` forms.
 
     Args:
-        encoder_depth: 18 or 34 (torchvision BasicBlock ResNets).
+        encoder_depth: 18, 34 (BasicBlock) or 50 (Bottleneck), as torchvision builds them.
         in_channels: 1 for radiographs; 3-channel ImageNet weights are adapted by `load_encoder_weights`.
         width: encoder base width; 64 is torchvision-compatible, smaller values give a demo-sized model.
         decoder_channels: five output widths of the decoder blocks, coarse to fine; default scales

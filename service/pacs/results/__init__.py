@@ -24,11 +24,11 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from service.cascade.finding import Finding
 from service.pacs.results.identity import ResultIdentity, ResultKind
 from service.pacs.results.overlay import build_overlay
 from service.pacs.results.seg import build_seg
 from service.pacs.results.sr import build_sr
-from service.cascade.finding import Finding
 
 __all__ = ["DicomResults", "ResultIdentity", "ResultKind", "build_overlay", "build_results", "build_seg",
            "build_sr", "wants_seg"]

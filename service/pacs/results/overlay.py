@@ -30,13 +30,19 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 from scipy import ndimage
 
+from service.cascade.finding import Finding
 from service.imaging.acceptance import permissive_policy
 from service.imaging.decoding import decode_pixels
 from service.imaging.header import check_header
-from service.pacs.results.identity import AI_NOTICE, ResultIdentity, ResultKind
-from service.pacs.results.source import check_source, copy_attributes, finish, patient_orientation, source_header
-from service.cascade.finding import Finding
 from service.imaging.reader import to_display
+from service.pacs.results.identity import AI_NOTICE, ResultIdentity, ResultKind
+from service.pacs.results.source import (
+    check_source,
+    copy_attributes,
+    finish,
+    patient_orientation,
+    source_header,
+)
 
 OUTLINE_RGB = (255, 255, 0)
 TEXT_RGB = (255, 255, 255)

@@ -30,10 +30,15 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from service.pacs.results.identity import AI_NOTICE, ResultIdentity, ResultKind
-from service.pacs.results.source import check_source, finish, patient_orientation, source_header
 from service.cascade.finding import Finding
 from service.imaging.reader import pixel_spacing
+from service.pacs.results.identity import AI_NOTICE, ResultIdentity, ResultKind
+from service.pacs.results.source import (
+    check_source,
+    finish,
+    patient_orientation,
+    source_header,
+)
 
 SEGMENT_NUMBER = 1
 SEG_FRAME_NUMBER = 1  # the one frame: segment 1 on the film's grid
@@ -64,7 +69,9 @@ def build_seg(source: Dataset, finding: Finding, identity: ResultIdentity) -> hd
         raise ValueError("no SEG for a negative finding: the SR reports pneumothorax absent")
     if not finding.mask.any():
         raise ValueError("no SEG for an empty mask: the SR reports the finding without a region")
-    spacing, spacing_source = pixel_spacing(source)
+    # The spacing triage measured with (the same function), where the finding kept it; else read from `source`.
+    kept = finding.source
+    spacing, spacing_source = (kept.spacing_mm, kept.spacing_source) if kept is not None else pixel_spacing(source)
     measures = None
     if spacing is not None:
         measures = hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=PLACEHOLDER_SLICE_THICKNESS_MM)

@@ -28,11 +28,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from service.cascade.finding import Finding
+from service.cascade.masks import Instance
 from service.pacs.results.identity import ResultIdentity, ResultKind
 from service.pacs.results.seg import SEG_FRAME_NUMBER, SEGMENT_NUMBER
 from service.pacs.results.source import check_source, finish, source_header
-from service.cascade.finding import Finding
-from service.cascade.masks import Instance
 
 PLAIN_CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 PIXELS = hd.sr.CodedConcept("{pixels}", "UCUM", "pixels")

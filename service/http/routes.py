@@ -1,0 +1,94 @@
+"""The triage API: `POST /v1/inspect`, `/v1/triage`, `/v1/triage/batch` (the worklist API is `worklist.py`).
+
+Errors are JSON `{"error": {"code", "message"}}` (`answers.error_answer`): 400 not DICOM / bad parameter,
+413 too large, 415 media type, 422 rejected radiograph (the imaging code), 503 overloaded or model out of
+service (with Retry-After), 500 a bug; 401 without the bearer token when one is configured (`auth.py`).
+The routes reach the running edge (`service.app.Triage`: its `cascade`, `settings`, `private`) through
+BentoML's current service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import bentoml
+from fastapi import FastAPI, Query
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from service.cascade.finding import Finding
+from service.cascade.served import count_rejection
+from service.http import bodies
+from service.http.answers import as_service_error, error_answer, error_body
+from service.http.recording import record_http
+from service.http.schemas import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut
+from service.http.worklist import router as worklist_router
+from service.imaging.reader import read_radiograph
+
+http = FastAPI(title="ptx-triage", version="1",
+               description="Pneumothorax triage for chest radiographs: score, priority, mask, boxes, worklist.")
+http.include_router(worklist_router)
+
+MASK_QUERY = Query(None, description="mask in the answer: png (base64 PNG + RLE), rle (RLE only) or none; "
+                                      "default from PTX_MASK_DEFAULT (png)")
+
+
+def _edge() -> Any:
+    """The running edge (`service.app.Triage`)."""
+    return bentoml.get_current_service()
+
+
+@http.post("/inspect", openapi_extra={"requestBody": DICOM_BODY}, responses=ERRORS,
+           summary="Decode and validate a radiograph without triaging it")
+async def inspect(request: Request) -> JSONResponse:
+    """What the service makes of a file (UIDs, size, spacing, photometric, window, warnings), or its
+    rejection with the code: a PACS team checks their exports with it."""
+    edge = _edge()
+    try:
+        (_, payload), = await bodies.payloads(request, edge.settings, many=False)
+        radiograph = await edge.cascade.in_thread(read_radiograph, payload, edge.cascade.flow.policy)
+    except Exception as exc:  # noqa: BLE001 -- a bug answers our JSON 500, logged, never a traceback
+        return error_answer(as_service_error(exc, "inspect", "the file could not be inspected (internal error, logged)"))
+    return JSONResponse(edge.private(radiograph.metadata()))
+
+
+@http.post("/triage", response_model=TriageOut, openapi_extra={"requestBody": DICOM_BODY}, responses=ERRORS,
+           summary="Triage one chest radiograph")
+async def triage(request: Request, mask: str | None = MASK_QUERY) -> JSONResponse:
+    """Body: one DICOM file (application/dicom), a PNG, or a multipart `file` field. Answer: triage score,
+    label at the operating point, priority, mask, SIIM RLE, instances with boxes in px and mm, timings."""
+    edge = _edge()
+    try:
+        mask_format = bodies.mask_format(mask, edge.settings)
+        (_, payload), = await bodies.payloads(request, edge.settings, many=False)
+        finding = await edge.cascade.triage(payload)
+        if edge.settings.record_http:
+            await edge.cascade.in_thread(record_http, edge.store, finding)
+    except Exception as exc:  # noqa: BLE001 -- a bug must not take the service down or leak a traceback
+        return error_answer(as_service_error(exc, "triage", "the film could not be triaged (internal error, logged)"))
+    return JSONResponse(edge.private(finding.to_json(mask_format)))
+
+
+@http.post("/triage/batch", response_model=BatchOut, openapi_extra={"requestBody": BATCH_BODY}, responses=ERRORS,
+           summary="Triage several radiographs in one request")
+async def triage_batch(request: Request, mask: str | None = MASK_QUERY) -> JSONResponse:
+    """Several films as multipart `file` fields: one result or error per file, in order. The films join the
+    same adaptive batches as single requests."""
+    edge = _edge()
+    try:
+        mask_format = bodies.mask_format(mask, edge.settings)
+        payloads = await bodies.payloads(request, edge.settings, many=True)
+    except Exception as exc:  # noqa: BLE001
+        return error_answer(as_service_error(exc, "triage", "the films could not be triaged (internal error, logged)"))
+    outcomes = await asyncio.gather(*(edge.cascade.triage(payload) for _, payload in payloads), return_exceptions=True)
+    results: list[dict[str, Any]] = []
+    for (filename, _), outcome in zip(payloads, outcomes):
+        if isinstance(outcome, Finding):
+            item: dict[str, Any] = outcome.to_json(mask_format)
+        else:
+            refused = as_service_error(outcome, "triage in a batch", "the film could not be triaged (logged)")
+            count_rejection(refused.code_text)
+            item = error_body(refused)
+        results.append(edge.private({"filename": filename, **item}))
+    return JSONResponse({"results": results})

@@ -1,0 +1,91 @@
+"""Runs are keyed by what defines them: folds never share a run, and each model sees only its own films."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from training.config import from_dict
+from training.data import CachedSet
+from training.runs import init_from_run, run_dir
+from training.train import train_cascade
+
+torch.set_num_threads(1)
+
+TINY = {
+    "name": "tiny", "seed": 4, "data": {"folds": 3, "fold": 0},
+    "classifier": {"input": {"size": 64}, "network": {"width": 8, "aux_segmentation": True},
+                   "optim": {"epochs": 2, "batch_size": 4, "average_top_k": 1}, "augment": {"strength": 0}},
+    "segmenter": {"input": {"size": 64}, "network": {"width": 8, "decoder_blocks": 3},
+                  "optim": {"epochs": 1, "batch_size": 4, "average_top_k": 1}, "augment": {"strength": 0}},
+    "evaluation": {"triplet_tops": [0.5], "triplet_areas": [0], "triplet_bottoms": [0.3]},
+}
+
+
+def synthetic_set(tmp_path, count: int = 18, size: int = 64) -> CachedSet:
+    """An in-memory cache: noise films, every other one with a bright square and its mask."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.2, 0.4, (count, size, size)).astype(np.float16)
+    masks = np.zeros((count, size, size), np.uint8)
+    for index in range(0, count, 2):
+        y, x = rng.integers(4, size - 20, 2)
+        images[index, y:y + 16, x:x + 16] += np.float16(0.3)
+        masks[index, y:y + 16, x:x + 16] = 255
+    directory = tmp_path / f"{size}-synthetic"
+    directory.mkdir()
+    return CachedSet(directory, [f"film{i:02d}" for i in range(count)], images, masks,
+                     (masks.reshape(count, -1).max(1) > 0).astype(np.uint8), [f"p{i}" for i in range(count)], size)
+
+
+def _folds(run) -> dict[str, int]:
+    lines = (run / "folds.csv").read_text().splitlines()[2:]
+    return {line.split(",")[0]: int(line.split(",")[1]) for line in lines}
+
+
+def test_two_folds_train_apart_on_their_own_films(tmp_path) -> None:
+    cached = synthetic_set(tmp_path)
+    runs = {}
+    for fold in (0, 1):
+        config = from_dict({**TINY, "data": {**TINY["data"], "fold": fold}})
+        runs[fold] = run_dir(tmp_path / "work", config, cached)
+        trained = train_cascade(config, cached, runs[fold], progress=False)
+        folds = _folds(runs[fold])
+        training_films = {image for image, k in folds.items() if k != fold}
+        for name in ("classifier", "segmenter"):
+            fit = trained.fits[name]
+            seen = {cached.image_ids[i] for i in fit.trained_on}
+            checkpoint = torch.load(runs[fold] / name / "last.pt", weights_only=False)
+            assert {cached.image_ids[i] for i in checkpoint["trained_on"]} == seen
+            assert seen and seen <= training_films, f"fold {fold} {name} saw validation films"
+            assert not seen & {image for image, k in folds.items() if k == fold}
+            assert fit.epochs == getattr(from_dict(TINY), name).optim.epochs, "a fresh run, not a resume"
+    assert runs[0] != runs[1] and runs[0].parent == runs[1].parent
+    assert _folds(runs[0]) == _folds(runs[1]), "one split, two validation folds"
+    fold1 = from_dict({**TINY, "data": {**TINY["data"], "fold": 1}})
+    with pytest.raises(ValueError, match="another configuration, fold, seed or data"):
+        train_cascade(fold1, cached, runs[0], progress=False)  # fold 1 pointed at fold 0's folder
+
+
+def test_a_later_stage_starts_from_the_earlier_run(tmp_path) -> None:
+    cached = synthetic_set(tmp_path)
+    first = from_dict({**TINY, "classifier": {**TINY["classifier"], "input": {"size": 32}},
+                       "segmenter": {**TINY["segmenter"], "input": {"size": 32}}})
+    earlier = train_cascade(first, cached, run_dir(tmp_path / "work", first, cached), progress=False)
+    stage = run_dir(tmp_path / "work", first, cached)
+    later = dataclasses.replace(from_dict(TINY), classifier=dataclasses.replace(from_dict(TINY).classifier, init_from=str(stage)))
+    model = later.classifier
+    from training.tasks import build_classifier, build_segmenter
+
+    fresh = build_classifier(model)
+    init_from_run(fresh, stage, "classifier")
+    for key, value in earlier.classifier.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="does not fit this config's network"):
+        init_from_run(build_segmenter(dataclasses.replace(later.segmenter, network=dataclasses.replace(
+            later.segmenter.network, width=16))), stage, "segmenter")
+    assert run_dir(tmp_path / "work", later, cached) != stage
+    trained = train_cascade(later, cached, run_dir(tmp_path / "work", later, cached), progress=False)
+    assert trained.fits["classifier"].epochs == 2
