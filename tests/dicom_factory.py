@@ -20,6 +20,22 @@ def chest_like(rows: int = 256, columns: int = 256, bits: int = 12) -> np.ndarra
     return np.round(top * (0.15 + 0.6 * centre * body + 0.1 * (y / rows))).astype(np.uint16)
 
 
+def offset_content(bits: int = 12, offset: int = 32768, rows: int = 256, columns: int = 256) -> np.ndarray:
+    """`chest_like` content of `bits` bits stored at `offset` in 16 bits (what some detectors write: 12-bit
+    values shifted up, Bits Stored 16), for films whose window was set for the unshifted values."""
+    return (chest_like(rows, columns, bits).astype(np.int64) + offset).astype(np.uint16)
+
+
+def voi_lut(entries: int, first_mapped: int = 0, bits: int = 16) -> Dataset:
+    """A VOI LUT Sequence item: a linear ramp of `entries` values from `first_mapped` (values past its
+    ends take its first or last entry, so a LUT that ends below the data saturates it to white)."""
+    item = Dataset()
+    item.LUTDescriptor = [entries, first_mapped, bits]
+    ramp = np.round(np.linspace(0, 2**bits - 1, entries)).astype("<u2")
+    item.add_new(0x00283006, "OW", ramp.tobytes())  # LUT Data
+    return item
+
+
 def dataset(pixels: np.ndarray | None = None, bits_stored: int = 12, **attributes: object) -> Dataset:
     """A CR chest dataset around `pixels` (uint16 stored values); keyword arguments set or override attributes.
 
@@ -71,4 +87,4 @@ def to_bytes(ds: Dataset, *, acr_nema: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["chest_like", "dataset", "to_bytes", "ImplicitVRLittleEndian"]
+__all__ = ["chest_like", "dataset", "offset_content", "to_bytes", "voi_lut", "ImplicitVRLittleEndian"]

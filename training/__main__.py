@@ -122,6 +122,8 @@ def _add_train(subparsers) -> None:
     p.add_argument("--work", type=Path, default=REPO_ROOT / ".cache" / "runs",
                    help="runs go to WORK/<name>/fold<k>-seed<s>-<key>, one folder per config, fold, seed and data")
     p.add_argument("--fold", type=_int_at_least(0), default=None, help="validation fold (default: data.fold)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="staged training: start both models from this earlier run's folder (sets init_from)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run_train)
 
@@ -137,6 +139,10 @@ def _config_and_cache(args: argparse.Namespace, command: str, progress: bool):
             if args.fold >= config.data.folds:
                 raise ValueError(f"--fold {args.fold} is not one of the {config.data.folds} folds (data.folds)")
             config = dataclasses.replace(config, data=dataclasses.replace(config.data, fold=args.fold))
+        if getattr(args, "init_from", None) is not None:
+            config = dataclasses.replace(
+                config, classifier=dataclasses.replace(config.classifier, init_from=str(args.init_from)),
+                segmenter=dataclasses.replace(config.segmenter, init_from=str(args.init_from)))
         configs.check_files(config)
         folder = args.data or Path(config.data.folder)
         return config, build_cache(index_folder(folder), _cache_size(config), Path(config.data.cache),

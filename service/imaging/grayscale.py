@@ -117,11 +117,12 @@ def appears_inverted(pixels: np.ndarray, margin: float = 0.02) -> bool:
 WINDOW_SATURATION_LIMIT = 0.90
 # A model input whose 1st to 99th percentile span less than this of [0, 1] is near-constant: less than 13 of
 # 256 display levels for 98 % of the film, less contrast in total than the edge of one subtle synthetic lesion
-# ("hard": 1-5 % of the display range). Real films span 0.69 or more.
+# ("hard": 1-5 % of the display range). Real chest films span 0.69 or more, synthetic ones 0.63.
 MIN_GREY_SPREAD = 0.05
-# Fewer distinct grey levels than this (5 bits) is a thresholded, posterised or mask-like image: ribs, vessels
-# and a pleural line need gradations. Real 8-bit films show 175 or more.
-MIN_GREY_LEVELS = 32
+# Fewer distinct grey levels than this (4 bits) is a thresholded or mask-like image, or a few stored values of
+# noise stretched by a window: ribs, vessels and a pleural line need gradations. Real 8-bit films show 175 or
+# more; the least varied real non-chest image in shared/realdata (a deflated 8-bit test pattern) shows 24.
+MIN_GREY_LEVELS = 16
 _SAMPLES = 1 << 18
 
 

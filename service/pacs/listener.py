@@ -23,6 +23,7 @@ alone (no triage): an intake in another process, or the crash test, can drain it
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import signal
 import threading
@@ -33,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
@@ -86,6 +88,7 @@ CANDIDATE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
 )
 
 # C-STORE statuses (PS3.4 B.2.3). Failures carry an Error Comment without patient data.
+KEY_TAGS = ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # "refused: out of resources": the sender keeps the instance and retries
 CANNOT_UNDERSTAND = 0xC000  # the dataset lacks what we need to key it (not worth retrying unchanged)
@@ -288,7 +291,8 @@ class DicomListener:
         calling_ae = (event.assoc.requestor.ae_title or "").strip() or "unknown"
         sop_uid = str(event.request.AffectedSOPInstanceUID or "")
         try:
-            keys = self._keys(event, sop_uid)
+            encoded = event.encoded_dataset()  # the bytes as received (with a file meta group): what is spooled
+            keys = self._keys(event, sop_uid, encoded)
         except ValueError as exc:
             log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, CANNOT_UNDERSTAND, exc)
             return _status(CANNOT_UNDERSTAND, str(exc)), REFUSED
@@ -296,7 +300,7 @@ class DicomListener:
             if self._known(keys) is not None:
                 log.info("C-STORE %s from %s: already received; success without queueing again", sop_uid, calling_ae)
                 return SUCCESS, DUPLICATE
-            path = self.spool.write(sop_uid, event.encoded_dataset())
+            path = self.spool.write(sop_uid, encoded)
             received = ReceivedInstance(sop_uid=keys.sop_uid, study_uid=keys.study_uid, series_uid=keys.series_uid,
                                         sop_class_uid=keys.sop_class_uid, source=f"dicom:{calling_ae}",
                                         spool_path=str(path), received_at=self.clock())
@@ -318,12 +322,13 @@ class DicomListener:
         return SUCCESS, RECEIVED
 
     @staticmethod
-    def _keys(event: evt.Event, sop_uid: str) -> _Keys:
-        """The UIDs that key an instance; ValueError (message with UIDs and tags only) when unusable."""
+    def _keys(event: evt.Event, sop_uid: str, encoded: bytes) -> _Keys:
+        """The UIDs that key an instance, read from the header alone (three tags, no pixel data: triage parses
+        the film once, later); ValueError (message with UIDs and tags only) when unusable."""
         if not is_dicom_uid(sop_uid):
             raise ValueError("Affected SOP Instance UID is not a valid UID")
         try:
-            dataset = event.dataset
+            dataset = dcmread(io.BytesIO(encoded), stop_before_pixels=True, force=True, specific_tags=KEY_TAGS)
             dataset_sop_uid = str(dataset.get("SOPInstanceUID", "") or "")
             study_uid = str(dataset.get("StudyInstanceUID", "") or "")
             series_uid = str(dataset.get("SeriesInstanceUID", "") or "") or None

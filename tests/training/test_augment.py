@@ -49,3 +49,13 @@ def test_strength_zero_is_the_identity_and_bad_values_are_refused():
         augment.AugmentConfig(hflip=1.5)
     with pytest.raises(ValueError, match="rotate_deg must be a finite number >= 0"):
         augment.AugmentConfig(rotate_deg=-1)
+
+
+def test_coarse_dropout_erases_the_same_holes_from_the_mask():
+    pipeline = augment.build(augment.AugmentConfig(hflip=0, affine=0, photometric=0, clahe=0, distortion=0,
+                                                   dropout=1), 128, seed=3)
+    image, mask = np.full((128, 128), 0.3, np.float32), np.ones((128, 128), np.float32)
+    out_image, out_mask = augment.apply(pipeline, image, mask)
+    holes = out_image == 0.5
+    assert holes.any()
+    np.testing.assert_array_equal(out_mask == 0, holes)

@@ -35,7 +35,7 @@ def synthetic_set(tmp_path, count: int = 18, size: int = 64) -> CachedSet:
         images[index, y:y + 16, x:x + 16] += np.float16(0.3)
         masks[index, y:y + 16, x:x + 16] = 255
     directory = tmp_path / f"{size}-synthetic"
-    directory.mkdir()
+    directory.mkdir(parents=True)
     return CachedSet(directory, [f"film{i:02d}" for i in range(count)], images, masks,
                      (masks.reshape(count, -1).max(1) > 0).astype(np.uint8), [f"p{i}" for i in range(count)], size)
 

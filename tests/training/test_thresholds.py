@@ -51,3 +51,16 @@ def test_errors() -> None:
         search_triplet(probs, truths, tops=[0.5], areas=[-1], bottoms=[0.3])
     with pytest.raises(ValueError, match=r"got 2 probability maps for 1 ground-truth masks"):
         search_triplet(probs, truths[:1], tops=[0.5], areas=[0], bottoms=[0.3])
+
+
+def test_streamed_search_treats_an_ungated_film_as_an_empty_answer():
+    from training.thresholds import TripletSearch
+
+    rng = np.random.default_rng(1)
+    probs = [rng.random((16, 16)).astype(np.float32) for _ in range(4)]
+    truths = [rng.random((16, 16)) > 0.7, np.zeros((16, 16), bool), rng.random((16, 16)) > 0.5, np.zeros((16, 16), bool)]
+    streamed = TripletSearch([0.5, 0.9], [0, 10], [0.3, 0.5])
+    for index, (prob, truth) in enumerate(zip(probs, truths)):
+        streamed.add(None if index % 2 else prob, truth)
+    zeroed = [p if i % 2 == 0 else np.zeros_like(p) for i, p in enumerate(probs)]
+    assert streamed.best() == search_triplet(zeroed, truths, [0.5, 0.9], [0, 10], [0.3, 0.5])
