@@ -8,8 +8,10 @@ Each target runs in a child process under an address-space limit (RLIMIT_AS, `--
 alarm (`--case-timeout-s`), so a runaway allocation or a hang is a finding, not a dead box. A case that ends
 in anything but the allowed outcomes (imaging: a Radiograph or a RadiographError with a known code and no
 patient data in its message; RLE: a mask or an RLEError; HTTP: a 2xx, or a 4xx in our error shape) is
-counted, its input saved under `--out`, and the run goes on. Prints one line per target with the number of
-cases run and the outcomes, and exits 1 if anything was found. Case counts of recorded runs:
+counted, its input saved under `--out`, and the run goes on. Cases run in batches (`--batch`), each its own
+Hypothesis run seeded from `--seed`: an error of the harness itself ends a batch, is counted under "HARNESS
+ERRORS", and the run goes on. Prints one line per target with the number of cases run and the outcomes (the
+counts up to the last batch if the fuzzing process dies), and exits 1 if anything was found. Case counts of recorded runs:
 docs/service.md, "Limits".
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import hashlib
 import json
 import resource
 import signal
@@ -50,14 +53,16 @@ def _record(findings: collections.Counter, out: Path, target: str, data: bytes, 
     findings[key] += 1
 
 
-def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s: int, out: Path, url: str) -> dict:
-    """Run one target in this (limited) process; the summary as a dict."""
+def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s: int, out: Path, url: str,
+          batch: int = 500) -> dict:
+    """Run one target in this (limited) process, `batch` cases per Hypothesis run; the summary as a dict."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import seed as seeded
     from hypothesis import strategies as st
 
     from tests.fuzz_cases import (
         ALL_FILES,
+        Plan,
         apply_plan,
         check_outcome,
         load_files,
@@ -68,10 +73,11 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
 
     outcomes: collections.Counter[str] = collections.Counter()
     findings: collections.Counter[str] = collections.Counter()
+    harness: collections.Counter[str] = collections.Counter()
     started = time.monotonic()
     signal.signal(signal.SIGALRM, _alarm)
     files = load_files(realdata_dir(), ALL_FILES)
-    common = settings(max_examples=examples, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    common = settings(database=None, deadline=None, suppress_health_check=list(HealthCheck))
 
     def out_of_time() -> bool:
         return time.monotonic() - started > seconds
@@ -91,19 +97,21 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
         finally:
             signal.alarm(0)
 
+    # Every value a case uses is drawn by @given(**strategies) before its body runs, so the clock check in the body only
+    # decides whether to use them: what Hypothesis sees drawn never depends on time (drawing inside the body
+    # after a clock check made data generation differ between runs: FlakyStrategyDefinition, seed 8675309).
     if target == "imaging":
         from service.imaging.acceptance import permissive_policy
 
-        @seeded(seed)
-        @common
-        @given(data=st.data(), permissive=st.booleans())
-        def run(data: st.DataObject, permissive: bool) -> None:
+        strategies = {"plan": plans(tuple(files)), "permissive": st.booleans()}
+
+        def run(plan: Plan, permissive: bool) -> None:
             if out_of_time():
                 return
-            plan = data.draw(plans(tuple(files)))
-            mutant, name = apply_plan(plan, files), plan.name
+            mutant = apply_plan(plan, files)
             with one_case(mutant):
-                outcome = check_outcome(mutant, permissive_policy() if permissive else None, patient_values(files[name]))
+                outcome = check_outcome(mutant, permissive_policy() if permissive else None,
+                                        patient_values(files[plan.name]))
                 outcomes["radiograph" if hasattr(outcome, "pixels") else outcome.code.value] += 1
 
     elif target == "rle":
@@ -113,10 +121,9 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
 
         token = st.one_of(st.integers(-5, 5000), st.integers(), st.sampled_from(["", "x", "1.5", "-1", "1_0"]))
 
-        @seeded(seed)
-        @common
-        @given(text=st.one_of(st.text(max_size=400), st.lists(token.map(str), max_size=40).map(" ".join)),
-               height=st.integers(1, 512), width=st.integers(1, 512))
+        strategies = {"text": st.one_of(st.text(max_size=400), st.lists(token.map(str), max_size=40).map(" ".join)),
+                      "height": st.integers(1, 512), "width": st.integers(1, 512)}
+
         def run(text: str, height: int, width: int) -> None:
             if out_of_time():
                 return
@@ -134,9 +141,8 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
 
         small = load_files(realdata_dir(), http_fuzz.FILMS)
 
-        @seeded(seed)
-        @common
-        @given(case=http_fuzz.fuzz_request(small))
+        strategies = {"case": http_fuzz.fuzz_request(small)}
+
         def run(case: tuple[str, bytes, str | None]) -> None:
             if out_of_time():
                 return
@@ -148,10 +154,35 @@ def child(target: str, examples: int, seconds: float, seed: int, case_timeout_s:
     else:
         raise SystemExit(f"unknown target {target!r}")
 
-    run()
-    return {"target": target, "cases": sum(outcomes.values()), "seconds": round(time.monotonic() - started, 1),
-            "seed": seed, "outcomes": dict(outcomes.most_common()), "findings": dict(findings),
-            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+    def summary() -> dict:
+        return {"target": target, "cases": sum(outcomes.values()), "seconds": round(time.monotonic() - started, 1),
+                "seed": seed, "batches": batches, "outcomes": dict(outcomes.most_common()),
+                "findings": dict(findings), "harness_errors": dict(harness),
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+
+    # Batches of `batch` cases, each its own Hypothesis run from a seed derived from (seed, batch number): the
+    # budget is checked between batches (so Hypothesis is never left generating cases nobody runs), and an
+    # error of the harness itself (Hypothesis raising FlakyStrategyDefinition, say) ends one batch, is counted
+    # with its type and message, and the run goes on. A progress line after each batch keeps the counts
+    # where the parent can read them even if this process is then killed.
+    planned = batches = 0
+    while planned < examples and not out_of_time():
+        size = min(batch, examples - planned)
+        test = seeded(batch_seed(seed, batches))(settings(common, max_examples=size)(given(**strategies)(run)))
+        try:
+            test()
+        except Exception as exc:  # noqa: BLE001 -- cases catch their own failures: this is the harness
+            harness[f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"] += 1
+            print(f"HARNESS ERROR {target} batch {batches}: {type(exc).__name__}", file=sys.stderr, flush=True)
+        planned, batches = planned + size, batches + 1
+        print(json.dumps(summary()), flush=True)
+    return summary()
+
+
+def batch_seed(seed: int, number: int) -> int:
+    """The Hypothesis seed of batch `number` of a run seeded `seed`: the same run for the same seed, and no
+    batch of seed 7 repeats a batch of seed 8 (as seed + number would)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{number}".encode()).digest()[:8], "little")
 
 
 def _limit(memory_gb: float) -> None:
@@ -167,6 +198,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     parser.add_argument("--memory-gb", type=float, default=4.0, help="address-space limit of the fuzzing process")
     parser.add_argument("--case-timeout-s", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=500, help="cases per Hypothesis run (the budget is checked "
+                        "between runs; a harness error ends one run, not the target)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "fuzz")
     parser.add_argument("--url", default=None, help="http target: a running service; default: start one")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -174,7 +207,7 @@ def main() -> None:
 
     if args.child:
         print(json.dumps(child(args.child, args.examples, args.minutes * 60, args.seed, args.case_timeout_s,
-                               args.out, args.url or "")), flush=True)
+                               args.out, args.url or "", args.batch)), flush=True)
         return
 
     found = False
@@ -195,7 +228,7 @@ def main() -> None:
         try:
             command = [sys.executable, __file__, "--child", target, "--examples", str(args.examples), "--minutes",
                        str(args.minutes), "--seed", str(args.seed), "--case-timeout-s", str(args.case_timeout_s),
-                       "--out", str(args.out)] + (["--url", url] if url else [])
+                       "--out", str(args.out), "--batch", str(args.batch)] + (["--url", url] if url else [])
             result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                                     preexec_fn=lambda: _limit(args.memory_gb))
         finally:
@@ -206,12 +239,16 @@ def main() -> None:
             found = True
             print(f"{target}: the fuzzing process ended with {result.returncode} (killed by the memory limit or a "
                   f"crash?)\n{result.stderr[-3000:]}")
-            continue
+            if not lines:
+                continue
+            print(f"{target}: counts up to its last complete batch:")
         summary = json.loads(lines[-1])
-        found |= bool(summary["findings"])
+        found |= bool(summary["findings"]) or bool(summary["harness_errors"])
         print(f"{target}: {summary['cases']} cases in {summary['seconds']} s (seed {summary['seed']}, "
-              f"max RSS {summary['max_rss_mb']} MB under a {args.memory_gb:g} GB limit): {summary['outcomes']}"
-              + (f"; FINDINGS {summary['findings']}" if summary["findings"] else "; no findings"), flush=True)
+              f"{summary['batches']} batches of {args.batch}, max RSS {summary['max_rss_mb']} MB under a "
+              f"{args.memory_gb:g} GB limit): {summary['outcomes']}"
+              + (f"; FINDINGS {summary['findings']}" if summary["findings"] else "; no findings")
+              + (f"; HARNESS ERRORS {summary['harness_errors']}" if summary["harness_errors"] else ""), flush=True)
     sys.exit(1 if found else 0)
 
 

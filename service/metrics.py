@@ -46,6 +46,7 @@ class Metrics:
     spool_depth: Any  # Gauge: instances acknowledged to the PACS and not yet triaged
     delivery_states: Any  # Gauge{state}: result objects by delivery state (pending, delivered, failed)
     dicom_received: Any  # Counter{outcome}: C-STOREs answered by the listener (received, duplicate, refused, failed)
+    # ... and conflict: a SOP Instance UID reused with another study or other bytes, refused 0xC001 (issue 13 §3)
     resident_memory: Any  # Gauge{role}: resident memory of the service's processes (edge, models), summed per role
     gpu_visible: Any  # Gauge: 1 when the model worker sees an NVIDIA GPU (whether or not a model runs on it)
     gpu_memory_used: Any  # Gauge{gpu}: device memory in use (all processes), where NVML answers

@@ -2,7 +2,7 @@
 
     GET  /v1/worklist?status=&priority=&since=&limit=&offset=   priority first, then arrival
     GET  /v1/studies/{study_uid}                                  instances, findings, links, deliveries
-    POST /v1/studies/{study_uid}/ack                              mark reviewed
+    POST /v1/studies/{study_uid}/ack?priority=&by=                mark reviewed, if still at the priority seen
     GET  /v1/findings/{sop_uid}                                   the stored finding (the triage JSON, no mask)
     GET  /v1/results/{study_uid}/{sop_uid}/{name}                 SEG.dcm, SR.dcm, SC.dcm, overlay.png
 
@@ -115,16 +115,29 @@ async def study(study_uid: str) -> Response:
     return JSONResponse(body)
 
 
-@router.post("/studies/{study_uid}/ack", summary="Mark a study reviewed")
+@router.post("/studies/{study_uid}/ack", summary="Mark a study reviewed, at the priority the reader saw")
 async def acknowledge(study_uid: str, request: Request) -> Response:
+    """`priority` (required): the study's `priority` as the reader saw it in GET /v1/studies/{study_uid}
+    (`none` where that was null: no finding yet). 409 `conflict`, naming the current priority, when a finding
+    raised it since: an acknowledgement never covers a priority the reader did not see."""
     by = request.query_params.get("by")
     if by is not None and (len(by) > 64 or not by.isprintable()):
         return error("invalid_parameter", "by: at most 64 printable characters (a reader's login, not a name)", 400)
+    seen_text = request.query_params.get("priority")
+    try:
+        seen = None if seen_text == "none" else Priority(seen_text)
+    except ValueError:
+        return error("invalid_parameter", "priority: required, the study's priority as the reader saw it (STAT, "
+                                          "URGENT, ROUTINE, or none for a study without a finding)", 400)
     service = _service()
-    known = await service.in_thread(lambda: service.store.acknowledge(study_uid, by))
+    try:
+        known = await service.in_thread(lambda: service.store.acknowledge(study_uid, by, seen=seen))
+    except StoreError as exc:  # the compare-and-set failed: a finding raised the priority since
+        return error("conflict", str(exc), 409)
     if not known:
         return error("not_found", f"no study {study_uid} on the worklist", 404)
-    return JSONResponse({"study_uid": study_uid, "status": StudyStatus.REVIEWED.value})
+    return JSONResponse({"study_uid": study_uid, "status": StudyStatus.REVIEWED.value,
+                         "priority": None if seen is None else seen.value})
 
 
 async def _retried(retry: Callable[[], Any], not_found: str) -> Any:

@@ -1,7 +1,9 @@
 """DICOM (or greyscale PNG) → `Radiograph`: the one way an image enters the service and the training code.
 
     read_radiograph(source) = load bytes → parse → check header (structure, then policy) → decode pixels
-                              → grey-scale to display [0, 1], air dark → spacing → plausibility → Radiograph
+                              → grey-scale to display [0, 1], air dark (the file's window unless it hides the
+                                film: `display`) → spacing → something to see? (else degenerate_image)
+                              → plausibility (on those same pixels) → Radiograph
 
 Training reads its data through this same function, so a model never sees pixels prepared differently from
 the ones it will be served.

@@ -8,7 +8,7 @@
                                           `max_attempts` starts → failed "internal_error", spool file
                                           kept for an operator's retry (store.retry_instance)
 
-Why asyncio tasks and not a thread pool: the service's triage (`service.app.Triage.triage`) is a coroutine on
+Why asyncio tasks and not a thread pool: the service's triage (`service.cascade.served.ServedCascade.triage`) is a coroutine on
 the edge's event loop (it awaits the batching model worker and already runs decoding in its own threads), so
 the intake runs as `workers` tasks on that loop and awaits it directly. `triage` is therefore
 `Callable[[bytes], Awaitable[Finding]]`; a synchronous function can be passed through `asyncio.to_thread`
@@ -59,7 +59,7 @@ from service.store import (
 
 log = logging.getLogger("ptx.intake")
 
-Triage = Callable[[bytes], Awaitable[Finding]]
+TriageCall = Callable[[bytes], Awaitable[Finding]]  # a film's bytes → its Finding (ServedCascade.triage_spooled)
 FindingHook = Callable[[bytes, Finding], Awaitable[None]]
 
 RECOVERED_SOURCE = "spool"  # a spooled instance whose receipt was never recorded (crash between the two)
@@ -73,7 +73,7 @@ class Intake:
     notification was missed (or that another process received).
     """
 
-    def __init__(self, spool: Spool, store: ResultsStore, triage: Triage, *, workers: int = 2,
+    def __init__(self, spool: Spool, store: ResultsStore, triage: TriageCall, *, workers: int = 2,
                  max_attempts: int = 5, retry_delay_s: float = 2.0, max_retry_delay_s: float = 300.0,
                  poll_interval_s: float = 10.0, on_finding: FindingHook | None = None,
                  observe_notification: Callable[[float], None] | None = None,
@@ -376,4 +376,4 @@ class Intake:
         return f"Intake(workers={self.workers}, tracked={len(self._tracked)})"
 
 
-__all__ = ["INTERNAL_ERROR", "RECOVERED_SOURCE", "SPOOL_MISSING", "FindingHook", "Intake", "Triage"]
+__all__ = ["INTERNAL_ERROR", "RECOVERED_SOURCE", "SPOOL_MISSING", "FindingHook", "Intake", "TriageCall"]

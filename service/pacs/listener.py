@@ -1,19 +1,33 @@
-"""The DICOM storage SCP: modalities and PACS send chest radiographs here with C-STORE (and check us with C-ECHO).
+"""The DICOM storage SCP for C-STORE and C-ECHO (long: receipt, keys, repeats and conflicts belong together).
+
+Modalities and PACS send chest radiographs here with C-STORE (and check us with C-ECHO).
 
     association ──calling AE allowed from that address? under the limit?──▶ accepted (else A-ASSOCIATE-RJ)
-    C-STORE ──▶ spool.write (fsync, atomic rename) ──▶ store.receive ──▶ 0x0000 ──▶ on_received(sop_uid)
+    C-STORE ──▶ spool.write (fsync, atomic link, never over a file) ──▶ store.receive ──▶ 0x0000 ──▶ on_received
+                  ├─ SOP Instance UID known with another study or other bytes ──▶ 0xC001 (conflict; not retried)
                   └─ any failure ─────────────────────────────────────▶ 0xA700 (the sender retries)
 
 Success goes back only once the instance is on disk and recorded: that is what lets "every instance that
-got a success status has a worklist entry" hold across a SIGKILL. A repeated SOP Instance UID is answered
-success without being spooled or queued again. Triage happens later, in `service.pacs.intake`, so a slow model
-never holds an association open.
+got a success status has a worklist entry" hold across a SIGKILL. Triage happens later, in
+`service.pacs.intake`, so a slow model never holds an association open.
+
+A repeated SOP Instance UID is looked up by the UID alone (in whichever study it arrived). An identical
+repeat (same study, same SHA-256 of the dataset bytes) is success without being spooled or queued again. A
+repeat naming another study, or carrying other bytes, is refused with 0xC001 (`UID_CONFLICT`) and counted
+as outcome "conflict": accepting it would either overwrite a film still waiting for triage (its finding
+then recorded on the first study) or silently drop a different image behind a success status. The first
+film and its spool file stay as they were. The digest covers the dataset as received without the file meta
+group we add (which names the sender), so one film from two senders is still one instance; the same film
+resent in another transfer syntax is different bytes and is refused too (the first copy is kept).
 
 Accepted: Verification, and CR / DX (for presentation and for processing) / Secondary Capture image storage
-(the SOP classes of `service.imaging.acceptance`) in the uncompressed little-endian syntaxes, deflate, and the
+(the SOP classes of `service.imaging.acceptance`) in the uncompressed little-endian syntaxes and the
 compressed syntaxes the service decodes (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE), each
 offered only when a pixel decoder for it is installed, so a sender is never accepted in a syntax we would
-then refuse. Other SOP classes (a CT, say) get no presentation context.
+then refuse. Other SOP classes (a CT, say) get no presentation context. Deflated Explicit VR Little Endian
+is not offered: a deflated dataset is inflated whole in memory (reading its keys here, pydicom later) before
+any size limit applies, and deflate reaches ~1000:1, so a small C-STORE could exhaust memory. Senders fall
+back to an uncompressed syntax, which `max_message_bytes` bounds as it arrives.
 
 Logs name associations (calling AE, address), SOP Instance UIDs and statuses, never patient attributes.
 `python -m service.pacs.listener --port N --data-dir D` runs a listener with its spool and SQLite store
@@ -23,6 +37,7 @@ alone (no triage): an intake in another process, or the crash test, can drain it
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import logging
 import signal
@@ -52,7 +67,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -82,7 +97,7 @@ DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024  # bytes of one C-STORE dataset, as PTX_
 
 STORAGE_SOP_CLASSES: tuple[UID, ...] = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE)
 CANDIDATE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian,  # not Deflated Explicit VR LE: see the module docstring
     JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
     JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
 )
@@ -92,10 +107,16 @@ KEY_TAGS = ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # "refused: out of resources": the sender keeps the instance and retries
 CANNOT_UNDERSTAND = 0xC000  # the dataset lacks what we need to key it (not worth retrying unchanged)
+# A SOP Instance UID already received with another study or other bytes. PS3.4 B.2.3 "Error: Cannot
+# understand" (Cxxx, the low bits ours to define): a failure the sender should not retry unchanged. Not
+# A7xx (out of resources: the sender would retry forever), not A900 (dataset does not match SOP class: it
+# may match), not 0x0111 (Duplicate SOP Instance: a DIMSE-N status, not listed for C-STORE). Distinct from
+# 0xC000 so a sender's log tells a UID conflict from an unreadable dataset.
+UID_CONFLICT = 0xC001
 
 # Outcomes of a C-STORE, for `on_outcome` (the label of ptx_dicom_received_total)
-RECEIVED, DUPLICATE, REFUSED, FAILED = "received", "duplicate", "refused", "failed"
-OUTCOMES = (RECEIVED, DUPLICATE, REFUSED, FAILED)
+RECEIVED, DUPLICATE, REFUSED, FAILED, CONFLICT = "received", "duplicate", "refused", "failed", "conflict"
+OUTCOMES = (RECEIVED, DUPLICATE, REFUSED, FAILED, CONFLICT)
 
 
 def decodable_transfer_syntaxes(candidates: Iterable[UID] = CANDIDATE_TRANSFER_SYNTAXES) -> list[UID]:
@@ -114,6 +135,33 @@ def decodable_transfer_syntaxes(candidates: Iterable[UID] = CANDIDATE_TRANSFER_S
         else:
             log.warning("not offering %s (%s): no pixel decoder installed", syntax.name, syntax)
     return usable
+
+
+_META_HEAD = 128 + 4 + 12  # preamble, "DICM", then (0002,0000) UL 4 <length>, always first in a Part 10 file
+
+
+def _dataset_offset(head: bytes) -> int:
+    """Where the dataset starts in a Part 10 file (as `encoded_dataset()` and the spool write it), from its
+    first `_META_HEAD` bytes: past the file meta group, whose length its first element gives."""
+    if len(head) < _META_HEAD or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        raise ValueError("not a Part 10 file with a file meta group length")
+    return _META_HEAD + int.from_bytes(head[140:144], "little")
+
+
+def _dataset_sha256(encoded: bytes) -> str:
+    """SHA-256 of the dataset in received Part 10 bytes, the file meta group skipped (it is ours and names the
+    sender, so one film from two senders would otherwise differ); no copy of a possibly large buffer."""
+    return hashlib.sha256(memoryview(encoded)[_dataset_offset(encoded[:_META_HEAD]):]).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """`_dataset_sha256` of a spooled file, in 1 MiB reads; FileNotFoundError when the file is gone."""
+    with path.open("rb") as handle:
+        handle.seek(_dataset_offset(handle.read(_META_HEAD)))
+        digest = hashlib.sha256()
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -173,7 +221,9 @@ class DicomListener:
         ae.maximum_associations = max_associations
         ae.maximum_pdu_size = max_pdu
         ae.network_timeout = network_timeout_s
-        ae.add_supported_context(Verification)
+        # pynetdicom's defaults for C-ECHO, less deflate: no context of ours may carry a deflated dataset
+        ae.add_supported_context(Verification, [syntax for syntax in DEFAULT_TRANSFER_SYNTAXES
+                                                if syntax != DeflatedExplicitVRLittleEndian])
         syntaxes = decodable_transfer_syntaxes()
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, syntaxes)
@@ -287,7 +337,8 @@ class DicomListener:
         return answer
 
     def _store(self, event: evt.Event) -> tuple[int | Dataset, str]:
-        """Spool, record, then answer, with the outcome (`OUTCOMES`). Never success before both are durable."""
+        """Spool, record, then answer, with the outcome (`OUTCOMES`). Never success before both are durable,
+        and never a success or a spool write for a SOP Instance UID already known with other content."""
         calling_ae = (event.assoc.requestor.ae_title or "").strip() or "unknown"
         sop_uid = str(event.request.AffectedSOPInstanceUID or "")
         try:
@@ -297,22 +348,37 @@ class DicomListener:
             log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, CANNOT_UNDERSTAND, exc)
             return _status(CANNOT_UNDERSTAND, str(exc)), REFUSED
         try:
-            if self._known(keys) is not None:
-                log.info("C-STORE %s from %s: already received; success without queueing again", sop_uid, calling_ae)
-                return SUCCESS, DUPLICATE
-            path = self.spool.write(sop_uid, encoded)
+            digest = _dataset_sha256(encoded)
+            known = self._known(keys)
+            if known is not None:
+                return self._repeat(known, keys, digest, calling_ae)
+            try:
+                path = self.spool.write(sop_uid, encoded)
+                wrote = True
+            except FileExistsError:  # spooled but not (yet) recorded: a concurrent copy, or a crash's leftover
+                known = self._known(keys)
+                if known is not None:
+                    return self._repeat(known, keys, digest, calling_ae)
+                path = self.spool.path(sop_uid)
+                if _file_sha256(path) != digest:
+                    return self._conflict(keys, calling_ae, "other content")
+                wrote = False  # the same bytes are on disk already: record them
             received = ReceivedInstance(sop_uid=keys.sop_uid, study_uid=keys.study_uid, series_uid=keys.series_uid,
                                         sop_class_uid=keys.sop_class_uid, source=f"dicom:{calling_ae}",
-                                        spool_path=str(path), received_at=self.clock())
+                                        spool_path=str(path), received_at=self.clock(), sha256=digest)
             new = self.store.receive(received)
+            if not new:  # recorded concurrently between our lookup and our write
+                known = self._known(keys)
+                if known is None:  # cannot happen while receive() keeps rows; be safe: let the sender retry
+                    raise RuntimeError("the store refused the instance and has no record of it")
+                answer = self._repeat(known, keys, digest, calling_ae)
+                if wrote:
+                    self._discard_our_copy(known, keys, answer[1])
+                return answer
         except Exception as exc:  # noqa: BLE001 -- disk full, database locked...: the sender must retry
             log.error("C-STORE %s from %s not stored (%s); answered 0x%04X so the sender retries", sop_uid,
                       calling_ae, type(exc).__name__, OUT_OF_RESOURCES)
             return _status(OUT_OF_RESOURCES, "could not store the instance durably; retry later"), FAILED
-        if not new:
-            self._discard_if_finished(keys)
-            log.info("C-STORE %s from %s: already received (concurrent copy); success", sop_uid, calling_ae)
-            return SUCCESS, DUPLICATE
         log.info("C-STORE %s from %s: received (study %s)", sop_uid, calling_ae, keys.study_uid)
         if self.on_received is not None:
             try:
@@ -320,6 +386,49 @@ class DicomListener:
             except Exception:  # noqa: BLE001 -- the instance is durable; the intake's poll will find it
                 log.exception("on_received failed for %s; the intake will find it when it polls", sop_uid)
         return SUCCESS, RECEIVED
+
+    def _repeat(self, known: InstanceRecord, keys: _Keys, digest: str,
+                calling_ae: str) -> tuple[int | Dataset, str]:
+        """The answer to a SOP Instance UID already recorded: success for an identical copy, else a conflict.
+
+        Rows without a digest (received before migration 2, or over HTTP) are compared with their spool file
+        where it is still there; with neither, the same study is all that can be checked."""
+        if known.study_uid != keys.study_uid:
+            return self._conflict(keys, calling_ae, "another study")
+        expected = known.sha256
+        if expected is None:
+            try:
+                expected = _file_sha256(self.spool.path(keys.sop_uid))
+            except FileNotFoundError:
+                expected = None
+        if expected is not None and expected != digest:
+            return self._conflict(keys, calling_ae, "other content")
+        log.info("C-STORE %s from %s: already received; success without queueing again", keys.sop_uid, calling_ae)
+        return SUCCESS, DUPLICATE
+
+    @staticmethod
+    def _conflict(keys: _Keys, calling_ae: str, what: str) -> tuple[Dataset, str]:
+        """Refuse a reused SOP Instance UID. The log names the instance's UID only: not the studies (those
+        say whose film it is), nor any other attribute."""
+        log.warning("C-STORE %s from %s refused (0x%04X): SOP Instance UID already received with %s; the "
+                    "first copy is kept", keys.sop_uid, calling_ae, UID_CONFLICT, what)
+        return _status(UID_CONFLICT, f"SOP Instance UID already received with {what}"), CONFLICT
+
+    def _known(self, keys: _Keys) -> InstanceRecord | None:
+        """The stored record of this SOP Instance UID in any study, or None (by the UID alone: a repeat that
+        names another study must be found, not taken for a new instance)."""
+        return self.store.instance(keys.sop_uid)
+
+    def _discard_our_copy(self, known: InstanceRecord, keys: _Keys, outcome: str) -> None:
+        """We spooled a file for a UID another C-STORE recorded meanwhile (its own file already removed). Keep
+        it only where it is an identical copy still waiting for triage; a finished instance's would linger,
+        and a conflicting one must never be read as the recorded instance's bytes."""
+        if outcome == DUPLICATE and known.status in (InstanceStatus.RECEIVED, InstanceStatus.PROCESSING):
+            return
+        try:
+            self.spool.remove(keys.sop_uid)
+        except Exception:  # noqa: BLE001 -- a leftover file is cleared by the intake at its next start
+            log.warning("could not remove the repeat of %s; a leftover spool file may remain", keys.sop_uid)
 
     @staticmethod
     def _keys(event: evt.Event, sop_uid: str, encoded: bytes) -> _Keys:
@@ -340,20 +449,6 @@ class DicomListener:
             raise ValueError("Study Instance UID (0020,000D) is missing or not a valid UID")
         return _Keys(sop_uid, study_uid, series_uid if series_uid and len(series_uid) <= 64 else None,
                      str(event.request.AffectedSOPClassUID))
-
-    def _known(self, keys: _Keys) -> InstanceRecord | None:
-        """The stored record of this instance, or None (a cheap check before spooling again)."""
-        return self.store.instance(keys.sop_uid)
-
-    def _discard_if_finished(self, keys: _Keys) -> None:
-        """A concurrent or cross-study repeat rewrote the spool file of an instance already known: if that
-        instance is finished, the file would linger, so remove it; if pending, the intake still needs it."""
-        try:
-            record = self._known(keys)
-            if record is not None and record.status in (InstanceStatus.DONE, InstanceStatus.FAILED):
-                self.spool.remove(keys.sop_uid)
-        except Exception:  # noqa: BLE001 -- a leftover file is cleared by the intake at its next start
-            log.warning("could not check the repeat of %s; a leftover spool file may remain", keys.sop_uid)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The PACS side of the service, assembled: listener → spool → intake → store → DICOM results → delivery.
 
-    C-STORE ─▶ DicomListener ─(spool, fsync, then success)─▶ Intake ─▶ Triage.triage (same path as HTTP)
+    C-STORE ─▶ DicomListener ─(spool, fsync, then success)─▶ Intake ─▶ ServedCascade.triage_spooled (same flow as HTTP)
                                                               │ store.record_finding (worklist: upgrade only)
                                                               └▶ SEG + SR (+ SC) + overlay PNG → results folder
                                                                   └▶ Dispatcher → C-STORE / STOW-RS destinations

@@ -3,15 +3,18 @@
     listener: write(sop_uid, bytes) ──▶ <dir>/<sop_uid>.dcm ──▶ intake: read → triage → remove
 
 A C-STORE may only be answered with success once the instance survives a crash, so `write` is the classic
-sequence: a temporary file in the same directory, write, flush, fsync the file, `os.replace` onto the final
-name (atomic on POSIX: a reader sees the old file or the new one, never half of one), then fsync the
-directory so the rename itself is on disk. A crash before the rename leaves only a temporary file, never a
+sequence: a temporary file in the same directory, write, flush, fsync the file, hard-link it to the final
+name (atomic on POSIX, and refused when the name exists: a reader never sees half a file), then fsync the
+directory so the new name itself is on disk. A crash before the rename leaves only a temporary file, never a
 truncated `<uid>.dcm`; those temporaries are removed when a `Spool` is opened.
 
 File names are SOP Instance UIDs, so a UID is checked to be a DICOM UID (digits and dots, at most 64
 characters) before it touches the file system: a crafted UID such as `../../etc/x` never becomes a path.
-Writing a UID that is already spooled replaces it (last write wins): a repeated C-STORE of one instance
-carries the same content, and whichever copy the intake reads is that instance.
+Writing a UID that is already spooled is refused (FileExistsError), never a replacement: a second C-STORE
+with the same SOP Instance UID may carry another study or other pixels (a modality bug, a hostile sender),
+and replacing the pending file would triage those bytes and record the finding on the first study. The
+refusal is atomic (`link(2)` fails on an existing name), so two concurrent writers cannot both succeed;
+the listener decides what the repeat means (service/pacs/listener.py).
 
 `remove` does not fsync the directory: if a removal is lost in a crash, the file comes back as a leftover of
 an instance the store already finished, which the intake clears at its next start. Files are created 0600 in
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from service.errors import ServiceError
 from service.imaging.uids import MAX_UID_LENGTH, is_dicom_uid
-from service.store.durable import durable_write
+from service.store.durable import durable_create
 
 log = logging.getLogger("ptx.spool")
 
@@ -75,10 +78,11 @@ class Spool:
     def write(self, sop_uid: str, data: bytes) -> Path:
         """Store `data` under `sop_uid` durably and atomically; returns the final path.
 
-        On return the bytes and the directory entry are on stable storage. On any failure the temporary
-        file is removed and the exception propagates (the caller answers "out of resources").
+        On return the bytes and the directory entry are on stable storage. FileExistsError, with nothing
+        written, when `sop_uid` is already spooled (an existing file is never replaced). On any failure the
+        temporary file is removed and the exception propagates (the caller answers "out of resources").
         """
-        return durable_write(self.path(sop_uid), data, prefix=f"{TEMP_PREFIX}{sop_uid}.", suffix=TEMP_SUFFIX)
+        return durable_create(self.path(sop_uid), data, prefix=f"{TEMP_PREFIX}{sop_uid}.", suffix=TEMP_SUFFIX)
 
     def read(self, sop_uid: str) -> bytes:
         """The spooled bytes; FileNotFoundError when the instance is not (or no longer) spooled."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from types import TracebackType
@@ -104,7 +104,9 @@ def _require_uid(value: str, name: str) -> None:
 @dataclass(frozen=True)
 class ReceivedInstance:
     """One instance as it arrived: `source` says how ("dicom:<calling AE>", "http"); `spool_path` is where
-    its bytes wait for processing (None when they were processed in the request, as over HTTP)."""
+    its bytes wait for processing (None when they were processed in the request, as over HTTP); `sha256` the
+    hex digest of the dataset bytes as received (None where unknown), so that a later C-STORE reusing the SOP
+    Instance UID with other content can be told from an identical resend."""
 
     sop_uid: str
     study_uid: str
@@ -113,10 +115,15 @@ class ReceivedInstance:
     source: str
     spool_path: str | None
     received_at: datetime
+    # keyword-only with a default, so existing callers and the subclass's own fields are unaffected
+    sha256: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         _require_uid(self.sop_uid, "sop_uid")
         _require_uid(self.study_uid, "study_uid")
+        if self.sha256 is not None and (len(self.sha256) != 64
+                                        or any(c not in "0123456789abcdef" for c in self.sha256)):
+            raise ValueError("sha256 must be 64 lowercase hexadecimal digits (hashlib's hexdigest) or None")
         if not self.source:
             raise ValueError("source must name where the instance came from, e.g. 'dicom:MODALITY1' or 'http'")
         object.__setattr__(self, "received_at", require_utc(self.received_at, "received_at"))
@@ -260,8 +267,11 @@ class ResultsStore(ABC):
         """The finding of one instance with its study's UID, or None."""
 
     @abstractmethod
-    def acknowledge(self, study_uid: str, by: str | None = None) -> bool:
-        """Mark a study reviewed (by whom, when); False when the study is unknown."""
+    def acknowledge(self, study_uid: str, by: str | None = None, *, seen: Priority | None) -> bool:
+        """Mark a study reviewed (by whom, when) if its priority is still `seen`, the one the reader saw (None:
+        no finding yet); False when the study is unknown. A compare-and-set in one statement: StoreError,
+        naming the current priority and changing nothing, when a finding raised it since (an acknowledgement
+        never covers a priority the reader did not see). Priorities only go up, so equal means unchanged."""
 
     @abstractmethod
     def add_delivery(self, study_uid: str, object_uid: str, kind: DeliveryKind, destination: str, path: str,

@@ -36,3 +36,24 @@ def durable_write(final: Path, data: bytes, prefix: str = ".tmp-", suffix: str =
         raise
     _fsync_directory(final.parent)
     return final
+
+
+def durable_create(final: Path, data: bytes, prefix: str = ".tmp-", suffix: str = "") -> Path:
+    """As `durable_write`, but never replaces an existing `final`: FileExistsError instead, data unwritten.
+
+    Why a hard link rather than `os.replace`: `link(2)` fails with EEXIST when the name is taken, in the same
+    atomic step that would create it, so two writers of one name cannot both win and a file already there
+    (a film the intake has yet to triage) is never overwritten. A check-then-replace would leave a window
+    between the check and the rename. The temporary name is unlinked once the link exists; a crash between
+    the two leaves only a temporary, which its owner clears (the spool does when it is opened)."""
+    fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=prefix, suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temporary, final)  # FileExistsError when `final` exists: nothing replaced
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    _fsync_directory(final.parent)
+    return final

@@ -93,6 +93,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at)",
         "CREATE INDEX deliveries_study ON deliveries (study_uid)",
     )),
+    # Nullable: rows received before it, and instances whose bytes were never kept (HTTP), have no digest.
+    # The listener compares a repeated SOP Instance UID's bytes against it (issue 13 §3).
+    Migration(2, "instances.sha256: digest of the bytes received", (
+        "ALTER TABLE instances ADD COLUMN sha256 TEXT",
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

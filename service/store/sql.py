@@ -179,7 +179,7 @@ class _Duplicate(Exception):
 RANK = "CASE priority WHEN 'STAT' THEN 0 WHEN 'URGENT' THEN 1 ELSE 2 END"  # NULL (pending) sorts as ROUTINE
 STUDY_COLUMNS = "study_uid, status, priority, score, received_at, updated_at, reviewed_at, reviewed_by"
 INSTANCE_COLUMNS = ("sop_uid, study_uid, series_uid, sop_class_uid, source, spool_path, status, error_code, "
-                    "attempts, received_at, updated_at")
+                    "attempts, received_at, updated_at, sha256")
 FINDING_COLUMNS = "sop_uid, score, label, priority, threshold, rle, instances_json, models_json, created_at"
 DELIVERY_COLUMNS = ("id, study_uid, object_uid, kind, destination, path, state, attempts, max_attempts, "
                     "last_error, next_attempt_at, created_at, updated_at, delivered_at")
@@ -247,10 +247,11 @@ class SqlResultsStore(ResultsStore):
                            (instance.study_uid, StudyStatus.PENDING.value, received, received))
                 inserted = tx.execute(
                     "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, source, spool_path, "
-                    "status, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "status, received_at, updated_at, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (sop_uid) DO NOTHING",
                     (instance.sop_uid, instance.study_uid, instance.series_uid, instance.sop_class_uid,
-                     instance.source, instance.spool_path, InstanceStatus.RECEIVED.value, received, received))
+                     instance.source, instance.spool_path, InstanceStatus.RECEIVED.value, received, received,
+                     instance.sha256))
                 if inserted.rowcount == 0:
                     raise _Duplicate  # roll back: no study row for a repeat that named another study
         except _Duplicate:
@@ -382,12 +383,22 @@ class SqlResultsStore(ResultsStore):
             row = tx.one(f"SELECT study_uid, {FINDING_COLUMNS} FROM findings WHERE sop_uid = ?", (sop_uid,))
         return None if row is None else (row["study_uid"], _finding(row))
 
-    def acknowledge(self, study_uid: str, by: str | None = None) -> bool:
+    def acknowledge(self, study_uid: str, by: str | None = None, *, seen: Priority | None) -> bool:
+        seen_value = "" if seen is None else Priority(seen).value
         now = self._now()
         with self._transaction(write=True) as tx:
+            # The compare-and-set is in the WHERE clause: a finding committed first makes this match nothing.
             updated = tx.execute("UPDATE studies SET status = ?, reviewed_at = ?, reviewed_by = ?, updated_at = ? "
-                                 "WHERE study_uid = ?", (StudyStatus.REVIEWED.value, now, by, now, study_uid))
-            return bool(updated.rowcount)
+                                 "WHERE study_uid = ? AND COALESCE(priority, '') = ?",
+                                 (StudyStatus.REVIEWED.value, now, by, now, study_uid, seen_value))
+            if updated.rowcount:
+                return True
+            row = tx.one("SELECT priority FROM studies WHERE study_uid = ?", (study_uid,))
+        if row is None:
+            return False
+        current = row["priority"] or "none (no finding yet)"
+        raise StoreError(f"study {study_uid} changed since it was seen at {seen_value or 'no finding yet'}: "
+                         f"its priority is now {current}; read it again before acknowledging")
 
     # --- deliveries -----------------------------------------------------------------------------------------
 
@@ -502,7 +513,7 @@ def _instance(row: Row) -> InstanceRecord:
         sop_uid=row["sop_uid"], study_uid=row["study_uid"], series_uid=row["series_uid"],
         sop_class_uid=row["sop_class_uid"], source=row["source"], spool_path=row["spool_path"],
         received_at=_ts(row["received_at"]), status=InstanceStatus(row["status"]), error_code=row["error_code"],
-        attempts=int(row["attempts"]), updated_at=_ts(row["updated_at"]))
+        attempts=int(row["attempts"]), updated_at=_ts(row["updated_at"]), sha256=row["sha256"])
 
 
 def _finding(row: Row) -> FindingRecord:

@@ -72,7 +72,8 @@ def test_study_finding_and_review(fed):
     assert status == 200 and study["instances"][0]["sop_uid"] == answer["sop_uid"]
     status, finding = get(base, study["findings"][0]["links"]["finding"])
     assert status == 200 and finding["rle"] == answer["rle"] and finding["score"] == pytest.approx(answer["score"])
-    request = urllib.request.Request(f"{base}/v1/studies/{answer['study_uid']}/ack?by=reader1", method="POST")
+    request = urllib.request.Request(f"{base}/v1/studies/{answer['study_uid']}/ack?by=reader1&priority={study['priority']}",
+                                     method="POST")
     with urllib.request.urlopen(request, timeout=30) as response:
         assert json.loads(response.read())["status"] == "reviewed"
     _, reviewed = get(base, "/v1/worklist?status=reviewed")
@@ -99,12 +100,14 @@ def api_on_store(tmp_path, monkeypatch):
 
     from service.http import worklist as api_worklist
     from service.store import open_store
+    from service.store.results_files import ResultsFolder
 
     async def in_thread(function, *args):
         return await asyncio.to_thread(function, *args)
 
     with open_store(None, tmp_path) as store:
-        monkeypatch.setattr(api_worklist, "_service", lambda: types.SimpleNamespace(store=store, in_thread=in_thread))
+        monkeypatch.setattr(api_worklist, "_service", lambda: types.SimpleNamespace(
+            store=store, in_thread=in_thread, results=ResultsFolder(tmp_path / "results")))
         app = FastAPI()
         app.include_router(api_worklist.router, prefix="/v1")
         yield TestClient(app), store
@@ -153,3 +156,39 @@ def test_retrying_an_instance_answers_its_state_or_why_not(api_on_store, tmp_pat
     status = {i.sop_uid: (i.status, i.error_code) for i in store.study("1.2.3").instances}
     assert status["1.2.3.2"] == (InstanceStatus.FAILED, "spool_missing")
     assert client.post("/v1/instances/1.2.3.404/retry").status_code == 404
+
+
+def test_an_ack_is_refused_when_the_priority_changed_since_the_reader_saw_it(api_on_store):
+    """Issue 13 §5 through the router: the ack carries the priority the study JSON showed; a STAT finding
+    recorded in between makes it 409 `conflict` naming STAT, and the study stays triaged. Before: 200."""
+    from service.store import FindingRecord, ReceivedInstance, utc_now
+
+    client, store = api_on_store
+    for sop_uid in ("1.2.3.1", "1.2.3.2"):
+        store.receive(ReceivedInstance(sop_uid=sop_uid, study_uid="1.2.3", series_uid=None, sop_class_uid=None,
+                                       source="test", spool_path=None, received_at=utc_now()))
+
+    def found(sop_uid: str, priority: Priority, score: float) -> None:
+        store.record_finding(FindingRecord(sop_uid=sop_uid, score=score, label="pneumothorax", priority=priority,
+                                           threshold=0.5, rle="", instances=[], models={}, created_at=utc_now()))
+
+    missing = client.post("/v1/studies/1.2.3/ack")  # no priority: nothing is acknowledged blind
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "invalid_parameter"
+    assert "priority" in missing.json()["error"]["message"]
+    assert client.post("/v1/studies/1.2.3/ack?priority=HIGH").status_code == 400
+    found("1.2.3.1", Priority.ROUTINE, 0.1)
+    seen = client.get("/v1/studies/1.2.3").json()["priority"]
+    assert seen == "ROUTINE"
+    found("1.2.3.2", Priority.STAT, 0.95)  # a second film, after the reader opened the study
+    stale = client.post(f"/v1/studies/1.2.3/ack?priority={seen}&by=reader1")
+    assert stale.status_code == 409 and stale.json()["error"]["code"] == "conflict"
+    assert "changed since" in stale.json()["error"]["message"] and "STAT" in stale.json()["error"]["message"]
+    assert client.get("/v1/studies/1.2.3").json()["status"] == "triaged"
+    fresh = client.post("/v1/studies/1.2.3/ack?priority=STAT&by=reader1")
+    assert fresh.status_code == 200 and fresh.json() == {"study_uid": "1.2.3", "status": "reviewed",
+                                                         "priority": "STAT"}
+    assert client.post("/v1/studies/9.9.9/ack?priority=none").status_code == 404
+    store.receive(ReceivedInstance(sop_uid="1.2.4.1", study_uid="1.2.4", series_uid=None, sop_class_uid=None,
+                                   source="test", spool_path=None, received_at=utc_now()))
+    assert client.get("/v1/studies/1.2.4").json()["priority"] is None
+    assert client.post("/v1/studies/1.2.4/ack?priority=none").status_code == 200  # pending: seen without a finding

@@ -27,6 +27,7 @@ def test_chest_films_read_as_plausible_radiographs(realdata, entry):
     assert 0.0 <= radiograph.pixels.min() and radiograph.pixels.max() <= 1.0
     assert radiograph.pixels.std() > 0.1, "a chest film has contrast"
     assert ("appears_inverted" in radiograph.warnings) is entry.inverted_flag
+    assert "window_mismatch" not in radiograph.warnings, "the file's own window (if any) shows the film"
     assert appears_inverted(radiograph.pixels) is entry.inverted_flag
     if entry.spacing_mm is None:
         assert radiograph.spacing_mm is None and "spacing_unknown" in radiograph.warnings

@@ -1,8 +1,8 @@
 """The spool's own logic: durable write order, UID checks, pending order, clean-up of interrupted writes.
 
 The order of the durability steps cannot be observed from outside without pulling the power, so it is checked
-by spying on `os.fsync` / `os.replace` as the spool calls them: the file's bytes are synced while it is still
-the temporary, then renamed, then the directory is synced.
+by spying on `os.fsync` / `os.link` as the spool calls them: the file's bytes are synced while it is still
+the temporary, then linked to its name (never over an existing file), then the directory is synced.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from service.imaging.uids import is_dicom_uid
-from service.pacs import spool as spool_module
 from service.pacs.spool import InvalidUidError, Spool
+from service.store import durable as durable_module
 
 UID_A = "1.2.826.0.1.3680043.8.498.1"
 UID_B = "1.2.826.0.1.3680043.8.498.2"
@@ -30,8 +30,10 @@ def test_write_read_remove_round_trip(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # patient data: owner only
     assert stat.S_IMODE((tmp_path / "spool").stat().st_mode) == 0o700
     assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"{UID_A}.dcm"]  # no temporary left
-    spool.write(UID_A, b"second copy")  # a repeat of one UID: the last write wins
-    assert spool.read(UID_A) == b"second copy"
+    with pytest.raises(FileExistsError):
+        spool.write(UID_A, b"second copy")  # a repeat of one UID never replaces the spooled file
+    assert spool.read(UID_A) == b"DICM-bytes"
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"{UID_A}.dcm"]  # its temporary removed
     spool.remove(UID_A)
     spool.remove(UID_A)  # already gone: not an error
     assert not spool.exists(UID_A) and spool.pending() == []
@@ -39,12 +41,12 @@ def test_write_read_remove_round_trip(tmp_path: Path) -> None:
         spool.read(UID_A)
 
 
-def test_write_syncs_the_file_then_renames_then_syncs_the_directory(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_syncs_the_file_then_links_then_syncs_the_directory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path)
     data = b"x" * 100_000
     steps: list[tuple[str, object]] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_link = os.fsync, os.link
 
     def fsync(fd: int) -> None:
         info = os.fstat(fd)
@@ -56,24 +58,25 @@ def test_write_syncs_the_file_then_renames_then_syncs_the_directory(tmp_path: Pa
             steps.append(("fsync-file", (info.st_size, final.exists())))
         real_fsync(fd)
 
-    def replace(source: str, target: str) -> None:
-        steps.append(("replace", (Path(source).name.startswith(".incoming-"), Path(target).name)))
-        real_replace(source, target)
+    def link(source: str, target: str) -> None:
+        steps.append(("link", (Path(source).name.startswith(".incoming-"), Path(target).name)))
+        real_link(source, target)
 
-    monkeypatch.setattr(spool_module.os, "fsync", fsync)
-    monkeypatch.setattr(spool_module.os, "replace", replace)
+    # the spool writes through service.store.durable (a hard link: never over an existing file)
+    monkeypatch.setattr(durable_module.os, "fsync", fsync)
+    monkeypatch.setattr(durable_module.os, "link", link)
     spool.write(UID_A, data)
-    assert steps == [("fsync-file", (len(data), False)), ("replace", (True, f"{UID_A}.dcm")), ("fsync-dir", True)]
+    assert steps == [("fsync-file", (len(data), False)), ("link", (True, f"{UID_A}.dcm")), ("fsync-dir", True)]
 
 
-@pytest.mark.parametrize("failing", ["fsync", "replace"])
+@pytest.mark.parametrize("failing", ["fsync", "link"])
 def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     spool = Spool(tmp_path)
 
     def broken(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(spool_module.os, failing, broken)
+    monkeypatch.setattr(durable_module.os, failing, broken)
     with pytest.raises(OSError, match="No space"):
         spool.write(UID_A, b"data")
     assert list(tmp_path.iterdir()) == []  # neither the final file nor the temporary
@@ -116,3 +119,32 @@ def test_opening_a_spool_removes_temporaries_of_interrupted_writes(tmp_path: Pat
     assert reopened.removed_temporaries == 2
     assert not any(path.exists() for path in stale)
     assert reopened.pending() == [UID_A] and reopened.read(UID_A) == b"complete"
+
+
+def test_concurrent_writes_of_one_uid_leave_exactly_one_whole_file(tmp_path: Path) -> None:
+    """The refusal is atomic (a hard link fails on an existing name), not a check then a write: of many
+    writers racing on one UID exactly one succeeds, and the file holds that writer's bytes whole."""
+    import threading
+
+    spool = Spool(tmp_path / "spool")
+    writers, start = 8, threading.Barrier(8)
+    won: list[bytes] = []
+    refused: list[int] = []
+
+    def write(n: int) -> None:
+        data = bytes([n]) * 200_000
+        start.wait()
+        try:
+            spool.write(UID_B, data)
+            won.append(data)
+        except FileExistsError:
+            refused.append(n)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and len(refused) == writers - 1
+    assert spool.read(UID_B) == won[0]
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"{UID_B}.dcm"]

@@ -268,7 +268,7 @@ def test_review_state_machine(database: Database, store: ResultsStore) -> None:
     store.record_finding(result("1.2.1.1", Priority.URGENT, 0.7))
     assert store.worklist()[0].status == StudyStatus.TRIAGED
     clock.advance(60)
-    assert store.acknowledge("1.2.1", by="dr.who")
+    assert store.acknowledge("1.2.1", by="dr.who", seen=Priority.URGENT)
     item = store.worklist()[0]
     assert (item.status, item.reviewed_by, item.reviewed_at) == (StudyStatus.REVIEWED, "dr.who", minutes(1))
     store.record_finding(result("1.2.1.2", Priority.URGENT, 0.8))  # nothing the reader has not seen
@@ -276,13 +276,13 @@ def test_review_state_machine(database: Database, store: ResultsStore) -> None:
     store.record_finding(result("1.2.1.3", Priority.STAT, 0.9))  # would have been read first: back on the list
     item = store.worklist()[0]
     assert (item.status, item.priority) == (StudyStatus.TRIAGED, Priority.STAT)
-    assert not store.acknowledge("9.9.9")
+    assert not store.acknowledge("9.9.9", seen=None)
 
 
 def test_an_acknowledged_pending_study_reopens_only_for_a_positive(store: ResultsStore) -> None:
     for n in (1, 2):
         store.receive(arrival(f"1.2.1.{n}"))
-    store.acknowledge("1.2.1", by=None)
+    store.acknowledge("1.2.1", by=None, seen=None)
     store.record_finding(result("1.2.1.1", Priority.ROUTINE, 0.1))
     item = store.worklist()[0]
     assert (item.status, item.priority, item.reviewed_by) == (StudyStatus.REVIEWED, Priority.ROUTINE, None)
@@ -302,7 +302,7 @@ def test_worklist_orders_by_priority_then_arrival_with_filters_and_pages(store: 
             store.record_finding(result(f"{study}.1", priority, {"STAT": 0.95, "URGENT": 0.6, "ROUTINE": 0.1}[
                 priority.value]))
         if acknowledged:
-            store.acknowledge(study)
+            store.acknowledge(study, seen=priority)
     order = ["1.2.12", "1.2.16", "1.2.15", "1.2.13", "1.2.11", "1.2.10", "1.2.14"]
     assert [i.study_uid for i in store.worklist()] == order
     assert [i.study_uid for i in store.worklist(status=StudyStatus.REVIEWED)] == ["1.2.15"]
@@ -451,3 +451,104 @@ def test_finding_by_instance(store):
     store.record_finding(result("1.2.826.0.1.7", Priority.URGENT, 0.8))
     study_uid, record = store.finding("1.2.826.0.1.7")
     assert study_uid == "1.2.826.0.1.70" and record.score == 0.8 and record.priority is Priority.URGENT
+
+
+def test_an_acknowledgement_covers_only_the_priority_the_reader_saw(database: Database, store: ResultsStore) -> None:
+    """Issue 13 §5: a reader opens a study at ROUTINE, a second film raises it to STAT, then the reader acks:
+    the ack is refused (naming STAT) and the study stays in front of them. Unconditional before: reviewed."""
+    for n in (1, 2):
+        store.receive(arrival(f"1.2.1.{n}"))
+    store.record_finding(result("1.2.1.1", Priority.ROUTINE, 0.1))
+    seen = store.study("1.2.1").priority
+    store.record_finding(result("1.2.1.2", Priority.STAT, 0.95))
+    with pytest.raises(StoreError, match="changed since.*now STAT"):
+        store.acknowledge("1.2.1", by="dr.who", seen=seen)
+    item = store.worklist()[0]
+    assert (item.status, item.priority, item.reviewed_by) == (StudyStatus.TRIAGED, Priority.STAT, None)
+    with pytest.raises(StoreError, match="now STAT"):
+        store.acknowledge("1.2.1", seen=None)  # "no finding yet" is not what it is either
+    assert store.acknowledge("1.2.1", by="dr.who", seen=Priority.STAT)
+    assert store.worklist()[0].status == StudyStatus.REVIEWED
+    store.receive(arrival("1.2.9.1", study="1.2.9"))
+    with pytest.raises(StoreError, match="now none"):
+        store.acknowledge("1.2.9", seen=Priority.ROUTINE)
+    assert store.acknowledge("1.2.9", seen=None)
+    assert not store.acknowledge("9.9.9", seen=Priority.STAT)
+
+
+def test_an_acknowledgement_racing_a_stat_finding_never_hides_it(database: Database) -> None:
+    """Two stores (as two processes would), two threads, released together: one records a STAT finding, the
+    other acks with the ROUTINE it saw. Either order is allowed, and its outcome exact: the ack first, then
+    the STAT reopens the study; the finding first, then the ack is refused. Never reviewed at STAT."""
+    writer, reader = database.open(), database.open()
+    outcomes = {"acknowledged": 0, "refused": 0}
+    for n in range(40):
+        study = f"1.3.{n}"
+        writer.receive(arrival(f"{study}.1", study=study))
+        writer.receive(arrival(f"{study}.2", study=study))
+        writer.record_finding(result(f"{study}.1", Priority.ROUTINE, 0.1))
+        barrier = threading.Barrier(2)
+        acked: list[bool | StoreError] = []
+
+        def finding(study: str = study) -> None:
+            barrier.wait()
+            writer.record_finding(result(f"{study}.2", Priority.STAT, 0.95))
+
+        def ack(study: str = study) -> None:
+            barrier.wait()
+            try:
+                acked.append(reader.acknowledge(study, by="dr.who", seen=Priority.ROUTINE))
+            except StoreError as exc:
+                acked.append(exc)
+
+        threads = [threading.Thread(target=finding), threading.Thread(target=ack)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        item = writer.study(study)
+        assert (item.status, item.priority) == (StudyStatus.TRIAGED, Priority.STAT), (n, acked)
+        if acked == [True]:  # the ack won: reviewed by the reader at ROUTINE, reopened by the STAT
+            outcomes["acknowledged"] += 1
+            assert item.reviewed_by == "dr.who"
+        else:
+            assert len(acked) == 1 and "now STAT" in str(acked[0]), (n, acked)
+            outcomes["refused"] += 1
+            assert item.reviewed_by is None
+    assert sum(outcomes.values()) == 40
+
+
+def test_the_digest_received_is_kept_and_may_be_absent(database: Database, store: ResultsStore) -> None:
+    """Migration 2's nullable `instances.sha256`: kept as given, None for arrivals without one (HTTP, rows
+    from before the migration); a malformed digest is refused before it reaches the database."""
+    digest = "ab" * 32
+    assert store.receive(arrival("1.2.1.1", sha256=digest))
+    assert store.receive(arrival("1.2.1.2"))
+    first, second = store.instance("1.2.1.1"), store.instance("1.2.1.2")
+    assert first is not None and first.sha256 == digest
+    assert second is not None and second.sha256 is None
+    study = store.study("1.2.1")
+    assert study is not None and [i.sha256 for i in study.instances] == [digest, None]
+    assert database.query("SELECT sop_uid, sha256 FROM instances ORDER BY sop_uid") == [
+        ("1.2.1.1", digest), ("1.2.1.2", None)]
+    for bad in ("AB" * 32, "ab" * 31, "zz" * 32):
+        with pytest.raises(ValueError, match="sha256"):
+            arrival("1.2.1.3", sha256=bad)
+
+
+def test_a_version_1_database_gains_the_digest_column_with_its_rows_kept(database: Database) -> None:
+    """Upgrading: a database at schema 1 with an instance in it migrates to the latest, the old row's digest
+    NULL (the listener then compares a repeat with the spool file, or the study alone)."""
+    store = database.open()
+    assert store.receive(arrival("1.2.1.1"))
+    store.close()
+    database.opened.remove(store)
+    database.query("ALTER TABLE instances DROP COLUMN sha256")  # back to schema 1 (SQLite >= 3.35 and PostgreSQL)
+    database.query("DELETE FROM schema_migrations WHERE version > 1")
+    upgraded = database.open()
+    assert database.query("SELECT MAX(version) FROM schema_migrations") == [(LATEST_VERSION,)]
+    old = upgraded.instance("1.2.1.1")
+    assert old is not None and old.sha256 is None
+    assert upgraded.receive(arrival("1.2.1.2", sha256="cd" * 32))
+    new = upgraded.instance("1.2.1.2")
+    assert new is not None and new.sha256 == "cd" * 32
