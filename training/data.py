@@ -137,6 +137,21 @@ def cache_key(samples: Sequence[Sample], size: int) -> str:
     return digest.hexdigest()[:16]
 
 
+def read_mask_png(path: Path) -> np.ndarray:
+    """A binary mask PNG → bool (on above half the sample range). Read with Pillow, not `read_radiograph`: a
+    mask is not a radiograph (two grey levels, often all zero), which the service rightly refuses."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        values = np.asarray(image)
+    if values.ndim == 3:
+        values = values[..., 0]
+    if values.dtype == bool:
+        return values
+    half = np.iinfo(values.dtype).max / 2 if np.issubdtype(values.dtype, np.integer) else 0.5
+    return values > half
+
+
 def _group_of(sample: Sample) -> str:
     """A patient key for grouped folds: a hash of PatientID (no identifier stored), else the image itself."""
     if sample.path.suffix.lower() == ".dcm":
@@ -152,7 +167,7 @@ def _load_one(args: tuple[Sample, int]) -> tuple[np.ndarray, np.ndarray, bool, s
     sample, size = args
     radiograph = read_radiograph(sample.path, TRAINING_POLICY)
     if sample.mask_path is not None:
-        mask = np.asarray(read_radiograph(sample.mask_path, AcceptancePolicy(min_side=1)).pixels) > 0.5
+        mask = read_mask_png(sample.mask_path)
         if mask.shape != radiograph.pixels.shape:
             raise DataError(f"{sample.image_id}: mask is {mask.shape}, image is {radiograph.pixels.shape}")
     else:
