@@ -20,16 +20,26 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def durable_write(final: Path, data: bytes, prefix: str = ".tmp-", suffix: str = "") -> Path:
-    """Write `data` to `final` atomically and durably: a temporary file in the same folder, written,
-    flushed and fsynced, renamed over `final`, then the folder fsynced (so the new name survives a crash).
-    On failure the temporary file is removed and the exception propagates."""
+def _written_temporary(final: Path, data: bytes, prefix: str, suffix: str) -> str:
+    """A temporary file beside `final` holding `data`, flushed and fsynced; removed if writing fails."""
     fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=prefix, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def durable_write(final: Path, data: bytes, prefix: str = ".tmp-", suffix: str = "") -> Path:
+    """Write `data` to `final` atomically and durably: a temporary file in the same folder, written,
+    flushed and fsynced, renamed over `final`, then the folder fsynced (so the new name survives a crash).
+    On failure the temporary file is removed and the exception propagates."""
+    temporary = _written_temporary(final, data, prefix, suffix)
+    try:
         os.replace(temporary, final)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -46,12 +56,8 @@ def durable_create(final: Path, data: bytes, prefix: str = ".tmp-", suffix: str 
     (a film the intake has yet to triage) is never overwritten. A check-then-replace would leave a window
     between the check and the rename. The temporary name is unlinked once the link exists; a crash between
     the two leaves only a temporary, which its owner clears (the spool does when it is opened)."""
-    fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=prefix, suffix=suffix)
+    temporary = _written_temporary(final, data, prefix, suffix)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.link(temporary, final)  # FileExistsError when `final` exists: nothing replaced
     finally:
         Path(temporary).unlink(missing_ok=True)
