@@ -43,7 +43,8 @@ class _Out(BaseModel):
 
 class ErrorDetail(_Out):
     code: str = Field(description="stable machine code, e.g. not_dicom, too_large, not_chest, multi_frame, colour, "
-                                  "corrupt_pixel_data, unsupported_media_type, invalid_parameter, overloaded")
+                                  "corrupt_pixel_data, degenerate_image, unsupported_media_type, invalid_parameter, "
+                                  "overloaded")
     message: str = Field(description="what was wrong: which tag or which limit (never patient data)")
 
 
