@@ -289,12 +289,13 @@ def test_every_dashboard_and_alert_metric_has_data_in_a_real_prometheus(monitore
     assert post(f"{base}/v1/triage", b"not a film", "text/plain")[0] == 415
     overload(base, chest[0].read_bytes())
 
-    # Traffic over DICOM: the chest films (both SIIM copies share a SOP Instance UID: one is a duplicate) and a
-    # CR extremity film, acknowledged, then refused by the intake as not_chest. Results go to a destination that
-    # is down: failed attempts, then failed deliveries.
+    # Traffic over DICOM: the chest films (both SIIM copies share a SOP Instance UID with other bytes: the second
+    # is refused as a conflict, 0xC001, issue 13 §3) and a CR extremity film, acknowledged, then refused by the
+    # intake as not_chest. Results go to a destination that is down: failed attempts, then failed deliveries.
     wait_port(listener_port, timeout_s=60)
     sent = chest + [realdata / "other/cr_extremity_j2k_mono1.dcm"]
-    assert c_store(listener_port, sent) == [0] * len(sent)
+    uids = [str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in sent]
+    assert c_store(listener_port, sent) == [0 if uid not in uids[:index] else 0xC001 for index, uid in enumerate(uids)]
 
     used = used_names()
     wanted = set(used) - GPU_ONLY
@@ -315,7 +316,7 @@ def test_every_dashboard_and_alert_metric_has_data_in_a_real_prometheus(monitore
         return {s["metric"]["outcome"]: float(s["value"][1])
                 for s in prometheus.query("sum by (outcome) (ptx_dicom_received_total)")}
 
-    expected = {"received": len(sent) - 1, "duplicate": 1}
+    expected = {"received": len(sent) - 1, "conflict": 1}
     wait_until(lambda: outcomes() == expected, 15, lambda: f"C-STOREs by outcome: {outcomes()}, expected {expected}")
     wait_until(lambda: prometheus.query('ptx_rejections_total{code="not_chest"} == 1'), 30,
                lambda: "the intake's not_chest refusal is not counted in ptx_rejections_total")
