@@ -11,8 +11,8 @@ patient data in its message; RLE: a mask or an RLEError; HTTP: a 2xx, or a 4xx i
 counted, its input saved under `--out`, and the run goes on. Cases run in batches (`--batch`), each its own
 Hypothesis run seeded from `--seed`: an error of the harness itself ends a batch, is counted under "HARNESS
 ERRORS", and the run goes on. Prints one line per target with the number of cases run and the outcomes (the
-counts up to the last batch if the fuzzing process dies), and exits 1 if anything was found. Case counts of recorded runs:
-docs/service.md, "Limits".
+counts up to the last batch if the fuzzing process dies), and exits 1 if anything was found. Case counts of
+recorded runs: docs/service.md, "Limits".
 """
 
 from __future__ import annotations

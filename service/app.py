@@ -135,14 +135,16 @@ class Triage:
 
     async def __is_ready__(self) -> bool:
         try:
-            return bool(await self.models.is_ready(timeout=5)) and bool(await self.cascade.ensure_described())
+            if not await self.models.is_ready(timeout=5):
+                return False
+            await self.cascade.ensure_described()
+            return True
         except Exception:  # noqa: BLE001 -- a worker that cannot answer is simply not ready
             log.warning("model worker not ready", exc_info=True)
             return False
 
 
-# Around everything the edge serves, BentoML's /metrics and health endpoints included; the model worker gets
-# none: only the edge reaches it, over BentoML's local socket.
+# Around all the edge serves (BentoML's /metrics, health too); not the worker: only the edge reaches it, locally.
 Triage.add_asgi_middleware(auth.BearerAuth, config=AUTH)
 if AUTH is not None:
     log.info("bearer authentication on: %r", AUTH)

@@ -1,9 +1,10 @@
 """Training data: SIIM-format folders and PNG folders → a preprocessed, memory-mapped cache → folds.
 
-Images are read with `service.imaging.reader.read_radiograph` and resized with `service.cascade.preprocess`, masks decoded
-with `service.cascade.rle`: the very code that serves them. Decoding a JPEG 2000 film costs ~110 ms, so it is done
-once into a cache (`images.npy` float16, `masks.npy` uint8 coverage ×255, memory-mapped), whose key covers
-the files (name, size, mtime), the labels and every preprocessing parameter: change any, get a new cache.
+Images are read with `service.imaging.reader.read_radiograph` and resized with `service.cascade.preprocess`,
+masks decoded with `service.cascade.rle` (mask PNGs with Pillow: `read_mask_png`): the very code that serves
+them. Decoding a JPEG 2000 film costs ~110 ms, so it is done once into a cache (`images.npy` float16,
+`masks.npy` uint8 coverage ×255, memory-mapped), whose key covers the files (name, size, mtime), the labels
+and every preprocessing parameter: change any, get a new cache.
 """
 
 from __future__ import annotations

@@ -15,24 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from service.models.manifest import sha256_file
 from training import config as configs
 from training.data import CachedSet
-
-
-def file_digest(path: Path | str) -> str:
-    """sha256 of a file's contents (an initialisation that changes makes another run)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_identity(config: configs.TrainConfig, cached: CachedSet) -> dict:
     """Everything a run's results depend on, as plain data (stored in its checkpoints)."""
     return {"config": json.loads(json.dumps(configs.to_dict(config))), "fold": config.data.fold,
             "seed": config.seed, "data": cached.directory.name,
-            "files": {key: file_digest(path) for key, path in configs.named_files(config).items()
+            "files": {key: sha256_file(path) for key, path in configs.named_files(config).items()
                       if Path(path).is_file()}}
 
 

@@ -25,7 +25,8 @@ class TripletSearch:
 
     def __init__(self, tops: Sequence[float], areas: Sequence[int], bottoms: Sequence[float]) -> None:
         if not (len(tops) and len(areas) and len(bottoms)):
-            raise ValueError(f"tops, areas and bottoms must be non-empty, got {len(tops)}, {len(areas)}, {len(bottoms)}")
+            raise ValueError(f"tops, areas and bottoms must be non-empty, got {len(tops)}, {len(areas)}, "
+                             f"{len(bottoms)}")
         for top in tops:  # validates every value up front (and the error names the bad one)
             for bottom in bottoms:
                 TripletThreshold(top, 0, min(bottom, top))

@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset
 
 from service.cascade import rle
 from service.cascade.masks import Instance, MillimetreMorphology, find_instances
 from service.cascade.postprocess import CascadeResult
 from service.errors import WarningCode
 from service.imaging.radiograph import Radiograph
+from service.imaging.reader import Film
 
 
 class Priority(str, Enum):
@@ -64,20 +64,6 @@ class PriorityBands:
         return Priority.URGENT
 
 
-@dataclass(frozen=True, eq=False)
-class SourceFilm:
-    """The film as triage read it, for outputs made from it (SEG, SR, SC): kept in memory, never serialised.
-
-    `header` is the parsed DICOM dataset without its pixel data (it holds the patient module the result
-    objects must copy, which is why it never enters the `Radiograph` or any answer); None for a PNG.
-    """
-
-    header: Dataset | None
-    pixels: np.ndarray  # `Radiograph.pixels`: display-oriented float32 at the film's size
-    spacing_mm: tuple[float, float] | None
-    spacing_source: str | None
-
-
 @dataclass(frozen=True)
 class Finding:
     """The answer for one film. `mask` is at the film's own resolution; everything else is JSON-ready."""
@@ -95,9 +81,10 @@ class Finding:
     warnings: tuple[str, ...] = ()
     models: dict[str, Any] = field(default_factory=dict)  # role → {"name", "version", "backend"}
     timings_ms: dict[str, float] = field(default_factory=dict)
-    # What the DICOM result writers need from the film (its parsed header, display pixels, spacing), where the
-    # caller asked to keep it: SEG/SR/SC then neither parse nor decode the film again. Never serialised.
-    source: SourceFilm | None = field(default=None, repr=False, compare=False)
+    # The film as triage read it (radiograph + parsed header without pixel data), where the caller asked to keep
+    # it: the SEG/SR/SC writers then neither parse nor decode it again. The header holds the patient module the
+    # result objects copy, which is why it stays out of the Radiograph and every answer. Never serialised.
+    source: Film | None = field(default=None, repr=False, compare=False)
 
     def to_json(self, mask_format: str = "png") -> dict[str, object]:
         """The API's JSON body; `mask_format` is png (base64 PNG at full resolution), rle or none."""

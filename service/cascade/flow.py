@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.cascade.finding import Finding, PriorityBands, SourceFilm, build_finding
+from service.cascade.finding import Finding, PriorityBands, build_finding
 from service.cascade.masks import MillimetreMorphology
 from service.cascade.postprocess import CascadeResult, film_result, passes_gate
 from service.cascade.preprocess import to_batch
@@ -141,6 +141,5 @@ class Flow:
                                              self.bands, self.morphology, self.model_labels, timings.ms)
         finding.timings_ms.update(timings.ms)  # with the post-processing just measured
         if keep_source:
-            finding = replace(finding, source=SourceFilm(film.header, radiograph.pixels, radiograph.spacing_mm,
-                                                         radiograph.spacing_source))
+            finding = replace(finding, source=film)
         return finding

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.cascade.flow import evaluate
-from service.cascade.postprocess import CascadeResult, film_result
+from service.cascade.postprocess import CascadeResult
 from service.cascade.preprocess import to_batch
 from service.models.backends import Backend
 from service.models.inference import classify_scores, segment_maps
@@ -68,15 +68,6 @@ class Cascade:
     def classify(self, films: Sequence[np.ndarray]) -> np.ndarray:
         """Triage scores for a batch of display-pixel films."""
         return classify_scores(self.classifier, to_batch(films, self.classifier_spec), self.hflip_tta)
-
-    def segment(self, films: Sequence[np.ndarray]) -> np.ndarray:
-        """Probability maps (N, S, S) at the segmenter's input size."""
-        return segment_maps(self.segmenter, to_batch(films, self.segmenter_spec), self.hflip_tta)
-
-    def result(self, film: np.ndarray, score: float, probability: np.ndarray | None) -> CascadeResult:
-        """One film's result from its score and, if it was gated, its segmenter map."""
-        return film_result(*film.shape, score, probability, self.operating_point, self.triplet,
-                           self.triplet_reference_size)
 
     def run(self, films: Sequence[np.ndarray]) -> list[CascadeResult]:
         """Every film through the flow; each model runs once per stage over the films that reach it."""

@@ -54,21 +54,19 @@ class ServedCascade:
     def __init__(self, flow: Flow, settings: Settings, classify: ModelCall, segment: ModelCall,
                  describe: Callable[[], Awaitable[dict[str, str]]] | None = None) -> None:
         self.flow, self.settings = flow, settings
-        self.classify, self.segment, self.describe = classify, segment, describe
+        self.classify, self.segment, self.describe = classify, segment, describe  # describe: None once done
         self.limiter = anyio.CapacityLimiter(settings.decode_threads)
         self.in_flight = 0
-        self.described = describe is None
 
     async def in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         """CPU work off the event loop, at most `decode_threads` at once."""
         return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)
 
-    async def ensure_described(self) -> bool:
+    async def ensure_described(self) -> None:
         """Learn once which engine runs each model (the model worker knows; answers name it)."""
-        if not self.described and self.describe is not None:
+        if self.describe is not None:
             self.flow = self.flow.with_backends(await self.describe())
-            self.described = True
-        return True
+            self.describe = None
 
     async def triage(self, payload: bytes, admit: bool = True, keep_source: bool = False) -> Finding:
         """One film through the flow.

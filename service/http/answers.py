@@ -25,10 +25,6 @@ class ApiError(ServiceError):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message, code=code, http_status=status, headers=headers)
 
-    @property
-    def status(self) -> int:
-        return self.http_status
-
 
 def as_service_error(exc: BaseException, doing: str, message: str) -> ServiceError:
     """`exc` itself when it is coded; otherwise a 500 `internal_error` with `message`, logged as
@@ -37,10 +33,6 @@ def as_service_error(exc: BaseException, doing: str, message: str) -> ServiceErr
         return exc
     log.error("%s failed: %s", doing, describe_exception(exc, depth=12))
     return ServiceError(message)
-
-
-def error_body(exc: ServiceError) -> dict[str, dict[str, str]]:
-    return {"error": {"code": exc.code_text, "message": exc.message}}
 
 
 def error_answer(exc: ServiceError) -> JSONResponse:

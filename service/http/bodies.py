@@ -26,7 +26,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, "too_large", f"request body exceeds the limit of {limit} bytes (PTX_MAX_FILE_BYTES)")
+                raise ApiError(413, "too_large",
+                               f"request body exceeds the limit of {limit} bytes (PTX_MAX_FILE_BYTES)")
             chunks.append(chunk)
     except ClientDisconnect:  # the client went away mid-body: its fault, not an internal error (found by fuzzing)
         raise ApiError(400, "incomplete_body", f"the client closed the connection after {size} bytes of the body "

@@ -20,9 +20,16 @@ from starlette.responses import JSONResponse
 from service.cascade.finding import Finding
 from service.cascade.served import count_rejection
 from service.http import bodies
-from service.http.answers import as_service_error, error_answer, error_body
+from service.http.answers import as_service_error, error_answer
 from service.http.recording import record_http
-from service.http.schemas import BATCH_BODY, DICOM_BODY, ERRORS, BatchOut, TriageOut
+from service.http.schemas import (
+    BATCH_BODY,
+    DICOM_BODY,
+    ERRORS,
+    BatchOut,
+    TriageOut,
+    error_content,
+)
 from service.http.worklist import router as worklist_router
 from service.imaging.reader import read_radiograph
 
@@ -49,7 +56,8 @@ async def inspect(request: Request) -> JSONResponse:
         (_, payload), = await bodies.payloads(request, edge.settings, many=False)
         radiograph = await edge.cascade.in_thread(read_radiograph, payload, edge.cascade.flow.policy)
     except Exception as exc:  # noqa: BLE001 -- a bug answers our JSON 500, logged, never a traceback
-        return error_answer(as_service_error(exc, "inspect", "the file could not be inspected (internal error, logged)"))
+        return error_answer(as_service_error(exc, "inspect",
+                                             "the file could not be inspected (internal error, logged)"))
     return JSONResponse(edge.private(radiograph.metadata()))
 
 
@@ -89,6 +97,6 @@ async def triage_batch(request: Request, mask: str | None = MASK_QUERY) -> JSONR
         else:
             refused = as_service_error(outcome, "triage in a batch", "the film could not be triaged (logged)")
             count_rejection(refused.code_text)
-            item = error_body(refused)
+            item = error_content(refused.code_text, refused.message)
         results.append(edge.private({"filename": filename, **item}))
     return JSONResponse({"results": results})

@@ -32,9 +32,13 @@ BATCH_BODY = {
 }
 
 
-def error(code: str, message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_content(code: str, message: str) -> dict[str, dict[str, str]]:
     """Every error the API sends has one shape: {"error": {"code", "message"}} (`ErrorOut`)."""
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    return {"error": {"code": code, "message": message}}
+
+
+def error(code: str, message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_content(code, message), status_code=status, headers=headers)
 
 
 class _Out(BaseModel):

@@ -103,9 +103,8 @@ class ModelRunner:
     def for_worker(cls, models: ModelSet, settings: Settings) -> ModelRunner:
         """The model worker's runner: resources watched from the start (memory is worth watching while the
         models load), health and model identity exported as metrics, warmed up when PTX_WARMUP is set."""
-        from service.models.backends.onnxruntime import (
-            probe_gpu,  # here: the edge never loads onnxruntime
-        )
+        # here, not at the top: the edge imports this module and never loads onnxruntime
+        from service.models.backends.onnxruntime import probe_gpu
 
         registry = metrics()
         registry.gpu_visible.set(1 if probe_gpu() is not None else 0)

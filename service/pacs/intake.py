@@ -8,8 +8,8 @@
                                           `max_attempts` starts → failed "internal_error", spool file
                                           kept for an operator's retry (store.retry_instance)
 
-Why asyncio tasks and not a thread pool: the service's triage (`service.cascade.served.ServedCascade.triage`) is a coroutine on
-the edge's event loop (it awaits the batching model worker and already runs decoding in its own threads), so
+Why asyncio tasks and not a thread pool: the service's triage (`service.cascade.served.ServedCascade.triage`)
+is a coroutine on the edge's event loop (it awaits the batching model worker and already runs decoding in its own threads), so
 the intake runs as `workers` tasks on that loop and awaits it directly. `triage` is therefore
 `Callable[[bytes], Awaitable[Finding]]`; a synchronous function can be passed through `asyncio.to_thread`
 (see the tests). Store and spool calls block (SQLite commits fsync), so they run in the default executor.

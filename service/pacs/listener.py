@@ -102,8 +102,9 @@ CANDIDATE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
 )
 
+KEY_TAGS = ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]  # all the listener reads of a dataset
+
 # C-STORE statuses (PS3.4 B.2.3). Failures carry an Error Comment without patient data.
-KEY_TAGS = ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # "refused: out of resources": the sender keeps the instance and retries
 CANNOT_UNDERSTAND = 0xC000  # the dataset lacks what we need to key it (not worth retrying unchanged)

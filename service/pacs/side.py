@@ -1,6 +1,6 @@
 """The PACS side of the service, assembled: listener → spool → intake → store → DICOM results → delivery.
 
-    C-STORE ─▶ DicomListener ─(spool, fsync, then success)─▶ Intake ─▶ ServedCascade.triage_spooled (same flow as HTTP)
+    C-STORE ─▶ DicomListener ─(spool, fsync, then success)─▶ Intake ─▶ ServedCascade.triage_spooled (as HTTP)
                                                               │ store.record_finding (worklist: upgrade only)
                                                               └▶ SEG + SR (+ SC) + overlay PNG → results folder
                                                                   └▶ Dispatcher → C-STORE / STOW-RS destinations
@@ -151,7 +151,7 @@ class Pacs:
         or decode; a finding without them (not from the intake) has the film parsed and decoded here."""
         kept = finding.source
         source = kept.header if kept is not None and kept.header is not None else dcmread(io.BytesIO(data))
-        made = build_results(source, finding, overlay=True, pixels=None if kept is None else kept.pixels)
+        made = build_results(source, finding, overlay=True, pixels=None if kept is None else kept.radiograph.pixels)
         study, sop = str(finding.study_uid), str(finding.sop_uid)
         written = []
         for kind, ds in (("SEG", made.seg), ("SR", made.sr), ("SC", made.overlay)):  # SEG first: the SR cites it

@@ -75,7 +75,8 @@ def open_store(database_url: str | None, data_dir: Path, *, pool_size: int = 4,
 
 
 __all__ = [
-    "DEFAULT_MAX_ATTEMPTS", "INTERNAL_ERROR", "LATEST_VERSION", "SPOOL_MISSING", "DeliveryKind", "DeliveryRecord", "DeliveryState",
+    "DEFAULT_MAX_ATTEMPTS", "INTERNAL_ERROR", "LATEST_VERSION", "SPOOL_MISSING", "DeliveryKind", "DeliveryRecord",
+    "DeliveryState",
     "FindingRecord", "InstanceRecord", "InstanceStatus", "NotFoundError", "ReceivedInstance", "ResultsStore",
     "SchemaTooNewError", "StoreError", "StudyRecord", "StudyStatus", "WorklistItem", "dialect_for", "open_store",
 ]

@@ -72,8 +72,8 @@ def test_study_finding_and_review(fed):
     assert status == 200 and study["instances"][0]["sop_uid"] == answer["sop_uid"]
     status, finding = get(base, study["findings"][0]["links"]["finding"])
     assert status == 200 and finding["rle"] == answer["rle"] and finding["score"] == pytest.approx(answer["score"])
-    request = urllib.request.Request(f"{base}/v1/studies/{answer['study_uid']}/ack?by=reader1&priority={study['priority']}",
-                                     method="POST")
+    request = urllib.request.Request(
+        f"{base}/v1/studies/{answer['study_uid']}/ack?by=reader1&priority={study['priority']}", method="POST")
     with urllib.request.urlopen(request, timeout=30) as response:
         assert json.loads(response.read())["status"] == "reviewed"
     _, reviewed = get(base, "/v1/worklist?status=reviewed")

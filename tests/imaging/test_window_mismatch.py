@@ -127,7 +127,8 @@ def test_plausibility_is_checked_on_what_the_model_sees_after_the_fallback():
 # --- degenerate model input ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("window", [{}, {"WindowCenter": 2048, "WindowWidth": 4096}, {"WindowCenter": 100, "WindowWidth": 50}],
+@pytest.mark.parametrize("window", [{}, {"WindowCenter": 2048, "WindowWidth": 4096},
+                                    {"WindowCenter": 100, "WindowWidth": 50}],
                          ids=["no-window", "window-over-it", "window-below-it"])
 def test_constant_pixel_data_is_degenerate(window):
     """Whatever the window (none, one over the value, one that would make it white), a constant film is refused."""

@@ -25,10 +25,10 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 from scipy import ndimage
 
-from service.cascade.finding import Finding, PriorityBands, SourceFilm, build_finding
+from service.cascade.finding import Finding, PriorityBands, build_finding
 from service.cascade.postprocess import CascadeResult
 from service.imaging.radiograph import Radiograph
-from service.imaging.reader import read_radiograph
+from service.imaging.reader import Film, read_radiograph
 from service.pacs.results import (
     DicomResults,
     ResultIdentity,
@@ -515,9 +515,9 @@ def test_overlay_carries_the_film_anatomy(films):
     assert "Laterality" not in sc, "a chest is unpaired and the film says its laterality"
 
 
-def kept(source, radiograph) -> SourceFilm:
+def kept(source, radiograph) -> Film:
     """What the intake's triage keeps on a Finding (`Flow.run(keep_source=True)`)."""
-    return SourceFilm(source, radiograph.pixels, radiograph.spacing_mm, radiograph.spacing_source)
+    return Film(radiograph, source)
 
 
 @pytest.mark.parametrize("entry", FILES, ids=registry.ids(FILES))
@@ -527,7 +527,7 @@ def test_the_overlay_drawn_on_the_triaged_pixels_equals_the_one_decoded_again(fi
     source, radiograph = films[entry.path]
     finding = dataclasses.replace(finding_on(radiograph, two_blobs(radiograph.pixels.shape), 0.93, True),
                                   source=kept(source, radiograph))
-    given = build_overlay(source, finding, ResultIdentity.from_models(MODELS), finding.source.pixels)
+    given = build_overlay(source, finding, ResultIdentity.from_models(MODELS), finding.source.radiograph.pixels)
     decoded = build_overlay(source, finding, ResultIdentity.from_models(MODELS))
     assert given.PixelData == decoded.PixelData
 

@@ -75,7 +75,8 @@ def test_a_later_stage_starts_from_the_earlier_run(tmp_path) -> None:
                        "segmenter": {**TINY["segmenter"], "input": {"size": 32}}})
     earlier = train_cascade(first, cached, run_dir(tmp_path / "work", first, cached), progress=False)
     stage = run_dir(tmp_path / "work", first, cached)
-    later = dataclasses.replace(from_dict(TINY), classifier=dataclasses.replace(from_dict(TINY).classifier, init_from=str(stage)))
+    later = dataclasses.replace(from_dict(TINY),
+                                classifier=dataclasses.replace(from_dict(TINY).classifier, init_from=str(stage)))
     model = later.classifier
     from training.tasks import build_classifier, build_segmenter
 

@@ -58,7 +58,8 @@ def test_streamed_search_treats_an_ungated_film_as_an_empty_answer():
 
     rng = np.random.default_rng(1)
     probs = [rng.random((16, 16)).astype(np.float32) for _ in range(4)]
-    truths = [rng.random((16, 16)) > 0.7, np.zeros((16, 16), bool), rng.random((16, 16)) > 0.5, np.zeros((16, 16), bool)]
+    truths = [rng.random((16, 16)) > 0.7, np.zeros((16, 16), bool), rng.random((16, 16)) > 0.5,
+              np.zeros((16, 16), bool)]
     streamed = TripletSearch([0.5, 0.9], [0, 10], [0.3, 0.5])
     for index, (prob, truth) in enumerate(zip(probs, truths)):
         streamed.add(None if index % 2 else prob, truth)

@@ -5,8 +5,9 @@ torchvision state dicts. torchvision does not import in this environment (and th
 has it), so the architecture is rewritten here in plain PyTorch with *exactly* the same module tree
 (`conv1`, `bn1`, `layer1.0.conv1`, ..., `layer4.1.downsample.0`) so that a locally stored
 `resnet18-f37072fd.pth` / `resnet34-b627a593.pth` / `resnet50-0676ba61.pth` loads with `strict=True` and
-nothing is silently left at random initialisation (the loader is `weights.load_encoder_weights`). The classification head `fc` is deliberately absent: the networks in this package
-put their own heads on the feature maps.
+nothing is silently left at random initialisation (the loader is `weights.load_encoder_weights`). The
+classification head `fc` is deliberately absent: the networks in this package put their own heads on the
+feature maps.
 
 `width` is the base channel count (64 in torchvision). A narrow encoder (e.g. 16) gives a demo model small
 enough to train on a CPU and to ship in a repository, but it has no pretrained weights.

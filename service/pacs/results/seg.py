@@ -70,7 +70,7 @@ def build_seg(source: Dataset, finding: Finding, identity: ResultIdentity) -> hd
     if not finding.mask.any():
         raise ValueError("no SEG for an empty mask: the SR reports the finding without a region")
     # The spacing triage measured with (the same function), where the finding kept it; else read from `source`.
-    kept = finding.source
+    kept = None if finding.source is None else finding.source.radiograph
     spacing, spacing_source = (kept.spacing_mm, kept.spacing_source) if kept is not None else pixel_spacing(source)
     measures = None
     if spacing is not None:
