@@ -51,6 +51,9 @@ class Metrics:
     gpu_visible: Any  # Gauge: 1 when the model worker sees an NVIDIA GPU (whether or not a model runs on it)
     gpu_memory_used: Any  # Gauge{gpu}: device memory in use (all processes), where NVML answers
     gpu_memory_total: Any  # Gauge{gpu}: device memory size, where NVML answers
+    http_requests: Any  # Counter{route, method, status}: HTTP requests by route TEMPLATE (never the raw path)
+    http_seconds: Any  # Histogram{route, method}: HTTP request latency by route template
+    outputs_pending: Any  # Gauge: findings whose SEG/SR/SC could not be written yet (retried with backoff)
 
 
 @functools.cache
@@ -96,6 +99,12 @@ def metrics() -> Metrics:
                               ["gpu"], multiprocess_mode="livemax"),
         gpu_memory_total=Gauge("ptx_gpu_memory_total_bytes", "GPU memory size", ["gpu"],
                                multiprocess_mode="livemax"),
+        http_requests=Counter("ptx_http_requests", "HTTP requests by route template, method and status class",
+                              ["route", "method", "status"]),
+        http_seconds=Histogram("ptx_http_request_seconds", "HTTP request latency by route template, seconds",
+                               ["route", "method"], buckets=_LATENCY_BUCKETS),
+        outputs_pending=Gauge("ptx_outputs_pending", "Findings whose SEG/SR/SC are not written yet (retried)",
+                              multiprocess_mode="livemax"),
     )
 
 

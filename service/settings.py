@@ -76,8 +76,13 @@ class Settings(BaseSettings):
     dicom_allowed_aes: str | None = None  # comma-separated AE, AE@10.0.0.5, AE@10.1.0.0/16; None: any
     dicom_max_associations: int = Field(default=10, ge=1)
     dicom_max_pdu: int = Field(default=256 * 1024, ge=0)  # bytes we receive per P-DATA PDU (0: unlimited)
+    # A peer that connects and then stalls (or drips) releases its association slot within these (issue 13 §2).
+    dicom_acse_timeout_s: float = Field(default=10.0, gt=0)  # TCP accept → A-ASSOCIATE-RQ complete
+    dicom_network_timeout_s: float = Field(default=30.0, gt=0)  # longest silence inside an association
+    spool_min_free_mb: int = Field(default=512, ge=0)  # below this free space C-STOREs get 0xA700 (0: no floor)
     intake_workers: int = Field(default=2, ge=1, le=64)
     record_http: bool = False  # also put films triaged over HTTP on the worklist
+    outputs_retry_s: float = Field(default=30.0, gt=0)  # first retry of a finding's SEG/SR/SC; doubles to 1 h
     destinations: str = ""  # comma-separated: [name=]dicom://AE@host:port, [name=]dicomweb+http://host:port/path
     send_overlay: bool = False  # also send the Secondary Capture (for a PACS that cannot show SEG)
     delivery_max_attempts: int = Field(default=10, ge=1)
@@ -86,12 +91,17 @@ class Settings(BaseSettings):
     # Access control and privacy (service/auth.py, docs/security.md). No token: authentication off.
     api_token: SecretStr | None = None  # bearer token for every endpoint but the open ones
     api_token_file: Path | None = None  # one token per line (two during a rotation); read at start
+    # Without a token the service may only listen on loopback, unless this says otherwise (issue 13 §7).
+    allow_anonymous: bool = False
     auth_open_health: bool = True  # /healthz, /livez, /readyz without a token (kubelet probes send none)
     auth_open_metrics: bool = False  # /metrics without a token (Prometheus can send one: authorization.credentials)
     auth_open_docs: bool = True  # the OpenAPI page and /docs.json without a token (they hold no data)
     deidentify_responses: bool = False  # triage/inspect answers without UIDs (pseudonyms with deidentify_key)
     deidentify_key: SecretStr | None = None  # HMAC key for UID pseudonyms; unset: UIDs are left out
     retention_days: float = Field(default=30.0, ge=0)  # results and leftover spool files; 0 keeps them forever
+    drain_timeout_s: float = Field(default=30.0, ge=0)  # on SIGTERM: admitted work gets this long to finish
+    # The reading room (issue 14): a study's link in the site's viewer, {study_uid} replaced per study.
+    viewer_url: str | None = None  # e.g. https://pacs.example/ohif/viewer?StudyInstanceUIDs={study_uid}
 
     @field_validator("dicom_allowed_aes")
     @classmethod
