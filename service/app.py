@@ -1,13 +1,11 @@
 """The BentoML services only: the HTTP edge (`Triage`) in front of a batching model worker (`Models`).
 
     client ─HTTP→ Triage: routes (service/http) → ServedCascade (service/cascade) ─→ Models.classify (batched)
-                                                          gate ─→ Models.segment (batched, gated films only)
-    PACS ─C-STORE→ Pacs (service/pacs, started here) ─→ the same ServedCascade, the same batches
+    PACS ─C-STORE→ Pacs (service/pacs, started here) ─→ the same ServedCascade ─→ Models.segment (gated, batched)
 
 Why two services: BentoML batches a method only when the call arrives through its server, and a dependency
-is called with pickle (a service calling its own method goes through JSON). Why one worker for both models:
-on a CPU both want every core; one batch at a time beats two workers fighting; each model keeps its batcher.
-BentoML serves /healthz, /livez, /readyz (ready once the models are loaded and warmed) and /metrics.
+is called with pickle. Why one worker for both models: on a CPU both want every core; one batch at a time beats
+two workers fighting; each model keeps its batcher. docs/architecture.md tells the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ import numpy as np
 from service.cascade.flow import Flow
 from service.cascade.served import ServedCascade
 from service.http import auth, deidentify
+from service.http.request_metrics import RequestMetrics
 from service.http.routes import http
 from service.imaging.decode_pool import shared_pool
 from service.imaging.decoding import decode_here
@@ -146,5 +145,6 @@ class Triage:
 
 # Around all the edge serves (BentoML's /metrics, health too); not the worker: only the edge reaches it, locally.
 Triage.add_asgi_middleware(auth.BearerAuth, config=AUTH)
+Triage.add_asgi_middleware(RequestMetrics)  # outermost: counts refusals by auth too, by route template only
 if AUTH is not None:
     log.info("bearer authentication on: %r", AUTH)
