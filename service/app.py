@@ -20,6 +20,7 @@ import numpy as np
 from service.cascade.flow import Flow
 from service.cascade.served import ServedCascade
 from service.http import auth, deidentify
+from service.http.pages import pages
 from service.http.request_metrics import RequestMetrics
 from service.http.routes import http
 from service.imaging.decode_pool import shared_pool
@@ -46,10 +47,7 @@ try:
 except (ManifestError, auth.TokenError) as exc:  # the messages name the file / setting, never a token
     raise SystemExit(f"ptx-triage cannot start: {exc}") from None
 DEIDENTIFY = deidentify.from_settings(SETTINGS)  # None: answers carry the DICOM UIDs
-if SETTINGS.greedy_batching:
-    batching.install()  # before BentoML builds the model worker's batchers (service/models/batching.py)
-BATCHING = {"batchable": True, "batch_dim": 0, "max_batch_size": SETTINGS.max_batch_size,
-            "max_latency_ms": SETTINGS.max_latency_ms}
+BATCHING = batching.api_options(SETTINGS)  # greedy dispatch where PTX_GREEDY_BATCHING (service/models/batching.py)
 
 
 @bentoml.service(name="ptx-models", workers=1, threads=1, traffic={"timeout": 300},
@@ -83,6 +81,7 @@ class Models:
 
 @bentoml.service(name="ptx-triage", workers=SETTINGS.edge_workers, traffic={"timeout": 300})
 @bentoml.asgi_app(http, path="/v1")
+@bentoml.asgi_app(pages, path="/worklist")  # the reading room's pages (service/http/pages)
 class Triage:
     """The HTTP edge (routes in service/http), ready once the model worker is. Bearer authentication wraps
     everything it serves when PTX_API_TOKEN is set (service/http/auth.py; docs/security.md)."""

@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from service.settings import Settings
+
 log = logging.getLogger("ptx.batching")
 
 FIRST_GUESS_S = 0.01  # cost per item and per batch assumed until BentoML has fitted real ones
@@ -56,3 +58,12 @@ def install() -> bool:
     Optimizer.trigger_refresh = trigger_refresh
     Optimizer._ptx_greedy = True
     return True
+
+
+def api_options(settings: Settings) -> dict[str, Any]:
+    """The `@bentoml.api` options of both models' batched methods; installs the greedy policy where asked,
+    before BentoML builds the model worker's batchers."""
+    if settings.greedy_batching:
+        install()
+    return {"batchable": True, "batch_dim": 0, "max_batch_size": settings.max_batch_size,
+            "max_latency_ms": settings.max_latency_ms}
