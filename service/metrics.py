@@ -54,6 +54,7 @@ class Metrics:
     http_requests: Any  # Counter{route, method, status}: HTTP requests by route TEMPLATE (never the raw path)
     http_seconds: Any  # Histogram{route, method}: HTTP request latency by route template
     outputs_pending: Any  # Gauge: findings whose SEG/SR/SC could not be written yet (retried with backoff)
+    notifications: Any  # Counter{channel, outcome}: pushed notification attempts (hl7, webhook; ok, failed)
 
 
 @functools.cache
@@ -103,6 +104,8 @@ def metrics() -> Metrics:
                               ["route", "method", "status"]),
         http_seconds=Histogram("ptx_http_request_seconds", "HTTP request latency by route template, seconds",
                                ["route", "method"], buckets=_LATENCY_BUCKETS),
+        notifications=Counter("ptx_notifications", "Pushed notification attempts by channel and outcome",
+                              ["channel", "outcome"]),
         outputs_pending=Gauge("ptx_outputs_pending", "Findings whose SEG/SR/SC are not written yet (retried)",
                               multiprocess_mode="livemax"),
     )

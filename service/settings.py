@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0)  # on SIGTERM: admitted work gets this long to finish
     # The reading room (issue 14): a study's link in the site's viewer, {study_uid} replaced per study.
     viewer_url: str | None = None  # e.g. https://pacs.example/ohif/viewer?StudyInstanceUIDs={study_uid}
+    # Pushed notifications (issue 14 §5) for findings at these priorities, through a durable outbox.
+    notify_priorities: str = Field(default="STAT,URGENT", min_length=1)
+    notify_hl7: str = ""  # mllp://host:port of a RIS taking HL7 v2.5.1 ORU^R01; empty: none
+    notify_hl7_patient_ids: bool = False  # PID-3/PID-5 from the film in the HL7 message (only there, never logged)
+    notify_webhook: str = ""  # http(s)://... receiving a signed JSON POST; empty: none
+    notify_webhook_secret: SecretStr | None = None  # HMAC-SHA256 key for X-PTX-Signature; required with a webhook
 
     @field_validator("dicom_allowed_aes")
     @classmethod
