@@ -26,8 +26,11 @@ $(VENV)/.dev-installed: $(BIN)/python $(DEPS)
 install-serve: $(VENV)/.serve-installed
 install-dev: $(VENV)/.dev-installed
 
+# Loopback only: this machine's user (or a reverse proxy on it). Another address needs a token (or
+# PTX_ALLOW_ANONYMOUS=true): `PTX_API_TOKEN_FILE=... make serve HOST=0.0.0.0` (docs/security.md, "Exposure").
+HOST ?= 127.0.0.1
 serve: $(VENV)/.serve-installed
-	$(BIN)/bentoml serve --port $(PORT)
+	$(BIN)/bentoml serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest

@@ -1,27 +1,26 @@
 """The BentoML services only: the HTTP edge (`Triage`) in front of a batching model worker (`Models`).
 
     client ─HTTP→ Triage: routes (service/http) → ServedCascade (service/cascade) ─→ Models.classify (batched)
-    PACS ─C-STORE→ Pacs (service/pacs, started here) ─→ the same ServedCascade ─→ Models.segment (gated, batched)
+    PACS ─C-STORE→ Pacs (service/pacs, started here) ─→ the same ServedCascade ─→ Models.segment (gated)
 
-Why two services: BentoML batches a method only when the call arrives through its server, and a dependency
-is called with pickle. Why one worker for both models: on a CPU both want every core; one batch at a time beats
-two workers fighting; each model keeps its batcher. docs/architecture.md tells the rest.
+Two services: BentoML batches a method only for calls through its server. One worker for both models: on a CPU
+each wants every core, and one batch at a time beats two workers fighting (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import bentoml
 import numpy as np
+from bentoml._internal.context import server_context
 
 from service.cascade.flow import Flow
 from service.cascade.served import ServedCascade
-from service.http import auth, deidentify
-from service.http.pages import pages
-from service.http.request_metrics import RequestMetrics
+from service.http import auth, deidentify, drain, exposure, lingering
+from service.http.pages import pages, viewer
+from service.http.request_metrics import MetricsEndpoint, RequestMetrics
 from service.http.routes import http
 from service.imaging.decode_pool import shared_pool
 from service.imaging.decoding import decode_here
@@ -31,6 +30,8 @@ from service.models.manifest import ManifestError
 from service.models.model_set import ModelSet, resolve
 from service.models.runner import ModelRunner, observed_by
 from service.models.worker_client import ModelClient
+from service.pacs import notify
+from service.pacs.side import Pacs
 from service.settings import load_settings
 from service.store import open_store
 from service.store.results_files import ResultsFolder
@@ -39,14 +40,17 @@ log = logging.getLogger("ptx.app")
 logging.getLogger("ptx").setLevel(logging.INFO)  # ours at INFO through BentoML's handlers (it leaves root at WARNING)
 
 SETTINGS = load_settings()  # once per process; BentoML imports this module in every worker
-# Models hash-verified at import: `bentoml serve` imports this module before any worker, so a missing or
-# tampered model (or a bad token file) stops the command with one line instead of workers respawning.
+# Checked at import, before any worker: a bad model, token, address or setting stops `bentoml serve` in one line.
 try:
     MODEL_SET: ModelSet = resolve(SETTINGS)
     AUTH = auth.from_settings(SETTINGS)  # None: no token configured, authentication off (service/http/auth.py)
-except (ManifestError, auth.TokenError) as exc:  # the messages name the file / setting, never a token
+    exposure.guard(SETTINGS, AUTH)  # not loopback and no token: refused unless PTX_ALLOW_ANONYMOUS
+    viewer.check_template(SETTINGS.viewer_url)  # PTX_VIEWER_URL: {study_uid} in an http(s) URL (http/pages/viewer.py)
+    notify.check_settings(SETTINGS)  # PTX_NOTIFY_*: e.g. a webhook without its secret (service/pacs/notify)
+except (ManifestError, auth.TokenError, exposure.ExposureError, viewer.ViewerUrlError,
+        notify.NotifySettingsError) as exc:  # each names its setting, never a token
     raise SystemExit(f"ptx-triage cannot start: {exc}") from None
-DEIDENTIFY = deidentify.from_settings(SETTINGS)  # None: answers carry the DICOM UIDs
+DRAIN = drain.Drain(SETTINGS.drain_timeout_s, SETTINGS.retry_after_s)  # this edge worker's SIGTERM drain
 BATCHING = batching.api_options(SETTINGS)  # greedy dispatch where PTX_GREEDY_BATCHING (service/models/batching.py)
 
 
@@ -58,6 +62,7 @@ class Models:
     def __init__(self) -> None:
         self.runner = ModelRunner.for_worker(MODEL_SET, SETTINGS)
         self.observe = observed_by(metrics())
+        drain.outlast_edge(SETTINGS.drain_timeout_s + 15)  # SIGTERM: serve the edge's drain and its shutdown
 
     @bentoml.api(**BATCHING)
     def classify(self, batch: np.ndarray) -> np.ndarray:
@@ -79,12 +84,12 @@ class Models:
         return {"classifier": self.runner.classifier.name, "segmenter": self.runner.segmenter.name}
 
 
-@bentoml.service(name="ptx-triage", workers=SETTINGS.edge_workers, traffic={"timeout": 300})
+# metrics off: BentoML's per-path request series are unbounded; ours go by route template (http/request_metrics.py)
+@bentoml.service(name="ptx-triage", workers=SETTINGS.edge_workers, traffic={"timeout": 300}, metrics={"enabled": False})
 @bentoml.asgi_app(http, path="/v1")
 @bentoml.asgi_app(pages, path="/worklist")  # the reading room's pages (service/http/pages)
 class Triage:
-    """The HTTP edge (routes in service/http), ready once the model worker is. Bearer authentication wraps
-    everything it serves when PTX_API_TOKEN is set (service/http/auth.py; docs/security.md)."""
+    """The HTTP edge (routes in service/http), ready once the model worker is; auth: docs/security.md."""
 
     models = bentoml.depends(Models)
 
@@ -100,24 +105,19 @@ class Triage:
         self.store = open_store(SETTINGS.database_url, SETTINGS.data_dir)  # migrates; SQLite by default
         self.results = ResultsFolder(SETTINGS.data_dir / "results")
         self.in_thread = self.cascade.in_thread  # the worklist API's CPU and store work, same bound
-        self.private = deidentify.answer_filter(DEIDENTIFY)  # what answers carry of the UIDs
-        self.pacs: Any = None
+        self.private = deidentify.answer_filter(deidentify.from_settings(SETTINGS))  # what answers carry of UIDs
+        DRAIN.install(lambda: self.cascade.in_flight, self.cascade.stop_admitting)  # SIGTERM: drain first
+        self.pacs: Pacs | None = None
         self._pacs_task: asyncio.Task[None] | None = None
-        metrics()  # the metric families exist before the first request
         start_resource_sampler("edge")
 
     @bentoml.on_startup
     async def _start_pacs(self) -> None:
-        """With PTX_DICOM_PORT set, the first edge worker runs the PACS side (one intake per spool), once the
-        model worker is ready: C-STOREs are only acknowledged by a service that can triage them."""
-        from bentoml._internal.context import server_context
-
+        """With PTX_DICOM_PORT, edge worker 1 runs the PACS side (one intake per spool) once the models are ready."""
         if SETTINGS.dicom_port is not None and (server_context.worker_index or 1) == 1:
             self._pacs_task = asyncio.get_running_loop().create_task(self._run_pacs())
 
     async def _run_pacs(self) -> None:
-        from service.pacs.side import Pacs
-
         while not await self.__is_ready__():
             await asyncio.sleep(0.5)
         self.pacs = Pacs.observed(SETTINGS, self.store, self.results, self.cascade.triage_spooled)
@@ -128,7 +128,7 @@ class Triage:
         if self._pacs_task is not None and not self._pacs_task.done():
             self._pacs_task.cancel()
         if self.pacs is not None:
-            await self.pacs.stop()
+            await self.pacs.stop(SETTINGS.drain_timeout_s)  # films being triaged finish (SIGTERM drain)
         self.store.close()
 
     async def __is_ready__(self) -> bool:
@@ -137,13 +137,13 @@ class Triage:
                 return False
             await self.cascade.ensure_described()
             return True
-        except Exception:  # noqa: BLE001 -- a worker that cannot answer is simply not ready
+        except Exception:  # a worker that cannot answer is simply not ready
             log.warning("model worker not ready", exc_info=True)
             return False
 
 
-# Around all the edge serves (BentoML's /metrics, health too); not the worker: only the edge reaches it, locally.
+Triage.add_asgi_middleware(RequestMetrics)  # first added = outermost: every answer counted, by route template
+Triage.add_asgi_middleware(lingering.LingeringClose, limit=2 * SETTINGS.max_file_bytes)
+Triage.add_asgi_middleware(drain.DrainGate, drain=DRAIN)
 Triage.add_asgi_middleware(auth.BearerAuth, config=AUTH)
-Triage.add_asgi_middleware(RequestMetrics)  # outermost: counts refusals by auth too, by route template only
-if AUTH is not None:
-    log.info("bearer authentication on: %r", AUTH)
+Triage.add_asgi_middleware(MetricsEndpoint)  # /metrics behind the token (BentoML's is off here: metrics= above)

@@ -58,3 +58,4 @@ class WarningCode(str, Enum):
     MM_MORPHOLOGY_SKIPPED = "mm_morphology_skipped_spacing_unknown"
     SIZE_UNKNOWN_SPACING = "size_unknown_spacing"
     WINDOW_MISMATCH = "window_mismatch"  # the file's window/VOI LUT hid the film: a data-derived one was used
+    OUT_OF_DISTRIBUTION = "out_of_distribution"  # unlike the classifier's training films: priority capped, review

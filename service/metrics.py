@@ -46,7 +46,8 @@ class Metrics:
     spool_depth: Any  # Gauge: instances acknowledged to the PACS and not yet triaged
     delivery_states: Any  # Gauge{state}: result objects by delivery state (pending, delivered, failed)
     dicom_received: Any  # Counter{outcome}: C-STOREs answered by the listener (received, duplicate, refused, failed)
-    # ... and conflict: a SOP Instance UID reused with another study or other bytes, refused 0xC001 (issue 13 §3)
+    # ... conflict: a SOP Instance UID reused with another study or other bytes, refused 0xC001 (issue 13 §3);
+    # ... no_space: refused 0xA700 below the spool's free-space floor (PTX_SPOOL_MIN_FREE_MB, issue 13 §9)
     resident_memory: Any  # Gauge{role}: resident memory of the service's processes (edge, models), summed per role
     gpu_visible: Any  # Gauge: 1 when the model worker sees an NVIDIA GPU (whether or not a model runs on it)
     gpu_memory_used: Any  # Gauge{gpu}: device memory in use (all processes), where NVML answers
@@ -54,7 +55,10 @@ class Metrics:
     http_requests: Any  # Counter{route, method, status}: HTTP requests by route TEMPLATE (never the raw path)
     http_seconds: Any  # Histogram{route, method}: HTTP request latency by route template
     outputs_pending: Any  # Gauge: findings whose SEG/SR/SC could not be written yet (retried with backoff)
-    notifications: Any  # Counter{channel, outcome}: pushed notification attempts (hl7, webhook; ok, failed)
+    ood: Any  # Counter{flag}: films read against the classifier's OOD description (in, out); none without one
+    reader_feedback: Any  # Counter{priority, verdict}: readers' verdicts on our findings (agree, disagree, uncertain)
+    decode_fallbacks: Any  # Counter{reason}: reduced-resolution decodes that fell back to a full decode
+    notifications: Any  # Counter{channel, outcome}: pushed notification attempts (hl7, webhook; ok, failed, given_up)
 
 
 @functools.cache
@@ -104,6 +108,12 @@ def metrics() -> Metrics:
                               ["route", "method", "status"]),
         http_seconds=Histogram("ptx_http_request_seconds", "HTTP request latency by route template, seconds",
                                ["route", "method"], buckets=_LATENCY_BUCKETS),
+        ood=Counter("ptx_ood", "Films read against the classifier's out-of-distribution description, by flag",
+                    ["flag"]),
+        reader_feedback=Counter("ptx_reader_feedback", "Readers' verdicts on the service's findings, by the priority "
+                                "they saw", ["priority", "verdict"]),
+        decode_fallbacks=Counter("ptx_reduced_decode_fallbacks", "Reduced-resolution decodes that fell back to a "
+                                 "full decode, by reason", ["reason"]),
         notifications=Counter("ptx_notifications", "Pushed notification attempts by channel and outcome",
                               ["channel", "outcome"]),
         outputs_pending=Gauge("ptx_outputs_pending", "Findings whose SEG/SR/SC are not written yet (retried)",
@@ -179,6 +189,7 @@ def start_resource_sampler(role: str, gpu: bool = False, interval_s: float = RES
                 log.warning("could not sample process resources", exc_info=True)
             time.sleep(interval_s)
 
+    metrics()  # every metric family exists before the first request or scrape, not at the first sample
     thread = threading.Thread(target=loop, name=f"ptx-resources-{role}", daemon=True)
     thread.start()
     return thread

@@ -31,8 +31,14 @@ class Settings(BaseSettings):
     mm_morphology: bool = False
     stat_score: float = Field(default=0.9, gt=0, le=1)
     stat_area_mm2: float = Field(default=3000.0, gt=0)
+    # Issue 16: the site's pneumothorax prevalence for the fused score's prior shift (None: the fusion's own);
+    # the highest priority an out-of-distribution film gets (service/cascade/finding.py says why URGENT).
+    prevalence: float | None = Field(default=0.22, gt=0, lt=1)
+    ood_max_priority: Literal["STAT", "URGENT", "ROUTINE"] = "URGENT"
     # Inference: "auto" picks ONNX Runtime (TensorRT → CUDA → CPU provider), else PyTorch CUDA, else ORT CPU.
     backend: Literal["auto", "onnxruntime", "torch"] = "auto"
+    # Model weights' precision (issue 15): auto = FP16 on a GPU, FP32 on a CPU; int8 = the manifest's QDQ model.
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     intra_op_threads: int = Field(default=0, ge=0)  # 0: one per core
     ort_spinning: bool = False  # ONNX Runtime's idle threads busy-wait: only on a box that runs nothing else
     trt_cache_dir: Path | None = None  # TensorRT engine cache; None: <data_dir>/trt-cache
@@ -47,10 +53,13 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=64, ge=1)  # films being processed at once; beyond it: 503 + Retry-After
     retry_after_s: int = Field(default=2, ge=1)
     max_files_per_request: int = Field(default=16, ge=1, le=256)
-    max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_file_bytes: int = Field(default=96 * 1024 * 1024, ge=1024)  # 40 M px × 2 bytes = 76 MiB + header
     # Compressed pixel data is decoded in killable worker processes (service/decode_pool.py): a decode
     # that overruns decode_timeout_s is answered 422 decode_timeout; 0 decodes in the edge's threads.
     decode_timeout_s: float = Field(default=10.0, ge=0)
+    # Decode compressed films only at the resolution the models need (JPEG 2000 levels, JPEG DCT scaling),
+    # with a full decode as the fallback (issue 15); false always decodes full size.
+    reduced_decode: bool = True
     decode_memory_mb: int = Field(default=2048, ge=64)  # address space a decode worker may add
     # What counts as a chest radiograph (service/imaging/acceptance.py), comma-separated, "*" for any: a site
     # whose modality says e.g. BodyPartExamined=TORSO for chest films adds its spelling here, not in code.

@@ -23,6 +23,8 @@ def test_bentoml_build_packages_service_and_models_and_the_bento_serves(tmp_path
     bento = tmp_path / "bentoml" / "bentos" / name / version
     sources = {path.relative_to(bento / "src").as_posix() for path in (bento / "src").rglob("*") if path.is_file()}
     assert {"service/app.py", "service/models/backends/factory.py", "service/models/networks/unet.py"} <= sources
+    assert {"service/http/pages/templates/worklist.html", "service/http/pages/static/htmx.min.js",
+            "service/http/pages/static/htmx.LICENSE", "service/http/pages/front.md"} <= sources  # the reading room
     assert not any(s.startswith("training/") for s in sources), "serving never imports training"
     manifests = {s for s in sources if s.endswith("manifest.json")}
     assert manifests == {"models/ptx-classifier-demo/0.1.0/manifest.json",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pydicom
@@ -54,7 +55,10 @@ def test_the_app_logs_an_unexpected_triage_error_without_its_message(monkeypatch
     from service.settings import load_settings
 
     class Broken:
-        async def triage(self, payload: bytes) -> None:
+        def admitted(self) -> contextlib.nullcontext[None]:
+            return contextlib.nullcontext()
+
+        async def triage(self, payload: bytes, admit: bool = True) -> None:
             parse_name(SENTINEL)
 
     class Edge:

@@ -1,10 +1,12 @@
 """Issue #6's monitoring, checked against a real Prometheus scraping the real service.
 
 * promtool accepts the shipped scrape configuration and rules, and the rules pass their unit tests
-  (deploy/prometheus/*.test.yml: drift, error rate, readiness, delivery, GPU, down);
+  (deploy/prometheus/*.test.yml: drift, error rate, readiness, delivery, GPU, down, outputs pending, C-STOREs
+  refused for lack of space, readers' disagreement with STAT results);
 * the Grafana dashboard is well formed (Grafana itself is not installed: its structure is checked here);
 * one `bentoml serve` with the PACS side on (a delivery destination that is down), one Prometheus (Debian's
-  package) scraping it every second with the shipped rules file: traffic over HTTP and C-STORE, then every
+  package) scraping it every second with the shipped rules file: traffic over HTTP and C-STORE, a reader's
+  verdict on a study the intake triaged (the reader-feedback count), then every
   metric name used by any dashboard panel or rule expression returns data from the query API, every rule
   evaluates without error, the delivery alerts go pending on the real labels, and every dashboard query runs.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -135,7 +138,9 @@ def test_every_alert_has_for_severity_and_runbook_annotations():
     alerts = [rule for rule in rules() if "alert" in rule]
     required = {"PtxServiceDown", "PtxNotReady", "PtxHighErrorRate", "PtxLatencyP99High", "PtxSpoolDepthGrowing",
                 "PtxDeliveryAttemptsFailing", "PtxDeliveriesFailed", "PtxPositiveRateDrift",
-                "PtxScoreDistributionDrift", "PtxGpuNotUsed"}
+                "PtxScoreDistributionDrift", "PtxGpuNotUsed", "PtxOutputsPending", "PtxDicomRefusedNoSpace",
+                "PtxNotificationsFailing", "PtxNotificationGivenUp", "PtxOutOfDistributionShareRising",
+                "PtxStatDisagreementRising"}
     assert required <= {rule["alert"] for rule in alerts}
     for rule in alerts:
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "")), f"{rule['alert']}: no `for:`"
@@ -160,7 +165,8 @@ def test_dashboard_is_well_formed():
     for panel in panels:
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24, panel["title"]
-        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])}
         assert not area & cells, f"panel {panel['title']!r} overlaps another"
         cells |= area
         if panel["type"] == "row":
@@ -262,7 +268,9 @@ def monitored(tmp_path_factory, realdata) -> Iterator[tuple[str, int, Prometheus
     env = {"PTX_DATA_DIR": str(tmp / "data"), "PTX_DICOM_PORT": str(listener_port), "PTX_DICOM_HOST": "127.0.0.1",
            "PTX_DESTINATIONS": f"down=dicom://NOBODY@127.0.0.1:{nobody_port}", "PTX_DELIVERY_MAX_ATTEMPTS": "2",
            # the second attempts come 1.6-2 s after the first: the failure counter grows across 1 s scrapes
-           "PTX_DELIVERY_BACKOFF_S": "2", "PTX_DELIVERY_BACKOFF_MAX_S": "2", "PTX_MAX_IN_FLIGHT": "1"}
+           "PTX_DELIVERY_BACKOFF_S": "2", "PTX_DELIVERY_BACKOFF_MAX_S": "2", "PTX_MAX_IN_FLIGHT": "1",
+           # a webhook receiver that is down: the notification series exist (and count failures) for the rules
+           "PTX_NOTIFY_WEBHOOK": f"http://127.0.0.1:{free_port()}/hook", "PTX_NOTIFY_WEBHOOK_SECRET": "s" * 32}
     try:
         with bento_server(tmp / "service.log", env=env, timeout_s=180) as base:
             config = scrape_config_for(base.removeprefix("http://"))
@@ -297,12 +305,24 @@ def test_every_dashboard_and_alert_metric_has_data_in_a_real_prometheus(monitore
     uids = [str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in sent]
     assert c_store(listener_port, sent) == [0 if uid not in uids[:index] else 0xC001 for index, uid in enumerate(uids)]
 
+    # A reader's verdict (issue 14 §3) on a study the intake triaged: the source of ptx_reader_feedback_total.
+    def triaged() -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{base}/v1/worklist?status=triaged", timeout=30) as response:
+            return [item for item in json.loads(response.read())["items"] if item["priority"]]
+
+    study = wait_until(triaged, 60, lambda: "no study on the worklist was triaged from the C-STOREs")[0]
+    ack = urllib.request.Request(f"{base}/v1/studies/{study['study_uid']}/ack?priority={study['priority']}"
+                                 "&by=qa.reader&verdict=disagree", method="POST")
+    with urllib.request.urlopen(ack, timeout=30) as response:
+        assert json.loads(response.read())["verdict"]["verdict"] == "disagree"
+
     used = used_names()
     wanted = set(used) - GPU_ONLY
     pattern = "|".join(sorted(re.escape(name) for name in wanted))
 
     def with_data() -> set[str]:
-        return {series["metric"]["__name__"] for series in prometheus.query(f'count by (__name__) ({{__name__=~"{pattern}"}})')}
+        found = prometheus.query(f'count by (__name__) ({{__name__=~"{pattern}"}})')
+        return {series["metric"]["__name__"] for series in found}
 
     def missing() -> str:
         lacking = sorted(wanted - with_data())
@@ -337,6 +357,9 @@ def test_every_dashboard_and_alert_metric_has_data_in_a_real_prometheus(monitore
     gpu_on_cpu = "ptx_gpu_visible 1.0" in text and 'provider="cpu"' in text
     assert states()["PtxGpuNotUsed"] == ("pending" if gpu_on_cpu else "inactive")
     assert states()["PtxServiceDown"] == states()["PtxNotReady"] == "inactive"
+    # Results are made (only their delivery fails) and the spool has room: these two stay quiet on real labels.
+    assert states()["PtxOutputsPending"] == states()["PtxDicomRefusedNoSpace"] == "inactive"
+    assert states()["PtxStatDisagreementRising"] == "inactive"  # one verdict: below the minimum count
     if "ptx_gpu_visible 1.0" in text:  # a GPU box: the allowlisted GPU metrics must have data after all
         wait_until(lambda: all(prometheus.query(name) for name in GPU_ONLY), 30,
                    lambda: f"a GPU is visible, yet no data for {sorted(GPU_ONLY)} (NVML not readable?)")
@@ -355,7 +378,8 @@ def test_every_dashboard_and_alert_metric_has_data_in_a_real_prometheus(monitore
             pytest.fail(f"{where}: {error}", pytrace=False)
     # Every panel query shows something, except last week's baseline (a fresh Prometheus has no history) and
     # the GPU-only metrics.
-    unexplained = [(where, expr) for where, expr in empty if "offset 7d" not in expr and not metric_names(expr) & GPU_ONLY]
+    unexplained = [(where, expr) for where, expr in empty
+                   if "offset 7d" not in expr and not metric_names(expr) & GPU_ONLY]
     assert not unexplained, f"dashboard queries without any series: {unexplained}"
 
     # And the other way round: every metric family of ours is on the dashboard or in a rule.

@@ -1,4 +1,4 @@
-"""`python -m training <command>`: synth, train, export, evaluate, demo.
+"""`python -m training <command>`: synth, train, cv, export, evaluate, demo.
 
 Each command adds a `_add_<name>(subparsers)` function that sets `handler`; `main` stays the same. Bad
 arguments and unusable data give one line on stderr and exit code 2, never a traceback.
@@ -160,17 +160,63 @@ def _export(trained, config, cached, models: Path) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from training import distributed
     from training.runs import run_dir
     from training.train import train_cascade
 
-    config, cached = _config_and_cache(args, "train", progress=not args.quiet)
+    with distributed.main_first():  # under torchrun: process 0 builds the data cache, the others then read it
+        config, cached = _config_and_cache(args, "train", progress=not args.quiet)
     out = run_dir(args.work, config, cached)
     print(f"run folder {out}", flush=True)
     try:
         trained = train_cascade(config, cached, out, progress=not args.quiet)
     except ValueError as exc:  # a refused resume, a file that does not fit the network
         raise UsageError(f"training train: error: {exc}") from None
-    return _export(trained, config, cached, args.models)
+    try:
+        return _export(trained, config, cached, args.models) if distributed.world().is_main else 0
+    finally:
+        distributed.close()
+
+
+def _add_cv(subparsers) -> None:
+    p = subparsers.add_parser("cv", help="every fold through every stage, out-of-fold thresholds, an ensemble, "
+                                         "evaluated on the held-out films",
+                              description="Train each fold through the stages given (each --config in order; a "
+                                          "fold's stage N starts from its stage N-1 run), choose thresholds on "
+                                          "out-of-fold predictions, export one ensemble of the fold models (ONNX, "
+                                          "manifests, members.json) and evaluate it on the held-out films "
+                                          "(data.holdout). Resumable: finished runs are loaded, interrupted ones "
+                                          "resume.")
+    p.add_argument("--config", type=Path, action="append", required=True,
+                   help="a stage's YAML config; repeat for each stage, in order")
+    p.add_argument("--data", type=Path, default=None, help="data folder (default: data.folder of the first stage)")
+    p.add_argument("--cache", type=Path, default=None, help="data cache root (default: data.cache of each stage)")
+    p.add_argument("--models", type=Path, default=REPO_ROOT / "models", help="model repository to export into")
+    p.add_argument("--work", type=Path, default=REPO_ROOT / ".cache" / "runs",
+                   help="runs go to WORK/<stage name>/fold<k>-seed<s>-<key>, as `train` puts them")
+    p.add_argument("--report", type=Path, default=None,
+                   help="held-out evaluation report folder (default: WORK/<name>/holdout-report)")
+    p.add_argument("--name", default=None,
+                   help="exported as ptx-classifier-NAME and ptx-segmenter-NAME (default: <last stage name>-ensemble)")
+    p.add_argument("--fold", type=_int_at_least(0), action="append", default=[],
+                   help="train only this fold (repeatable) and stop: no thresholds, export or evaluation; a later "
+                        "plain `cv` picks the finished runs up")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run_cv)
+
+
+def _run_cv(args: argparse.Namespace) -> int:
+    from service.models.manifest import ManifestError
+    from training.cv import run_cv
+    from training.data import DataError
+
+    try:
+        result = run_cv(args.config, args.data, args.cache, args.work, args.models, args.report, args.name,
+                        args.fold, _command_line(None), progress=not args.quiet)
+    except (DataError, ManifestError, ValueError) as exc:
+        raise UsageError(f"training cv: error: {exc}") from None
+    print(json.dumps(result, indent=1, default=str))
+    return 0
 
 
 def _add_export(subparsers) -> None:
@@ -186,13 +232,15 @@ def _run_export(args: argparse.Namespace) -> int:
     from training import train
 
     if not (args.run / "cascade.pt").is_file():
-        raise UsageError(f"training export: error: {args.run / 'cascade.pt'} not found: is this a finished `train` run?")
+        raise UsageError(f"training export: error: {args.run / 'cascade.pt'} not found: "
+                         "is this a finished `train` run?")
     config, cached = _config_and_cache(args, "export", progress=False)
     return _export(train.load(args.run / "cascade.pt", config), config, cached, args.models)
 
 
 def _add_evaluate(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="evaluate exported models on a SIIM-format folder as the service runs them")
+    p = subparsers.add_parser("evaluate",
+                              help="evaluate exported models on a SIIM-format folder as the service runs them")
     p.add_argument("--classifier", type=Path, required=True, help="models/<classifier>/<version>")
     p.add_argument("--segmenter", type=Path, required=True, help="models/<segmenter>/<version>")
     p.add_argument("--data", type=Path, required=True, help="SIIM-format folder (dicom/ + train-rle.csv)")
@@ -241,10 +289,71 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_quantize(subparsers) -> None:
+    p = subparsers.add_parser("quantize", help="add the INT8 (static QDQ, CPU) variant to exported model folders",
+                              description="Calibrate on training films (e.g. `synth` with the training seed; never "
+                                          "test films), check against the FP32 file, write model.int8.onnx and list "
+                                          "it, with its sha256 and the calibration, in each manifest.")
+    p.add_argument("--model", type=Path, action="append", required=True,
+                   help="models/<name>/<version> (repeat for both models)")
+    p.add_argument("--films", type=Path, required=True, help="calibration films: the DICOM files under this folder")
+    p.add_argument("--count", type=_int_at_least(1), default=128, help="calibrate on the first N films by name")
+    p.add_argument("--description", required=True, help="which films these are (recorded in the manifest)")
+    p.add_argument("--replace", action="store_true", help="redo an INT8 file the manifest already lists")
+    p.set_defaults(handler=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from service.models.manifest import ManifestError
+    from training.export import add_int8
+    from training.quantize import QuantizationCheckError
+
+    films = sorted(args.films.rglob("*.dcm"))[: args.count]
+    if not films:
+        raise UsageError(f"training quantize: error: no .dcm files under {args.films}")
+    description = f"{args.description} ({len(films)} films: {_command_line(None)})"
+    for model in args.model:
+        try:
+            int8 = add_int8(model, films, description, replace=args.replace).export.int8
+        except (ManifestError, QuantizationCheckError, ValueError) as exc:
+            raise UsageError(f"training quantize: error: {exc}") from None
+        print(f"{model}: model.int8.onnx, mean |p_int8 - p_fp32| {int8.mean_abs_error:.4f} "
+              f"(max {int8.max_abs_error:.4f}) on {int8.calibration.films} calibration films")
+    return 0
+
+
+def _add_refit_demo(subparsers) -> None:
+    p = subparsers.add_parser("refit-demo", help="re-export the demo classifier with its OOD description and score "
+                                                 "fusion, from its weights and its own training films",
+                              description="Sort films of the demo's training set (synth with the training seed and "
+                                          "prevalence, --uncompressed) into their folds, fit the out-of-distribution "
+                                          "statistics on the training folds and their threshold and the score fusion "
+                                          "on the validation fold, and replace the classifier folder by its "
+                                          "re-export (FP32, FP16, INT8 files; same weights). Never test films.")
+    p.add_argument("--films", type=Path, required=True, help="a synth folder of the demo's training set (a prefix)")
+    p.add_argument("--config", type=Path, default=REPO_ROOT / "training" / "configs" / "demo.yaml")
+    p.add_argument("--models", type=Path, default=REPO_ROOT / "models")
+    p.add_argument("--no-fusion", action="store_true", help="the OOD description only")
+    p.set_defaults(handler=_run_refit_demo)
+
+
+def _run_refit_demo(args: argparse.Namespace) -> int:
+    from service.models.manifest import ManifestError
+    from training.data import DataError
+    from training.demo_refit import refit_demo
+
+    try:
+        result = refit_demo(args.config, args.models, args.films, fuse=not args.no_fusion)
+    except (DataError, ManifestError, ValueError) as exc:
+        raise UsageError(f"training refit-demo: error: {exc}") from None
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m training", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_synth, _add_train, _add_export, _add_evaluate, _add_demo):
+    for add in (_add_synth, _add_train, _add_cv, _add_export, _add_evaluate, _add_demo, _add_quantize, _add_refit_demo):
         add(subparsers)
     return parser
 

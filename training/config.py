@@ -28,6 +28,7 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
+    encoder: str = "resnet"  # resnet (torchvision's ResNet-18/34/50) | seresnext (timm's SE-ResNeXt-50 32x4d)
     encoder_depth: int = 18
     width: int = 16
     scse: bool = False
@@ -114,6 +115,17 @@ class DataConfig:
     cache: str = ".cache/ptx"
     folds: int = 5
     fold: int = 0
+    # Share of the films (whole patients, stratified, seeded by `seed`) set aside *before* the folds are made
+    # and never used for any choice: no training, no early stopping, no threshold. `cv` evaluates the final
+    # ensemble on them; every stage of a recipe must hold out the same films (same seed and share).
+    holdout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout < 0.5:
+            raise ValueError(f"data.holdout must be a share in [0, 0.5), got {self.holdout!r}")
+        if self.folds < 2 or not 0 <= self.fold < self.folds:
+            raise ValueError(f"data.fold must be one of the data.folds >= 2 folds, got fold {self.fold} of "
+                             f"{self.folds}")
 
 
 @dataclass(frozen=True)
@@ -154,12 +166,14 @@ class TrainConfig:
 def _build(cls: type, values: Any, path: str) -> Any:
     """Instantiate dataclass `cls` from a mapping, recursively, refusing unknown keys."""
     if not isinstance(values, dict):
-        raise ValueError(f"{path or 'config'} must be a mapping, got {type(values).__name__}")
+        # ValueError, not TypeError: every config mistake reaches the user as one line (see __main__).
+        raise ValueError(f"{path or 'config'} must be a mapping, got {type(values).__name__}")  # noqa: TRY004
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(f'{path}.{k}'.lstrip('.') for k in unknown)}; known: {', '.join(sorted(known))}")
+        named = ", ".join(f"{path}.{k}".lstrip(".") for k in unknown)
+        raise ValueError(f"unknown key(s) {named}; known: {', '.join(sorted(known))}")
     kwargs = {}
     for key, value in values.items():
         hint = hints[key]

@@ -160,8 +160,13 @@ def _group_of(sample: Sample) -> str:
 
         patient = dcmread(sample.path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID")
         if patient:
-            return hashlib.sha256(str(patient).encode()).hexdigest()[:16]
+            return patient_group(str(patient))
     return f"image:{sample.image_id}"
+
+
+def patient_group(patient_id: str) -> str:
+    """The fold key of a patient: a hash, so that no identifier is stored in a cache or a folds file."""
+    return hashlib.sha256(patient_id.encode()).hexdigest()[:16]
 
 
 def _load_one(args: tuple[Sample, int]) -> tuple[np.ndarray, np.ndarray, bool, str]:
@@ -175,7 +180,8 @@ def _load_one(args: tuple[Sample, int]) -> tuple[np.ndarray, np.ndarray, bool, s
         try:
             mask = rle.decode_union(sample.rles, radiograph.rows, radiograph.columns)
         except rle.RLEError as exc:
-            raise DataError(f"{sample.image_id}: mask does not fit the {radiograph.rows}x{radiograph.columns} image: {exc}") from exc
+            raise DataError(f"{sample.image_id}: mask does not fit the {radiograph.rows}x{radiograph.columns} "
+                            f"image: {exc}") from exc
     image = resize(radiograph.pixels, size, size).astype(np.float16)
     coverage = np.round(mask_to_input(mask, size) * 255).astype(np.uint8)
     return image, coverage, bool(mask.any()), _group_of(sample)
@@ -252,8 +258,45 @@ def make_folds(labels: np.ndarray, groups: Sequence[str], k: int, seed: int) -> 
     return folds
 
 
+#: The fold number of a held-out film in `assign_folds` and `folds.csv`.
+HELD_OUT = -1
+
+
+def holdout_mask(labels: np.ndarray, groups: Sequence[str], share: float, seed: int) -> np.ndarray:
+    """True for the films set aside: `share` of the patients with a positive film and `share` of the others
+    (rounded, whole patients), drawn by a seeded shuffle of their own, so the held-out films are the same
+    whatever the number of folds. Why before the folds: a film any fold validates on has shaped a choice."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"holdout share must be in [0, 1), got {share!r}")
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    held = np.zeros(len(labels), dtype=bool)
+    rng = np.random.default_rng([seed, 0x401D])  # a stream of its own: not the folds' shuffle
+    for positive in (True, False):
+        bucket = sorted(g for g, idx in members.items() if bool(labels[idx].any()) == positive)
+        for position in rng.permutation(len(bucket))[: round(share * len(bucket))]:
+            held[members[bucket[position]]] = True
+    return held
+
+
+def assign_folds(labels: np.ndarray, groups: Sequence[str], k: int, seed: int, holdout: float = 0.0) -> np.ndarray:
+    """Fold per film, `HELD_OUT` for the held-out share; the folds are `make_folds` over the rest.
+
+    With no holdout this is `make_folds` itself, so runs made before the holdout existed keep their split.
+    """
+    held = holdout_mask(labels, groups, holdout, seed) if holdout else np.zeros(len(labels), dtype=bool)
+    rest = np.flatnonzero(~held)
+    folds = np.full(len(labels), HELD_OUT, dtype=np.int64)
+    folds[rest] = make_folds(np.asarray(labels)[rest], [groups[i] for i in rest], k, seed)
+    return folds
+
+
 def write_folds(path: Path, image_ids: Sequence[str], folds: np.ndarray, seed: int) -> None:
-    """The split as a CSV (`image_id,fold`), with the seed in a comment line, so a run can be reproduced."""
-    lines = [f"# folds seed={seed} k={int(folds.max()) + 1}", "image_id,fold"]
-    lines += [f"{image_id},{int(fold)}" for image_id, fold in zip(image_ids, folds, strict=True)]
+    """The split as a CSV (`image_id,fold`, `holdout` for a held-out film), with the seed in a comment line,
+    so a run can be reproduced."""
+    held = int(np.sum(folds == HELD_OUT))
+    lines = [f"# folds seed={seed} k={int(folds.max()) + 1} held_out={held}", "image_id,fold"]
+    lines += [f"{image_id},{'holdout' if fold == HELD_OUT else int(fold)}"
+              for image_id, fold in zip(image_ids, folds, strict=True)]
     Path(path).write_text("\n".join(lines) + "\n")

@@ -18,21 +18,26 @@ import numpy as np
 
 from service.models.manifest import load_manifest, write_manifest
 from training import config as configs
-from training.data import CachedSet, build_cache, index_siim
+from training import films
+from training.choice import REFERENCE_SIZE
+from training.data import HELD_OUT, CachedSet, build_cache, index_siim
 from training.evaluate import evaluate
 from training.export import export_model
+from training.model_folder import attach
 from training.runs import run_dir
 from training.synth.generate import SynthConfig, default_shapes_path
 from training.synth.generate import run as synthesise
 from training.tasks import input_spec
-from training.train import REFERENCE_SIZE, TrainedCascade, train_cascade
+from training.train import TrainedCascade, folds_of, train_cascade
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CALIBRATION_FILMS = 128  # training films whose activations set the INT8 ranges (training/quantize.py)
 
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+                             check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -73,24 +78,37 @@ def run_demo(config_path: Path, models_root: Path, work_dir: Path, report_dir: P
     timings["total_s"] = time.monotonic() - started
     for directory in directories.values():
         manifest = load_manifest(directory)
-        metrics = {**manifest.metrics, "test": _headline(summary), "timings": timings}
+        metrics = {**manifest.metrics, "test": headline(summary), "timings": timings}
         write_manifest(manifest.model_copy(update={"metrics": metrics}), directory)
     return {"summary": summary, "timings": timings, "models": {k: str(v) for k, v in directories.items()}}
 
 
 def export_cascade(trained: TrainedCascade, config: configs.TrainConfig, models_root: Path, command: str,
-                   cached: CachedSet) -> dict[str, Path]:
-    """Both models into `models_root/<name>/<version>/` with manifests; returns the two directories."""
+                   cached: CachedSet, name: str | None = None,
+                   metrics: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Both models into `models_root/ptx-<role>-<name>/<version>/` with manifests; returns the two directories.
+
+    `name` defaults to the config's; `metrics` to the run's validation figures and fits. Each folder also
+    records the films the models were trained or tuned on (`training.films`: every film not held out).
+    """
     training_info = {"command": command, "config": json.loads(json.dumps(configs.to_dict(config))),
                      "seed": config.seed, "data_fingerprint": cached.directory.name, "git_commit": _git_commit()}
     common = {"version": config.version, "training_info": training_info, "intended_use": config.intended_use,
               "created": datetime.date.today().isoformat()}
-    validation = {"validation": trained.validation,
-                  "fits": {name: {"best": fit.best_metric, "final": fit.final_metric, "epochs": fit.epochs,
-                                  "images_seen": fit.images_seen, "seconds": round(fit.seconds, 1),
-                                  "top_k_average_kept": fit.averaged}
-                           for name, fit in trained.fits.items()}}
+    if metrics is None:
+        metrics = {"validation": trained.validation,
+                   "fits": {role: {"best": fit.best_metric, "final": fit.final_metric, "epochs": fit.epochs,
+                                   "images_seen": fit.images_seen, "seconds": round(fit.seconds, 1),
+                                   "top_k_average_kept": fit.averaged}
+                            for role, fit in trained.fits.items()}}
+    seen = [image_id for image_id, fold in zip(cached.image_ids, folds_of(config, cached), strict=True)
+            if fold != HELD_OUT]
     real = np.asarray(cached.images[:4], dtype=np.float32)
+    # INT8 ranges from training films only (never held-out or test films): the first CALIBRATION_FILMS seen
+    tuning = [i for i, fold in enumerate(folds_of(config, cached)) if fold != HELD_OUT][:CALIBRATION_FILMS]
+    films_in = np.asarray([cached.images[i] for i in tuning], dtype=np.float32)
+    calibrated = (f"{len(tuning)} training films of the cache {cached.directory.name} (seed {config.seed}; "
+                  "training and validation folds, never held-out or test films)")
     directories = {}
     for task, model, model_config, thresholds in (
         ("classification", trained.classifier, config.classifier,
@@ -101,16 +119,19 @@ def export_cascade(trained: TrainedCascade, config: configs.TrainConfig, models_
           "min_area_reference_size": REFERENCE_SIZE}),
     ):
         spec = input_spec(model_config)
-        name = f"ptx-{'classifier' if task == 'classification' else 'segmenter'}-{config.name}"
-        out = models_root / name / config.version
+        model_name = f"ptx-{'classifier' if task == 'classification' else 'segmenter'}-{name or config.name}"
+        out = models_root / model_name / config.version
         inputs = ((real - spec.mean) / spec.std)[:, None] if spec.size == cached.size else None
-        export_model(model.cpu().eval(), out, name=name, task=task, input_spec=spec, thresholds=thresholds,
-                     metrics=validation, real_inputs=inputs, **common)
+        calibration = ((films_in - spec.mean) / spec.std)[:, None] if spec.size == cached.size else None
+        export_model(model.cpu().eval(), out, name=model_name, task=task, input_spec=spec, thresholds=thresholds,
+                     metrics=metrics, real_inputs=inputs, calibration_inputs=calibration,
+                     calibration_description=None if calibration is None else calibrated, **common)
+        attach(out, {films.ROLE: films.write_record(out, seen)})
         directories[task] = out
     return directories
 
 
-def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
     """The figures the acceptance bar reads, copied into both manifests."""
     triage, segmentation = summary["triage"], summary["segmentation"]["cascade"]
     return {"triage_auc": triage["auc"], "operating_point": triage["operating_point"],

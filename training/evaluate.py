@@ -1,5 +1,7 @@
 """Evaluate exported models on a held-out set exactly as the service runs them.
 
+Films either model was trained or tuned on are refused before anything runs (`training.films`).
+
 The models are loaded through their manifests (hash-checked), run by the service's ONNX Runtime backend
 inside the service's `Cascade`, on films decoded by `read_radiograph` at their full resolution; the masks
 are compared with the ground truth at that resolution. TTA on and off are both measured: the second run
@@ -19,13 +21,22 @@ import numpy as np
 from service.cascade import rle
 from service.cascade.in_process import Cascade
 from service.cascade.preprocess import resize
+from service.cascade.scoring import DEFAULT_PREVALENCE, Scoring
 from service.imaging.reader import read_radiograph
 from service.models import manifest as manifests
 from service.models.backends.onnxruntime_cpu import OnnxRuntimeCPU
+from service.models.ood import OodModel
 from training.cascade_outputs import CascadeOutputs
 from training.data import Sample
+from training.films import refuse_overlap
 from training.report import summarise, write_report
 
+FUSED_SCORE_DEFINITION = (
+    "The triage score is the calibrated fusion of the classifier's probability (with hflip TTA) and the "
+    "segmenter's evidence -- the peak of its map and the area of the largest instance after the triplet rule, "
+    "both 0 for a film the gate did not send -- a logistic model fitted on the validation fold and stored in the "
+    "classifier's manifest, moved to the prevalence the service is configured with (prior shift)."
+)
 SCORE_DEFINITION = (
     "The triage score is the classifier's probability (sigmoid of its logit) for 'pneumothorax present', "
     "computed on the whole film at the classifier's input size and averaged with the same for the mirrored "
@@ -35,8 +46,10 @@ SCORE_DEFINITION = (
 )
 
 
-def load_cascade(classifier_dir: Path, segmenter_dir: Path, hflip_tta: bool = True, threads: int = 0) -> tuple[Cascade, dict[str, Any]]:
-    """A `Cascade` over the ONNX files of two model-repository entries, thresholds from their manifests."""
+def load_cascade(classifier_dir: Path, segmenter_dir: Path, hflip_tta: bool = True, threads: int = 0,
+                 prevalence: float | None = DEFAULT_PREVALENCE) -> tuple[Cascade, dict[str, Any]]:
+    """A `Cascade` over the ONNX files of two model-repository entries, thresholds, score fusion and OOD
+    description from their manifests; `prevalence` the site's (the service's default PTX_PREVALENCE)."""
     cls = manifests.load_manifest(classifier_dir)
     seg = manifests.load_manifest(segmenter_dir)
     if cls.task != "classification" or seg.task != "segmentation":
@@ -51,6 +64,9 @@ def load_cascade(classifier_dir: Path, segmenter_dir: Path, hflip_tta: bool = Tr
         triplet=manifests.triplet(seg),
         triplet_reference_size=seg.thresholds.min_area_reference_size,
         hflip_tta=hflip_tta,
+        fusion=cls.fusion,
+        ood=None if cls.ood is None else OodModel.from_statistics(cls.ood),
+        prevalence=prevalence,
     )
     info = {"classifier": f"{cls.name} {cls.version}", "segmenter": f"{seg.name} {seg.version}"}
     return cascade, info
@@ -61,7 +77,7 @@ def run(cascade: Cascade, samples: Sequence[Sample], batch_size: int = 8, overla
     """The cascade over `samples`, and the masks of the same cascade without TTA; the scores reported are
     the served ones (with TTA). Returns the outputs and seconds per film (both runs, decoding once)."""
     without_tta = dataclasses.replace(cascade, hflip_tta=False)
-    labels, scores, gated, truths, with_tta, no_tta, overlays = [], [], [], [], [], [], []
+    labels, scores, classifier_scores, gated, truths, with_tta, no_tta, overlays = [], [], [], [], [], [], [], []
     started = time.perf_counter()
     chunks = range(0, len(samples), batch_size)
     if progress:
@@ -77,6 +93,7 @@ def run(cascade: Cascade, samples: Sequence[Sample], batch_size: int = 8, overla
             truth = rle.decode_union(sample.rles, *film.shape)
             labels.append(int(truth.any()))
             scores.append(result.score)
+            classifier_scores.append(result.score if result.classifier_score is None else result.classifier_score)
             gated.append(result.gated)
             truths.append(truth)
             with_tta.append(result.mask)
@@ -87,11 +104,11 @@ def run(cascade: Cascade, samples: Sequence[Sample], batch_size: int = 8, overla
         image_ids=[sample.image_id for sample in samples],
         labels=np.asarray(labels),
         scores=np.asarray(scores),
-        classifier_scores=np.asarray(scores),
+        classifier_scores=np.asarray(classifier_scores),
         gated=np.asarray(gated, dtype=bool),
         masks_true=truths,
         masks_pred=with_tta,
-        threshold=cascade.operating_point,
+        threshold=Scoring(cascade.fusion, cascade.prevalence).operating_point(cascade.operating_point),
         gate_threshold=cascade.gate,
         triplet=cascade.triplet,
         masks_pred_no_tta=no_tta,
@@ -102,10 +119,17 @@ def run(cascade: Cascade, samples: Sequence[Sample], batch_size: int = 8, overla
 
 def evaluate(classifier_dir: Path, segmenter_dir: Path, samples: Sequence[Sample], out_dir: Path,
              title: str, data_description: str, progress: bool = True) -> dict[str, Any]:
-    """Run, summarise and write `report.json` + `report.md` (with plots) into `out_dir`; return the summary."""
+    """Run, summarise and write `report.json` + `report.md` (with plots) into `out_dir`; return the summary.
+
+    Refuses (DataError) films that either model was trained or tuned on, by their recorded keys (`films`).
+    """
+    unchecked = refuse_overlap([classifier_dir, segmenter_dir], samples)
     cascade, info = load_cascade(classifier_dir, segmenter_dir)
+    info["training_films_overlap"] = (f"not checked for {' and '.join(unchecked)} (no training-films record)"
+                                      if unchecked else "none (checked against both models' training films)")
     outputs, seconds = run(cascade, samples, progress=progress)
-    info.update({"score_definition": SCORE_DEFINITION, "data": data_description,
+    info.update({"score_definition": SCORE_DEFINITION if cascade.fusion is None else FUSED_SCORE_DEFINITION,
+                 "data": data_description,
                  "seconds_per_film_cpu_with_and_without_tta": round(seconds, 4)})
     outputs = dataclasses.replace(outputs, info=info)
     summary = summarise(outputs)

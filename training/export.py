@@ -1,4 +1,4 @@
-"""Export a trained network as a model-repository entry: ONNX + FP16 ONNX + state dict + manifest.json.
+"""Export a trained network as a model-repository entry: ONNX + FP16 (+ INT8) ONNX + state dict + manifest.json.
 
 Why check numerically: an ONNX file that loads is not an ONNX file that computes what was validated.
 Every export is run through ONNX Runtime (CPU) and compared with the PyTorch model in eval mode, on random
@@ -6,7 +6,8 @@ inputs and, when given, on real preprocessed radiographs, at batch sizes 1 and 3
 dynamic, and a graph that bakes in the example batch size only shows it at another size). An export whose
 error exceeds `tolerance` is refused, and nothing is written to `out_dir`.
 
-Errors are measured on the raw outputs (logits): `max_abs_error` = max |ORT - PyTorch|, and
+Errors are measured on the raw outputs (logits, and a classifier's pooled `features`, which the
+out-of-distribution distance reads): `max_abs_error` = max |ORT - PyTorch| over both, and
 `max_rel_error` = max_abs_error / max |PyTorch output| over all checked batches. The export passes when
 either is within `tolerance`, i.e. ``max_abs_error <= tolerance * max(1, max |PyTorch output|)``: absolute
 for outputs of magnitude up to 1, relative beyond (large logits carry proportionally larger float error).
@@ -15,6 +16,11 @@ The FP16 variant (float16 weights and arithmetic, float32 input and output so ca
 float16) is for GPUs; its error is larger by nature, so it is measured on sigmoid probabilities -- the
 quantity the thresholds apply to -- against its own looser `fp16_tolerance` (2e-2 by default: well
 below the spacing of any threshold in a manifest). It is recorded in the manifest either way.
+
+The INT8 variant (static QDQ, for the CPU; training/quantize.py) is written when calibration films are
+given: the model's training films, preprocessed, never test films. It is checked against the FP32 file on
+those films and its calibration recorded in the manifest (`export.int8`). `add_int8` does the same for a
+model folder exported before.
 """
 
 from __future__ import annotations
@@ -35,17 +41,30 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
 from torch import Tensor, nn
 
+from service.models.fusion import ScoreFusion
 from service.models.input_spec import InputSpec
 from service.models.manifest import (
     ClassificationThresholds,
     Manifest,
+    ModelInput,
     SegmentationThresholds,
     TrainingInfo,
+    load_manifest,
     sha256_file,
     write_manifest,
 )
+from service.models.manifest import input_spec as manifest_input_spec
 from service.models.networks import Classifier, UNet
 from service.models.networks.encoder import OUTPUT_STRIDE, require_int
+from service.models.ood import FEATURES_OUTPUT
+from training.ood import OodFilms, statistics_for
+from training.quantize import (
+    INT8_FILE,
+    INT8_TOLERANCE,
+    calibration_batch,
+    int8_variant,
+    quantize_model_dir,
+)
 
 # --- ONNX export of the networks (here, not beside the networks: serving never exports) ---
 # ONNX export of the networks with a dynamic batch axis.
@@ -59,6 +78,7 @@ from service.models.networks.encoder import OUTPUT_STRIDE, require_int
 
 INPUT_NAME = "image"
 OPSET = 17
+FEATURES = FEATURES_OUTPUT  # a classifier's second output: its pooled encoder features (service/models/ood.py)
 
 
 class _LogitAndMask(nn.Module):
@@ -72,6 +92,17 @@ class _LogitAndMask(nn.Module):
         return self.classifier.forward_with_mask(image)
 
 
+class _LogitAndFeatures(nn.Module):
+    """Adapter exporting a classifier's logit and its pooled encoder features (for the OOD distance)."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        return self.classifier.forward_with_features(image)
+
+
 def export_onnx(
     model: UNet | Classifier,
     path: str | os.PathLike[str],
@@ -79,6 +110,7 @@ def export_onnx(
     *,
     include_mask: bool = False,
     opset: int = OPSET,
+    include_features: bool = False,
 ) -> list[str]:
     """Export `model` (in eval mode) to a self-contained ONNX file; return the output names.
 
@@ -86,7 +118,9 @@ def export_onnx(
 
     * UNet: ``mask_logits`` (batch, 1, H, W);
     * Classifier: ``logit`` (batch,), plus ``mask_logits`` when ``include_mask=True`` (needs the auxiliary
-      head; useful for inspecting what the classifier looked at, never needed for triage).
+      head; useful for inspecting what the classifier looked at, never needed for triage), or ``features``
+      (batch, C), the pooled encoder features, when ``include_features=True`` (the OOD distance reads them).
+      The logit is always the first output: every reader of the file takes it by position.
 
     The model is switched to eval mode (BatchNorm running statistics, no dropout) and left in it.
     """
@@ -102,12 +136,14 @@ def export_onnx(
     elif isinstance(model, Classifier):
         if include_mask and model.aux_head is None:
             raise ValueError("include_mask=True needs a Classifier built with aux_segmentation=True")
-        module = _LogitAndMask(model) if include_mask else model
-        outputs = ["logit", "mask_logits"] if include_mask else ["logit"]
+        if include_mask and include_features:
+            raise ValueError("include_mask and include_features: one extra output at a time")
+        module = _LogitAndMask(model) if include_mask else _LogitAndFeatures(model) if include_features else model
+        outputs = ["logit", "mask_logits"] if include_mask else ["logit", FEATURES] if include_features else ["logit"]
     else:
         raise ValueError(f"model must be a UNet or a Classifier, got {type(model).__name__}")
-    if include_mask and isinstance(model, UNet):
-        raise ValueError("include_mask applies to a Classifier only; a UNet always outputs mask_logits")
+    if (include_mask or include_features) and isinstance(model, UNet):
+        raise ValueError("include_mask and include_features apply to a Classifier only; a UNet outputs mask_logits")
     # Eval mode on the exported module itself (not only `model`): the exporter restores the top module's
     # mode afterwards, and a wrapper left in train mode would switch `model` back to training.
     module.eval()
@@ -155,29 +191,41 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
 
 
+def _outputs(model: torch.nn.Module, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    """PyTorch's outputs for `batch`, in the order of the ONNX file's `names` (logit first)."""
+    with torch.no_grad():
+        image = torch.from_numpy(batch)
+        if FEATURES in names:
+            return [tensor.numpy() for tensor in model.forward_with_features(image)]
+        return [model(image).numpy()]
+
+
 def _compare(
     model: torch.nn.Module, path: Path, batches: list[tuple[str, np.ndarray]], probabilities: bool
 ) -> tuple[float, float, str]:
-    """(max |ORT - torch|, max |torch|, the batch where the error peaked) over `batches`."""
+    """(max |ORT - torch|, max |torch|, the batch where the error peaked) over `batches` and every output of the
+    file (the logit and, where exported, the pooled features); with `probabilities`, the logit's sigmoid only."""
     session = _session(path)
+    names = [output.name for output in session.get_outputs()]
+    if probabilities:
+        names = names[:1]
     worst, scale, where = 0.0, 0.0, ""
     for label, batch in batches:
-        with torch.no_grad():
-            expected = model(torch.from_numpy(batch)).numpy()
-        (actual,) = session.run(None, {INPUT_NAME: batch})
-        if actual.shape != expected.shape or actual.dtype != np.float32:
-            raise ExportCheckError(
-                f"{path.name} ({label}): ONNX Runtime returned {actual.dtype} {actual.shape}, "
-                f"PyTorch float32 {expected.shape}"
-            )
-        if probabilities:
-            expected, actual = 1 / (1 + np.exp(-expected)), 1 / (1 + np.exp(-actual))
-        error = float(np.max(np.abs(actual.astype(np.float64) - expected)))
-        if not np.isfinite(error):
-            raise ExportCheckError(f"{path.name} ({label}): non-finite output from ONNX Runtime")
-        if error >= worst:
-            worst, where = error, label
-        scale = max(scale, float(np.max(np.abs(expected))))
+        actuals = session.run(names, {INPUT_NAME: batch})
+        for name, expected, actual in zip(names, _outputs(model, batch, names), actuals, strict=True):
+            if actual.shape != expected.shape or actual.dtype != np.float32:
+                raise ExportCheckError(
+                    f"{path.name} ({label}, {name}): ONNX Runtime returned {actual.dtype} {actual.shape}, "
+                    f"PyTorch float32 {expected.shape}"
+                )
+            if probabilities:
+                expected, actual = 1 / (1 + np.exp(-expected)), 1 / (1 + np.exp(-actual))
+            error = float(np.max(np.abs(actual.astype(np.float64) - expected)))
+            if not np.isfinite(error):
+                raise ExportCheckError(f"{path.name} ({label}, {name}): non-finite output from ONNX Runtime")
+            if error >= worst:
+                worst, where = error, f"{label}, {name}"
+            scale = max(scale, float(np.max(np.abs(expected))))
     return worst, scale, where
 
 
@@ -202,6 +250,22 @@ def _write_fp16(source: Path, target: Path) -> None:
     onnx.save(converted.model, os.fspath(target))
 
 
+def _model_input(spec: InputSpec) -> ModelInput:
+    return ModelInput(size=spec.size, mean=spec.mean, std=spec.std, channels=spec.channels, name=INPUT_NAME,
+                      layout="NCHW")
+
+
+def add_int8(model_dir: str | os.PathLike[str], calibration_films: list[Path], description: str, *,
+             replace: bool = False, tolerance: float = INT8_TOLERANCE) -> Manifest:
+    """Add the INT8 variant to an exported model folder, calibrated on `calibration_films` (training DICOMs).
+
+    The films go through the service's reader and preprocessing at the model's own input spec; the manifest
+    gains the `onnx_int8` file, its sha256 and `export.int8` (see training/quantize.py).
+    """
+    inputs = calibration_batch(calibration_films, manifest_input_spec(load_manifest(model_dir)))
+    return quantize_model_dir(Path(model_dir), inputs, description, replace=replace, tolerance=tolerance)
+
+
 def export_model(
     model: UNet | Classifier,
     out_dir: str | os.PathLike[str],
@@ -219,13 +283,22 @@ def export_model(
     real_inputs: np.ndarray | None = None,
     fp16_tolerance: float = FP16_TOLERANCE,
     seed: int = 0,
+    calibration_inputs: np.ndarray | None = None,
+    calibration_description: str | None = None,
+    int8_tolerance: float = INT8_TOLERANCE,
+    ood_films: OodFilms | None = None,
+    fusion: ScoreFusion | None = None,
 ) -> Manifest:
     """Export, check and write `model` into `out_dir` (conventionally ``models/<name>/<version>``).
 
     `out_dir` must not exist or be empty: a released model is never overwritten. Files are written to a
     sibling temporary folder and moved into place only after every check passed. Raises ValueError for
     bad arguments and ExportCheckError when ONNX Runtime disagrees with PyTorch beyond the tolerances.
-    Classifiers are exported with the logit output only.
+    Classifiers are exported with two outputs, `logit` and `features` (pooled encoder features); with
+    `ood_films` the manifest's `ood` section is fitted on the exported file's features (training/ood.py), and
+    `fusion` (training/fusion.py) is stored as given. With `calibration_inputs` ((N, C, S, S) float32
+    preprocessed training films) and their `calibration_description`, `model.int8.onnx` is written too
+    (see training/quantize.py); an INT8 error above `int8_tolerance` refuses the whole export.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -241,6 +314,10 @@ def export_model(
         )
     if not (tolerance >= 0 and fp16_tolerance >= 0):
         raise ValueError(f"tolerances must be >= 0, got {tolerance!r} and {fp16_tolerance!r}")
+    if (calibration_inputs is None) != (calibration_description is None):
+        raise ValueError("calibration_inputs and calibration_description go together (the INT8 variant needs both)")
+    if task != "classification" and (ood_films is not None or fusion is not None):
+        raise ValueError("ood_films and fusion describe a classifier: a segmenter has neither")
     # Validate the cheap parts before the expensive export, so a typo fails in milliseconds.
     threshold_type = ClassificationThresholds if task == "classification" else SegmentationThresholds
     thresholds = threshold_type.model_validate(thresholds)
@@ -255,7 +332,8 @@ def export_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        outputs = export_onnx(model, staging / FILES["onnx"], input_spec.size, include_mask=False, opset=OPSET)
+        outputs = export_onnx(model, staging / FILES["onnx"], input_spec.size, include_mask=False, opset=OPSET,
+                              include_features=task == "classification")
         max_abs, scale, where = _compare(model, staging / FILES["onnx"], batches, probabilities=False)
         max_rel = max_abs / scale if scale > 0 else max_abs
         if max_abs > tolerance * max(1.0, scale):
@@ -271,22 +349,22 @@ def export_model(
                 f"{FILES['onnx_fp16']}: FP16 probabilities differ from PyTorch by {fp16_error:.3g} (max abs, worst "
                 f"on {fp16_where}); fp16_tolerance {fp16_tolerance:g}: refusing the export"
             )
+        files = dict(FILES)
+        int8 = None
+        if calibration_inputs is not None and calibration_description is not None:
+            int8 = int8_variant(staging / FILES["onnx"], staging / INT8_FILE, calibration_inputs,
+                                _model_input(input_spec), calibration_description, int8_tolerance)
+            files["onnx_int8"] = INT8_FILE
+        ood = None if ood_films is None else statistics_for(staging / FILES["onnx"], ood_films)
         torch.save(model.state_dict(), staging / FILES["checkpoint"])
 
         manifest = Manifest(
             name=name,
             version=version,
             task=task,
-            files=dict(FILES),
-            sha256={filename: sha256_file(staging / filename) for filename in FILES.values()},
-            input={
-                "size": input_spec.size,
-                "mean": input_spec.mean,
-                "std": input_spec.std,
-                "channels": input_spec.channels,
-                "name": INPUT_NAME,
-                "layout": "NCHW",
-            },
+            files=files,
+            sha256={filename: sha256_file(staging / filename) for filename in files.values()},
+            input=_model_input(input_spec),
             outputs=outputs,
             thresholds=thresholds,
             training=training_info,
@@ -302,9 +380,12 @@ def export_model(
                 "fp16_max_abs_error": fp16_error,
                 "checked_batch_sizes": sorted({len(batch) for _, batch in batches}),
                 "real_inputs_checked": 0 if real is None else len(real),
+                "int8": int8,
             },
             intended_use=intended_use,
             created=created,
+            ood=ood,
+            fusion=fusion,
         )
         write_manifest(manifest, staging)
         staging.chmod(0o755)  # mkdtemp makes it private; a model folder is read by the service's user

@@ -23,7 +23,7 @@ def input_spec(config: ModelConfig) -> InputSpec:
 def build_classifier(config: ModelConfig) -> Classifier:
     net = config.network
     model = Classifier(encoder_depth=net.encoder_depth, in_channels=config.input.channels, width=net.width,
-                       aux_segmentation=net.aux_segmentation)
+                       aux_segmentation=net.aux_segmentation, encoder_kind=net.encoder)
     if net.encoder_weights:
         load_encoder_weights(model.encoder, net.encoder_weights)
     return model
@@ -32,7 +32,7 @@ def build_classifier(config: ModelConfig) -> Classifier:
 def build_segmenter(config: ModelConfig) -> UNet:
     net = config.network
     model = UNet(encoder_depth=net.encoder_depth, in_channels=config.input.channels, width=net.width, scse=net.scse,
-                 decoder_blocks=net.decoder_blocks)
+                 decoder_blocks=net.decoder_blocks, encoder_kind=net.encoder)
     if net.encoder_weights:
         load_encoder_weights(model.encoder, net.encoder_weights)
     return model

@@ -12,7 +12,9 @@ What it does, and why each piece is there:
   films) is the same; a finished or early-stopped run resumes to nothing, it never trains one more epoch;
 * staged training: the encoder frozen for the first epochs, gradient-norm clipping;
 * seeded determinism: the same seed on the same machine gives the same weights (on CUDA, with
-  `optim.deterministic`, also deterministic kernels).
+  `optim.deterministic`, also deterministic kernels);
+* several processes under `torchrun` (`training.distributed`): `optim.batch_size` is the global batch, each
+  process trains on its share under DistributedDataParallel, process 0 decides and writes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from training import distributed
 from training.config import ModelConfig
 from training.datasets import RadiographDataset, epoch_indices, positive_rate
 
@@ -142,12 +145,14 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
     `identity` is what else defines the run (the full config, fold, data fingerprint, initialisation):
     a `last.pt` written under another identity is refused, never resumed.
     """
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world = distributed.world()
+    device = device or world.device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     optim = config.optim
     seed_everything(seed)
     set_determinism(optim.deterministic, device)
+    given, model = model, distributed.prepare(model, world)  # a SyncBatchNorm copy on several GPUs
     model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     steps_per_epoch = math.ceil(len(dataset) / optim.batch_size / optim.accumulate)
@@ -187,24 +192,31 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
         order = epoch_indices(labels, pool, rate, rng)
         trained_on.update(int(i) for i in order)
         view = RadiographDataset(dataset.cached, order, dataset.spec, dataset.pipeline)
-        loader = DataLoader(view, batch_size=optim.batch_size, shuffle=False, num_workers=optim.workers,
-                            drop_last=len(view) > optim.batch_size, worker_init_fn=_reseed_worker(seed, epoch))
+        batches = distributed.global_batches(len(view), optim.batch_size, world.size)
+        loader = DataLoader(view, batch_sampler=[distributed.shard(batch, world) for batch in batches],
+                            num_workers=optim.workers, worker_init_fn=_reseed_worker(seed, epoch))
         model.train()
         if optim.freeze_encoder_epochs:
             set_encoder_frozen(model, epoch < optim.freeze_encoder_epochs)
-        running, batches = 0.0, 0
+        step_module = distributed.wrap(model, task.loss, world)  # after freezing: DDP takes what needs gradients
+        running, batches_run = 0.0, 0
         bar = loader
-        if progress:
+        if progress and world.is_main:
             from tqdm import tqdm
 
             bar = tqdm(loader, desc=f"{task.name} {epoch + 1}/{optim.epochs}", unit="batch", leave=False)
         optimiser.zero_grad(set_to_none=True)
-        for step, (images, masks, targets) in enumerate(bar):
+        for step, ((images, masks, targets), batch) in enumerate(zip(bar, batches, strict=True)):
             images, masks, targets = images.to(device), masks.to(device), targets.to(device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss = task.loss(model, images, masks, targets) / optim.accumulate
-            scaler.scale(loss).backward()
-            if (step + 1) % optim.accumulate == 0 or step + 1 == len(loader):
+            # This process's share of the global batch's mean: DDP averages over processes, so a share of
+            # n of the batch's N films counts n * size / N (1 when the shares are equal, or on one process).
+            share = len(images) * world.size / len(batch)
+            stepping = (step + 1) % optim.accumulate == 0 or step + 1 == len(loader)
+            with distributed.accumulating(step_module, stepping):
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    loss = step_module(images, masks, targets) * share / optim.accumulate
+                scaler.scale(loss).backward()
+            if stepping:
                 if optim.clip_grad_norm is not None:
                     scaler.unscale_(optimiser)  # clip the true gradients, not the loss-scaled ones
                     nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad_norm)
@@ -212,39 +224,47 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
                 scaler.update()
                 optimiser.zero_grad(set_to_none=True)
                 scheduler.step()
-            running += float(loss.detach()) * optim.accumulate
-            batches += 1
-            images_seen += len(images)
-            if progress:
-                bar.set_postfix(loss=f"{running / batches:.4f}")
+            running += distributed.mean(loss.detach()) * optim.accumulate  # the global batch's loss
+            batches_run += 1
+            images_seen += len(batch)
+            if bar is not loader:
+                bar.set_postfix(loss=f"{running / batches_run:.4f}")
         model.eval()
-        metric = float(task.validate(model))
-        torch.save(copy.deepcopy(model.state_dict()), out_dir / f"epoch{epoch:03d}.pt")
+        metric = float(distributed.from_main(float(task.validate(model))))
+        if world.is_main:
+            torch.save(copy.deepcopy(model.state_dict()), out_dir / f"epoch{epoch:03d}.pt")
         kept = sorted(kept + [(metric, epoch)], reverse=True)
         for _, dropped in kept[optim.average_top_k :]:
-            (out_dir / f"epoch{dropped:03d}.pt").unlink(missing_ok=True)
+            if world.is_main:
+                (out_dir / f"epoch{dropped:03d}.pt").unlink(missing_ok=True)
         kept = kept[: optim.average_top_k]
         stale = 0 if metric > best else stale + 1
         best = max(best, metric)
-        history.append({"epoch": epoch, "loss": running / max(1, batches), "metric": metric, "best": best,
+        history.append({"epoch": epoch, "loss": running / max(1, batches_run), "metric": metric, "best": best,
                         "positive_rate": rate if rate is not None else float(labels[pool].mean()),
                         "seconds": time.monotonic() - started})
-        print(f"{task.name} epoch {epoch + 1}: loss {running / max(1, batches):.4f} {task.metric_name} {metric:.4f} "
-              f"(best {best:.4f}) {time.monotonic() - started:.0f}s", flush=True)
+        if world.is_main:
+            print(f"{task.name} epoch {epoch + 1}: loss {running / max(1, batches_run):.4f} {task.metric_name} "
+                  f"{metric:.4f} (best {best:.4f}) {time.monotonic() - started:.0f}s", flush=True)
         over_time = optim.minutes is not None and time.monotonic() - started > optim.minutes * 60
-        stopped = stale >= optim.early_stopping or over_time
-        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                    "epoch": epoch, "history": history, "kept": kept, "images": images_seen,
-                    "stopped": stopped, "trained_on": sorted(trained_on), "config": fingerprint}, checkpoint)
+        stopped = bool(distributed.from_main(stale >= optim.early_stopping or over_time))  # one clock decides
+        if world.is_main:
+            torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                        "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                        "epoch": epoch, "history": history, "kept": kept, "images": images_seen,
+                        "stopped": stopped, "trained_on": sorted(trained_on), "config": fingerprint}, checkpoint)
         if stopped:
             break
     if optim.freeze_encoder_epochs:
         set_encoder_frozen(model, False)  # a run shorter than its warm-up still hands back a trainable model
+    distributed.barrier()  # process 0's epoch files are written before anyone reads them
     result = _finish(model, task, out_dir, kept, history, images_seen, time.monotonic() - started, device)
     result.trained_on = sorted(trained_on)
+    if model is not given:
+        given.load_state_dict(model.state_dict())  # the caller's own modules (BatchNorm, not SyncBatchNorm)
+        given.eval()
     return result
 
 
@@ -258,12 +278,13 @@ def _finish(model: nn.Module, task: Task, out_dir: Path, kept: list[tuple[float,
     if len(states) > 1:
         model.load_state_dict(average_state_dicts(states))
         model.eval()
-        final = float(task.validate(model))
+        final = float(distributed.from_main(float(task.validate(model))))
         averaged = final >= best_metric
     if not averaged:
         model.load_state_dict(states[0])
         final = best_metric
     model.eval()
-    print(f"{task.name}: best epoch {best_epoch + 1} {task.metric_name} {best_metric:.4f}; "
-          f"top-{len(states)} average {'kept' if averaged else 'not better, best epoch kept'} -> {final:.4f}", flush=True)
+    if distributed.world().is_main:
+        print(f"{task.name}: best epoch {best_epoch + 1} {task.metric_name} {best_metric:.4f}; top-{len(states)} "
+              f"average {'kept' if averaged else 'not better, best epoch kept'} -> {final:.4f}", flush=True)
     return FitResult(best_metric, final, averaged, len(history), images_seen, seconds, history)

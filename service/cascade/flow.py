@@ -1,7 +1,7 @@
 """The one flow of the cascade: decode → preprocess → classify → gate → segment → mask → conclude.
 
     Flow.run(payload)          decode (imaging) ─▶ evaluate ─▶ conclude (instances, RLE, priority) → Finding
-    evaluate(spec, pixels)     preprocess ─▶ classify ─▶ gate ─▶ segment (gated only) ─▶ film_result
+    evaluate(spec, film)       preprocess ─▶ classify ─▶ gate ─▶ segment (gated only) ─▶ film_result
 
 Everything between the bytes and the `Finding` is chained here once. The callers only say *how* the models
 run and where CPU work goes:
@@ -26,12 +26,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.cascade.finding import Finding, PriorityBands, build_finding
+from service.cascade.finding import (
+    Finding,
+    Priority,
+    PriorityBands,
+    build_finding,
+)
 from service.cascade.masks import MillimetreMorphology
 from service.cascade.postprocess import CascadeResult, film_result, passes_gate
-from service.cascade.preprocess import to_batch
+from service.cascade.preprocess import FilmImage, to_batch
+from service.cascade.scoring import Scoring
 from service.imaging.acceptance import AcceptancePolicy
+from service.imaging.radiograph import Radiograph
 from service.imaging.reader import read_film
+from service.models.fusion import ScoreFusion
 from service.models.input_spec import InputSpec
 from service.models.model_set import ModelSet
 from service.models.thresholds import TripletThreshold
@@ -61,6 +69,10 @@ class CascadeSpec(Protocol):
     def triplet(self) -> TripletThreshold: ...
     @property
     def triplet_reference_size(self) -> int: ...
+    @property
+    def fusion(self) -> ScoreFusion | None: ...
+    @property
+    def ood_threshold(self) -> float | None: ...
 
 
 @dataclass
@@ -78,25 +90,33 @@ class Timings:
             self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - started) * 1e3
 
 
-async def evaluate(spec: CascadeSpec, pixels: np.ndarray, classify: ModelCall, segment: ModelCall,
-                   offload: Offload = inline, timings: Timings | None = None) -> CascadeResult:
-    """One film's display pixels → its `CascadeResult`: score, the gate's decision, the mask at film size."""
+async def evaluate(spec: CascadeSpec, film: FilmImage, classify: ModelCall, segment: ModelCall,
+                   offload: Offload = inline, timings: Timings | None = None,
+                   prevalence: float | None = None) -> CascadeResult:
+    """One film (its display pixels, or its `Radiograph`, whose pixels may be decoded at a reduced resolution)
+    → its `CascadeResult`: score, the gate's decision, the mask at the film's own size, the OOD reading.
+
+    `classify` answers [score, OOD distance] per film (`service.models.inference.classify_rows`); a bare score
+    is taken as one with no distance. `prevalence`: the site's, for the fused score (`service.cascade.scoring`)."""
     timings = timings or Timings()
+    rows, columns = film.shape if isinstance(film, Radiograph) else film.shape[:2]
     with timings.stage("preprocess"):
-        classifier_input = await offload(to_batch, [pixels], spec.classifier_spec)
+        classifier_input = await offload(to_batch, [film], spec.classifier_spec)
     with timings.stage("classify"):
-        score = float(np.asarray(await classify(classifier_input)).reshape(-1)[0])
+        row = np.asarray(await classify(classifier_input)).reshape(-1)
+    score, distance = float(row[0]), (float(row[1]) if row.size > 1 else None)
     probability = None
     if passes_gate(score, spec.gate):
         segmenter_input = classifier_input
         if spec.segmenter_spec != spec.classifier_spec:
             with timings.stage("preprocess"):
-                segmenter_input = await offload(to_batch, [pixels], spec.segmenter_spec)
+                segmenter_input = await offload(to_batch, [film], spec.segmenter_spec)
         with timings.stage("segment"):
             probability = np.asarray(await segment(segmenter_input))[0]
     with timings.stage("postprocess"):
-        return await offload(film_result, pixels.shape[0], pixels.shape[1], score, probability,
-                             spec.operating_point, spec.triplet, spec.triplet_reference_size)
+        return await offload(film_result, rows, columns, score, probability, spec.operating_point, spec.triplet,
+                             spec.triplet_reference_size, Scoring(spec.fusion, prevalence, spec.ood_threshold),
+                             distance)
 
 
 @dataclass(frozen=True)
@@ -107,17 +127,27 @@ class Flow:
     policy: AcceptancePolicy
     bands: PriorityBands
     morphology: MillimetreMorphology | None
-    model_labels: dict[str, dict[str, str | None]]
+    model_labels: dict[str, dict[str, Any]]
+    prevalence: float | None = None  # the site's (PTX_PREVALENCE), for the fused score's prior shift
 
     @classmethod
     def from_settings(cls, settings: Settings, models: ModelSet, backends: dict[str, str] | None = None) -> Flow:
         """`backends`: role → backend name as reported by the model worker (None until it has said)."""
         backends = backends or {}
-        labels = {entry.role: {"name": entry.manifest.name, "version": entry.manifest.version,
-                               "backend": backends.get(entry.role)} for entry in models.entries()}
-        return cls(models=models, policy=AcceptancePolicy.from_settings(settings), bands=PriorityBands(
-            settings.stat_score, settings.stat_area_mm2), morphology=MillimetreMorphology() if settings.mm_morphology
-            else None, model_labels=labels)
+        labels: dict[str, dict[str, Any]] = {
+            entry.role: {"name": entry.manifest.name, "version": entry.manifest.version,
+                         "backend": backends.get(entry.role), **({"members": list(entry.members)} if entry.members
+                                                                 else {})}  # an ensemble names every member
+            for entry in models.entries()}
+        policy = AcceptancePolicy.from_settings(settings)
+        if settings.reduced_decode:  # JPEG 2000 / JPEG decoded at the models' input size (issue 15)
+            policy = replace(policy, decode_min_side=max(models.classifier_spec.size, models.segmenter_spec.size))
+        # PTX_PREVALENCE and PTX_OOD_MAX_PRIORITY (issue 16)
+        ceiling = Priority(settings.ood_max_priority)
+        return cls(models=models, policy=policy, bands=PriorityBands(
+            settings.stat_score, settings.stat_area_mm2, ceiling), morphology=MillimetreMorphology()
+            if settings.mm_morphology else None, model_labels=labels,
+            prevalence=settings.prevalence)
 
     def with_backends(self, backends: dict[str, str]) -> Flow:
         """The same flow, its answers naming the engine that runs each model."""
@@ -135,9 +165,9 @@ class Flow:
         with timings.stage("decode"):
             film = await offload(read_film, payload, self.policy)
         radiograph = film.radiograph
-        result = await evaluate(self.models, radiograph.pixels, classify, segment, offload, timings)
+        result = await evaluate(self.models, radiograph, classify, segment, offload, timings, self.prevalence)
         with timings.stage("postprocess"):
-            finding: Finding = await offload(build_finding, radiograph, result, self.models.operating_point,
+            finding: Finding = await offload(build_finding, radiograph, result, result.operating_point,
                                              self.bands, self.morphology, self.model_labels, timings.ms)
         finding.timings_ms.update(timings.ms)  # with the post-processing just measured
         if keep_source:

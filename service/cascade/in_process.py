@@ -16,10 +16,13 @@ import numpy as np
 
 from service.cascade.flow import evaluate
 from service.cascade.postprocess import CascadeResult
-from service.cascade.preprocess import to_batch
+from service.cascade.preprocess import FilmImage, to_batch
+from service.imaging.radiograph import Radiograph
 from service.models.backends import Backend
-from service.models.inference import classify_scores, segment_maps
+from service.models.fusion import ScoreFusion
+from service.models.inference import classify_rows, classify_scores, segment_maps
 from service.models.input_spec import InputSpec
+from service.models.ood import OodModel
 from service.models.thresholds import TripletThreshold
 
 
@@ -64,16 +67,27 @@ class Cascade:
     triplet: TripletThreshold
     triplet_reference_size: int = 1024
     hflip_tta: bool = True  # mirrored pass averaged in, for both models
+    # From the classifier's manifest (issue 16): the score fusion, the OOD description, and the site's prevalence.
+    fusion: ScoreFusion | None = None
+    ood: OodModel | None = None
+    prevalence: float | None = None
 
-    def classify(self, films: Sequence[np.ndarray]) -> np.ndarray:
-        """Triage scores for a batch of display-pixel films."""
+    @property
+    def ood_threshold(self) -> float | None:
+        return None if self.ood is None else self.ood.threshold
+
+    def classify(self, films: Sequence[FilmImage]) -> np.ndarray:
+        """The classifier's probabilities for a batch of films (display pixels, or radiographs)."""
         return classify_scores(self.classifier, to_batch(films, self.classifier_spec), self.hflip_tta)
 
-    def run(self, films: Sequence[np.ndarray]) -> list[CascadeResult]:
-        """Every film through the flow; each model runs once per stage over the films that reach it."""
+    def run(self, films: Sequence[FilmImage]) -> list[CascadeResult]:
+        """Every film through the flow; each model runs once per stage over the films that reach it. A film is
+        its display pixels, or its `Radiograph` (pixels perhaps decoded at a reduced resolution)."""
         return asyncio.run(self._run(films))
 
-    async def _run(self, films: Sequence[np.ndarray]) -> list[CascadeResult]:
-        classify = _Batcher(lambda batch: classify_scores(self.classifier, batch, self.hflip_tta))
+    async def _run(self, films: Sequence[FilmImage]) -> list[CascadeResult]:
+        classify = _Batcher(lambda batch: classify_rows(self.classifier, batch, self.hflip_tta, self.ood))
         segment = _Batcher(lambda batch: segment_maps(self.segmenter, batch, self.hflip_tta))
-        return list(await asyncio.gather(*(evaluate(self, np.asarray(film), classify, segment) for film in films)))
+        return list(await asyncio.gather(*(evaluate(self, film if isinstance(film, Radiograph) else np.asarray(film),
+                                                    classify, segment, prevalence=self.prevalence)
+                                           for film in films)))

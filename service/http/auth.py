@@ -15,6 +15,11 @@ to a new token before the old one is removed). Comparison is constant-time in th
 hashed with SHA-256 and the digests compared with `hmac.compare_digest` against every configured token, so
 neither the content nor the length of a configured token shows in the response time. A token is never
 logged, never put in an error message and never part of the settings' repr (`SecretStr`).
+
+People sign in instead (issue 14 §4): everything under /worklist goes to `pages.gate.PageGate`, which turns
+a token typed into the sign-in form into a session cookie (`pages/session.py`). A line of the token file
+may give its token a role, `<token> role=read-only` (GET only, API and pages) or `role=reviewer` (the
+default: everything); PTX_API_TOKEN's one token is a reviewer's.
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ import logging
 import stat
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from service.errors import ServiceError
+from service.http.pages.front import front_html, front_page
+from service.http.pages.gate import SAFE_METHODS, PageGate, is_page_path
+from service.http.pages.session import Role, bearer_token, session_key
 
 log = logging.getLogger("ptx.auth")
 
@@ -71,8 +80,29 @@ def check_token(token: str, where: str) -> str:
 
 
 def read_token_file(path: Path) -> list[str]:
-    """Tokens from a file, one per line; blank lines and `#` comments ignored, surrounding whitespace (the
-    trailing newline) stripped. A file that group or others can read is used with a warning rather than
+    """The tokens of a token file, without their roles (`read_token_entries`)."""
+    return [token for token, _ in read_token_entries(path)]
+
+
+def token_entry(line: str, where: str) -> tuple[str, Role]:
+    """`<token>` or `<token> role=reviewer|read-only` (one line of the token file), checked."""
+    token, *options = line.split()
+    role = Role.REVIEWER
+    for option in options:
+        name, _, value = option.partition("=")
+        if name != "role":
+            raise TokenError(f"{where}: unknown text after the token (not shown: it may be part of a token); "
+                             "only role=reviewer or role=read-only may follow it")
+        try:
+            role = Role(value)
+        except ValueError:
+            raise TokenError(f"{where}: role must be reviewer or read-only, got {value!r}") from None
+    return check_token(token, where), role
+
+
+def read_token_entries(path: Path) -> list[tuple[str, Role]]:
+    """Tokens and roles from a file, one per line; blank lines and `#` comments ignored, surrounding whitespace
+    (the trailing newline) stripped. A file that group or others can read is used with a warning rather than
     refused: Kubernetes mounts secrets 0644 by default, and the container's user is then the only one."""
     try:
         mode = path.stat().st_mode
@@ -88,7 +118,7 @@ def read_token_file(path: Path) -> list[str]:
     tokens = [token for token in tokens if token and not token.startswith("#")]
     if not tokens:
         raise TokenError(f"PTX_API_TOKEN_FILE {path} holds no token")
-    return [check_token(token, f"PTX_API_TOKEN_FILE {path} (line {i + 1} of its tokens)")
+    return [token_entry(token, f"PTX_API_TOKEN_FILE {path} (line {i + 1} of its tokens)")
             for i, token in enumerate(tokens)]
 
 
@@ -100,25 +130,48 @@ class AuthConfig:
     open_health: bool = True
     open_metrics: bool = False
     open_docs: bool = True
+    roles: tuple[Role, ...] = ()  # one per digest; empty: every token a reviewer's
 
     def __repr__(self) -> str:  # the digests are not the tokens, but there is no reason to print them either
-        return (f"AuthConfig({len(self.digests)} token(s), open_health={self.open_health}, "
+        read_only = sum(role is Role.READ_ONLY for role in self.roles)
+        return (f"AuthConfig({len(self.digests)} token(s), {read_only} read-only, open_health={self.open_health}, "
                 f"open_metrics={self.open_metrics}, open_docs={self.open_docs})")
 
     @classmethod
-    def from_tokens(cls, tokens: Iterable[str], **options: bool) -> AuthConfig:
-        digests = tuple(_digest(check_token(token, "a token").encode("ascii")) for token in tokens)
+    def from_tokens(cls, tokens: Iterable[str | tuple[str, Role]], **options: bool) -> AuthConfig:
+        entries = [(token, Role.REVIEWER) if isinstance(token, str) else token for token in tokens]
+        digests = tuple(_digest(check_token(token, "a token").encode("ascii")) for token, _ in entries)
         if not digests:
             raise TokenError("no token given")
-        return cls(digests, **options)
+        return cls(digests, roles=tuple(role for _, role in entries), **options)  # type: ignore[arg-type]
 
-    def accepts(self, presented: str) -> bool:
+    def _match(self, presented: str) -> int | None:
         """Constant-time in the configured tokens: every digest is compared, whichever matches."""
         digest = _digest(presented.encode("utf-8", "surrogatepass"))
-        matched = False
-        for expected in self.digests:
-            matched |= hmac.compare_digest(digest, expected)
-        return matched
+        found = None
+        for index, expected in enumerate(self.digests):
+            if hmac.compare_digest(digest, expected):
+                found = index
+        return found
+
+    def accepts(self, presented: str) -> bool:
+        return self._match(presented) is not None
+
+    def role_of(self, presented: str) -> Role | None:
+        """The role of an accepted token, None for any other."""
+        index = self._match(presented)
+        return None if index is None else (self.roles[index] if self.roles else Role.REVIEWER)
+
+    def sign_in(self, presented: str) -> tuple[Role, bytes] | None:
+        """An accepted token's role and the key that signs the sessions opened with it (pages/session.py)."""
+        index = self._match(presented)
+        if index is None:
+            return None
+        return (self.roles[index] if self.roles else Role.REVIEWER), self.session_keys[index]
+
+    @cached_property
+    def session_keys(self) -> tuple[bytes, ...]:
+        return tuple(session_key(digest) for digest in self.digests)
 
     def is_open(self, path: str) -> bool:
         """Paths served without a token. Exact matches (no prefix tricks: `/metrics/../v1` is not `/metrics`)."""
@@ -135,24 +188,13 @@ def from_settings(settings: Any) -> AuthConfig | None:
     if secret is not None and settings.api_token_file is not None:
         raise TokenError("set PTX_API_TOKEN or PTX_API_TOKEN_FILE, not both")
     if secret is not None:
-        tokens = [check_token(secret.strip(), "PTX_API_TOKEN")]
+        tokens = [(check_token(secret.strip(), "PTX_API_TOKEN"), Role.REVIEWER)]
     elif settings.api_token_file is not None:
-        tokens = read_token_file(Path(settings.api_token_file))
+        tokens = read_token_entries(Path(settings.api_token_file))
     else:
         return None
     return AuthConfig.from_tokens(tokens, open_health=settings.auth_open_health,
                                   open_metrics=settings.auth_open_metrics, open_docs=settings.auth_open_docs)
-
-
-def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive, RFC 7235), or None."""
-    for name, value in headers:
-        if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return None
-    return None
 
 
 def _challenge(error: str | None) -> bytes:
@@ -168,21 +210,33 @@ class BearerAuth:
 
     def __init__(self, app: App, config: AuthConfig | None) -> None:
         self.app, self.config = app, config
+        self.pages = PageGate(app, config)  # /worklist/*: sessions for people (service/http/pages/gate.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)  # lifespan
             return
         path = scope.get("path", "")
+        if is_page_path(path):
+            await self.pages(scope, receive, send)
+            return
         if path == "/docs.json" and scope["type"] == "http" and (self.config is None or self.config.is_open(path)):
             await self.app(scope, receive, _SpecPatch(send, self.config))
             return
         if self.config is None or self.config.is_open(path):
-            await self.app(scope, receive, send)
+            await self._pass(scope, receive, send)
             return
         token = bearer_token(scope.get("headers", ()))
-        if token is not None and self.config.accepts(token):
-            await self.app(scope, receive, send)
+        role = None if token is None else self.config.role_of(token)
+        if role is Role.READ_ONLY and scope.get("method", "GET") not in SAFE_METHODS:
+            body = json.dumps({"error": {"code": "read_only", "message": "this token's role is read-only: "
+                                                                         "GET and HEAD only"}}).encode()
+            await send({"type": "http.response.start", "status": 403, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if role is not None:
+            await self._pass(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
@@ -197,6 +251,16 @@ class BearerAuth:
             (b"www-authenticate", _challenge(error))]})
         await send({"type": "http.response.body", "body": body})
 
+    async def _pass(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """On to the app; `/` is our front page (pages/front.py) instead of BentoML's."""
+        if scope.get("path") == "/" and scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):
+            body = front_html()
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+            return
+        await self.app(scope, receive, send)
+
 
 HOW_TO = """## Authentication
 
@@ -206,16 +270,19 @@ or `PTX_API_TOKEN_FILE` (one token per line; two lines while rotating). Then eve
 `/healthz`, `/livez`, `/readyz` (open unless `PTX_AUTH_OPEN_HEALTH=false`), this page and `/docs.json`
 (open unless `PTX_AUTH_OPEN_DOCS=false`). `/metrics` needs the token unless `PTX_AUTH_OPEN_METRICS=true`.
 Serve it behind a TLS reverse proxy: a bearer token over plain HTTP can be read on the network.
+People sign in to the [worklist](./worklist/) with a token and their login instead (a session cookie).
 
 Authentication is **{state}** on this server."""
 
 
 def document_security(spec: dict[str, Any], config: AuthConfig | None) -> dict[str, Any]:
-    """Say how authentication works in an OpenAPI document and, when it is on, declare the bearer scheme:
-    required everywhere, except on the open paths."""
+    """Introduce the project (in place of BentoML's template text and contact), say how authentication
+    works and, when it is on, declare the bearer scheme: required everywhere, except on the open paths."""
     info = spec.setdefault("info", {})
-    info["description"] = HOW_TO.replace("{state}", "off" if config is None else "on") + "\n\n" + info.get(
-        "description", "")
+    info["description"] = front_page() + "\n\n" + HOW_TO.replace("{state}", "off" if config is None else "on")
+    info.pop("contact", None)  # BentoML's team is not who runs this service
+    if info.get("version") in (None, "None"):  # BentoML's value when serving from source, not a built bento
+        info["version"] = "source"
     if config is None:
         return spec
     components = spec.setdefault("components", {})

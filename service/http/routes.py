@@ -1,8 +1,10 @@
 """The triage API: `POST /v1/inspect`, `/v1/triage`, `/v1/triage/batch` (the worklist API is `worklist.py`).
 
 Errors are JSON `{"error": {"code", "message"}}` (`answers.error_answer`): 400 not DICOM / bad parameter,
-413 too large, 415 media type, 422 rejected radiograph (the imaging code), 503 overloaded or model out of
-service (with Retry-After), 500 a bug; 401 without the bearer token when one is configured (`auth.py`).
+413 too large, 415 media type, 422 rejected radiograph (the imaging code), 503 overloaded, shutting down or
+model out of service (with Retry-After), 500 a bug; 401 without the bearer token when one is configured
+(`auth.py`). Each request is admitted (`ServedCascade.admitted`) before its body is read: a refused upload
+costs no memory, and the refusal reaches the client whole (`lingering.py`).
 The routes reach the running edge (`service.app.Triage`: its `cascade`, `settings`, `private`) through
 BentoML's current service.
 """
@@ -53,8 +55,9 @@ async def inspect(request: Request) -> JSONResponse:
     rejection with the code: a PACS team checks their exports with it."""
     edge = _edge()
     try:
-        (_, payload), = await bodies.payloads(request, edge.settings, many=False)
-        radiograph = await edge.cascade.in_thread(read_radiograph, payload, edge.cascade.flow.policy)
+        with edge.cascade.admitted():
+            (_, payload), = await bodies.payloads(request, edge.settings, many=False)
+            radiograph = await edge.cascade.in_thread(read_radiograph, payload, edge.cascade.flow.policy)
     except Exception as exc:  # noqa: BLE001 -- a bug answers our JSON 500, logged, never a traceback
         return error_answer(as_service_error(exc, "inspect",
                                              "the file could not be inspected (internal error, logged)"))
@@ -69,10 +72,11 @@ async def triage(request: Request, mask: str | None = MASK_QUERY) -> JSONRespons
     edge = _edge()
     try:
         mask_format = bodies.mask_format(mask, edge.settings)
-        (_, payload), = await bodies.payloads(request, edge.settings, many=False)
-        finding = await edge.cascade.triage(payload)
+        with edge.cascade.admitted():
+            (_, payload), = await bodies.payloads(request, edge.settings, many=False)
+            finding = await edge.cascade.triage(payload, admit=False)
         if edge.settings.record_http:
-            await edge.cascade.in_thread(record_http, edge.store, finding)
+            await edge.cascade.in_thread(record_http, edge.store, finding, payload)  # 409 on a reused SOP UID
     except Exception as exc:  # noqa: BLE001 -- a bug must not take the service down or leak a traceback
         return error_answer(as_service_error(exc, "triage", "the film could not be triaged (internal error, logged)"))
     return JSONResponse(edge.private(finding.to_json(mask_format)))
@@ -86,10 +90,12 @@ async def triage_batch(request: Request, mask: str | None = MASK_QUERY) -> JSONR
     edge = _edge()
     try:
         mask_format = bodies.mask_format(mask, edge.settings)
-        payloads = await bodies.payloads(request, edge.settings, many=True)
+        with edge.cascade.admitted():  # one slot to read the body; the first film triages on it
+            payloads = await bodies.payloads(request, edge.settings, many=True)
+            outcomes = await asyncio.gather(*(edge.cascade.triage(payload, admit=n > 0)
+                                              for n, (_, payload) in enumerate(payloads)), return_exceptions=True)
     except Exception as exc:  # noqa: BLE001
         return error_answer(as_service_error(exc, "triage", "the films could not be triaged (internal error, logged)"))
-    outcomes = await asyncio.gather(*(edge.cascade.triage(payload) for _, payload in payloads), return_exceptions=True)
     results: list[dict[str, Any]] = []
     for (filename, _), outcome in zip(payloads, outcomes):
         if isinstance(outcome, Finding):

@@ -48,7 +48,7 @@ class _Out(BaseModel):
 class ErrorDetail(_Out):
     code: str = Field(description="stable machine code, e.g. not_dicom, too_large, not_chest, multi_frame, colour, "
                                   "corrupt_pixel_data, degenerate_image, unsupported_media_type, invalid_parameter, "
-                                  "overloaded")
+                                  "sop_uid_conflict, overloaded, shutting_down")
     message: str = Field(description="what was wrong: which tag or which limit (never patient data)")
 
 
@@ -68,21 +68,37 @@ class ModelOut(_Out):
     name: str
     version: str
     backend: str | None = Field(description="engine, e.g. onnxruntime-cpu, onnxruntime-cuda, torch-cuda-fp16")
+    members: list[str] | None = Field(default=None, description="an ensemble's members (version and training run), "
+                                                              "whose probabilities the model averages")
+
+
+class OodOut(_Out):
+    distance: float = Field(description="Mahalanobis distance of the film's classifier features from the training "
+                                        "films'")
+    threshold: float = Field(description="beyond it the film is out of distribution (the classifier manifest's "
+                                         "ood.threshold)")
+    flag: bool
 
 
 class TriageOut(_Out):
     study_uid: str | None
     series_uid: str | None
     sop_uid: str | None
-    score: float = Field(ge=0, le=1, description="triage score: the classifier's probability of pneumothorax")
+    score: float = Field(ge=0, le=1, description="triage score: the calibrated fusion of classifier and segmenter "
+                                                 "evidence at PTX_PREVALENCE where the classifier's manifest has one, "
+                                                 "else the classifier's probability of pneumothorax")
     label: Literal["pneumothorax", "no_pneumothorax"] = Field(description="score ≥ threshold")
     priority: Literal["STAT", "URGENT", "ROUTINE"]
-    threshold: float = Field(description="operating point from the classifier's manifest")
+    threshold: float = Field(description="operating point on score (from the classifier's manifest)")
     rle: str | None = Field(default=None, description="SIIM RLE (relative, column-major) of the mask; '-1' if "
                                                       "empty; absent with ?mask=none")
     mask_png: str | None = Field(default=None, description="base64 1-bit PNG at the film's resolution (?mask=png)")
     instances: list[InstanceOut]
     warnings: list[str]
+    ood: OodOut | None = Field(description="out-of-distribution reading; null when the classifier's manifest has "
+                                           "none")
+    needs_review: bool = Field(description="out of distribution: warning out_of_distribution, priority capped at "
+                                           "PTX_OOD_MAX_PRIORITY")
     models: dict[str, ModelOut]
     timings_ms: dict[str, float] = Field(description="decode, preprocess, classify, segment (gated films only), "
                                                      "postprocess, total")
@@ -103,8 +119,11 @@ class BatchOut(_Out):
 ERRORS = {
     400: {"model": ErrorOut, "description": "not DICOM, bad multipart body, or invalid parameter"},
     413: {"model": ErrorOut, "description": "body or image larger than the configured limit"},
+    409: {"model": ErrorOut, "description": "sop_uid_conflict: with PTX_RECORD_HTTP, a SOP Instance UID already "
+                                            "recorded for another study or other bytes (the first film is kept)"},
     415: {"model": ErrorOut, "description": "unsupported Content-Type"},
     422: {"model": ErrorOut, "description": "a radiograph the service refuses (the code says why: not_chest, "
                                             "multi_frame, colour, not_radiograph, corrupt_pixel_data, ...)"},
-    503: {"model": ErrorOut, "description": "overloaded or model worker unavailable; see the Retry-After header"},
+    503: {"model": ErrorOut, "description": "overloaded, shutting down or model worker unavailable; see the "
+                                            "Retry-After header"},
 }

@@ -2,19 +2,28 @@
 
     GET  /v1/worklist?status=&priority=&since=&limit=&offset=   priority first, then arrival
     GET  /v1/studies/{study_uid}                                  instances, findings, links, deliveries
-    POST /v1/studies/{study_uid}/ack?priority=&by=                mark reviewed, if still at the priority seen
+                                                                  (links.viewer: the site's viewer, PTX_VIEWER_URL)
+    POST /v1/studies/{study_uid}/ack?priority=&by=[&verdict=]     mark reviewed, if still at the priority seen
+                                                                  (with a verdict: agree, disagree, uncertain)
+    POST /v1/studies/{study_uid}/feedback?priority=&by=&verdict=  a verdict on a study already reviewed
+    GET  /v1/feedback?since=&after=&limit=&format=json|csv        every verdict, for audit (pages/verdicts.py)
     GET  /v1/findings/{sop_uid}                                   the stored finding (the triage JSON, no mask)
     GET  /v1/results/{study_uid}/{sop_uid}/{name}                 SEG.dcm, SR.dcm, SC.dcm, overlay.png
 
 Reads go to the results store (`service.store`) and the results folder (`service.store.results_files`), both
 owned by the service instance; nothing here decides priorities (the store upgrades only).
+
+Who gives a verdict: an API token carries a role, not a person, so `by` names the reader and is required with
+a verdict (one current verdict per reader and study); the pages take the signed-in login instead. The export
+is a GET, so a read-only token may read it: it holds no patient data, and an auditor or a quality dashboard is
+what a read-only token is for (it can acknowledge nothing and give no verdict).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path as FilePath
 from typing import Any
 
@@ -23,14 +32,23 @@ from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from service.cascade.finding import Priority
+from service.http.pages import verdicts
+from service.http.pages.viewer import viewer_link
 from service.http.schemas import error
-from service.store import InstanceStatus, NotFoundError, StoreError, StudyStatus
+from service.store import (
+    InstanceStatus,
+    NotFoundError,
+    NotificationRecord,
+    StoreError,
+    StudyStatus,
+)
 from service.store.base import (
     SPOOL_MISSING,
     DeliveryRecord,
     FindingRecord,
     WorklistItem,
 )
+from service.store.feedback import MAX_EXPORT, Verdict, check_reader
 from service.store.results_files import RESULT_FILES, ResultsFolder
 
 router = APIRouter()
@@ -45,11 +63,36 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _item(item: WorklistItem) -> dict[str, Any]:
+def _item(item: WorklistItem, viewer_url: str | None = None) -> dict[str, Any]:
+    """A study as the API shows it; `links.viewer` (the site's viewer, PTX_VIEWER_URL) and `links.page` (the
+    worklist's study page) are there for a person to follow."""
+    links = {"study": f"/v1/studies/{item.study_uid}", "page": f"/worklist/studies/{item.study_uid}"}
+    viewer = viewer_link(viewer_url, item.study_uid)
+    if viewer is not None:
+        links["viewer"] = viewer
     return {"study_uid": item.study_uid, "priority": None if item.priority is None else item.priority.value,
             "score": item.score, "status": item.status.value, "received_at": _iso(item.received_at),
-            "updated_at": _iso(item.updated_at), "reviewed_at": _iso(item.reviewed_at),
-            "links": {"study": f"/v1/studies/{item.study_uid}"}}
+            "updated_at": _iso(item.updated_at), "reviewed_at": _iso(item.reviewed_at), "links": links}
+
+
+def _since(text: str | None) -> datetime | None:
+    """A `since` parameter: ISO 8601 with a zone, in UTC; ValueError saying what is wrong (a time at the ends of
+    the calendar that UTC cannot hold, e.g. 0001-01-01T00:00+14:00, was a 500 before: found by reading)."""
+    if text is None:
+        return None
+    value = datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        raise ValueError("since needs a time zone, e.g. 2026-11-23T08:00:00+00:00")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("since is out of range: a time between years 1 and 9999 in UTC") from None
+
+
+def _viewer_url(service: Any) -> str | None:
+    """PTX_VIEWER_URL of the running edge (None where the edge has no settings: the router's unit tests)."""
+    settings = getattr(service, "settings", None)
+    return None if settings is None else settings.viewer_url
 
 
 def _finding(record: FindingRecord, results: ResultsFolder, study_uid: str) -> dict[str, Any]:
@@ -68,6 +111,14 @@ def _delivery(record: DeliveryRecord) -> dict[str, Any]:
             "delivered_at": _iso(record.delivered_at)}
 
 
+def _notification(record: NotificationRecord) -> dict[str, Any]:
+    """A pushed notification's state (never its payload)."""
+    return {"id": record.id, "channel": record.channel.value, "priority": record.priority.value,
+            "state": record.state.value, "attempts": record.attempts, "max_attempts": record.max_attempts,
+            "last_error": record.last_error, "next_attempt_at": _iso(record.next_attempt_at),
+            "sent_at": _iso(record.sent_at), "created_at": _iso(record.created_at)}
+
+
 def _service() -> Any:
     """The running edge (`service.app.Triage`): its `store`, `results` folder and `in_thread`."""
     return bentoml.get_current_service()
@@ -83,9 +134,7 @@ async def worklist(status: str | None = Query(None, description="pending, triage
     try:
         status_value = None if status is None else StudyStatus(status)
         priority_value = None if priority is None else Priority(priority)
-        since_value = None if since is None else datetime.fromisoformat(since)
-        if since_value is not None and since_value.tzinfo is None:
-            raise ValueError("since needs a time zone, e.g. 2026-11-23T08:00:00+00:00")
+        since_value = _since(since)
         if not 1 <= limit <= MAX_PAGE or not 0 <= offset <= MAX_OFFSET:  # SQLite: a bigger int overflows (500)
             raise ValueError(f"limit must be 1..{MAX_PAGE} and offset 0..{MAX_OFFSET}")
     except ValueError as exc:
@@ -94,7 +143,8 @@ async def worklist(status: str | None = Query(None, description="pending, triage
     items = await service.in_thread(
         lambda: service.store.worklist(status_value, priority_value, since_value, limit + 1, offset))
     page = items[:limit]
-    body: dict[str, Any] = {"items": [_item(i) for i in page], "limit": limit, "offset": offset,
+    viewer_url = _viewer_url(service)
+    body: dict[str, Any] = {"items": [_item(i, viewer_url) for i in page], "limit": limit, "offset": offset,
                             "next_offset": offset + limit if len(items) > limit else None}
     return JSONResponse(body)
 
@@ -106,29 +156,46 @@ async def study(study_uid: str) -> Response:
     if record is None:
         return error("not_found", f"no study {study_uid} on the worklist", 404)
     deliveries = await service.in_thread(lambda: service.store.deliveries(study_uid=study_uid))
-    body = _item(record)
+    notifications = await service.in_thread(lambda: service.store.notifications(study_uid=study_uid))
+    feedback = await service.in_thread(lambda: service.store.feedback(study_uid=study_uid))
+    body = _item(record, _viewer_url(service))
     body["instances"] = [{"sop_uid": i.sop_uid, "series_uid": i.series_uid, "status": i.status.value,
-                          "error_code": i.error_code, "source": i.source, "received_at": _iso(i.received_at)}
+                          "error_code": i.error_code, "source": i.source, "received_at": _iso(i.received_at),
+                          "outputs_attempts": i.outputs_attempts, "outputs_due_at": _iso(i.outputs_due_at)}
                          for i in record.instances]
     body["findings"] = [_finding(f, service.results, study_uid) for f in record.findings]
     body["deliveries"] = [_delivery(d) for d in deliveries]
+    body["notifications"] = [_notification(n) for n in notifications]
+    body["feedback"] = [verdicts.as_json(f) for f in feedback]  # history included: `superseded_at` set
     return JSONResponse(body)
+
+
+def _seen(request: Request) -> Priority | None:
+    """The `priority` parameter: the study's priority as the reader saw it (`none`: no finding yet)."""
+    text = request.query_params.get("priority")
+    try:
+        return None if text == "none" else Priority(text)
+    except ValueError:
+        raise ValueError("priority: required, the study's priority as the reader saw it (STAT, URGENT, ROUTINE, "
+                         "or none for a study without a finding)") from None
 
 
 @router.post("/studies/{study_uid}/ack", summary="Mark a study reviewed, at the priority the reader saw")
 async def acknowledge(study_uid: str, request: Request) -> Response:
     """`priority` (required): the study's `priority` as the reader saw it in GET /v1/studies/{study_uid}
     (`none` where that was null: no finding yet). 409 `conflict`, naming the current priority, when a finding
-    raised it since: an acknowledgement never covers a priority the reader did not see."""
+    raised it since: an acknowledgement never covers a priority the reader did not see. `verdict` (agree,
+    disagree, uncertain; needs `by`): the reader's verdict on that result, recorded with the acknowledgement."""
     by = request.query_params.get("by")
     if by is not None and (len(by) > 64 or not by.isprintable()):
         return error("invalid_parameter", "by: at most 64 printable characters (a reader's login, not a name)", 400)
-    seen_text = request.query_params.get("priority")
     try:
-        seen = None if seen_text == "none" else Priority(seen_text)
-    except ValueError:
-        return error("invalid_parameter", "priority: required, the study's priority as the reader saw it (STAT, "
-                                          "URGENT, ROUTINE, or none for a study without a finding)", 400)
+        seen = _seen(request)
+        verdict = verdicts.parse_verdict(request.query_params.get("verdict"))
+    except ValueError as exc:
+        return error("invalid_parameter", str(exc), 400)
+    if verdict is not None:
+        return await _give_feedback(study_uid, by, verdict, seen, acknowledge=True)
     service = _service()
     try:
         known = await service.in_thread(lambda: service.store.acknowledge(study_uid, by, seen=seen))
@@ -138,6 +205,77 @@ async def acknowledge(study_uid: str, request: Request) -> Response:
         return error("not_found", f"no study {study_uid} on the worklist", 404)
     return JSONResponse({"study_uid": study_uid, "status": StudyStatus.REVIEWED.value,
                          "priority": None if seen is None else seen.value})
+
+
+@router.post("/studies/{study_uid}/feedback", summary="A reader's verdict on a reviewed study, at the priority seen")
+async def give_feedback(study_uid: str, request: Request) -> Response:
+    """`verdict` (agree, disagree, uncertain), `by` (the reader's login) and `priority` (as the reader saw it)
+    are required. 409 `conflict` when the priority changed since, or the study is not reviewed yet (give the
+    verdict with the acknowledgement). A reader's new verdict supersedes their current one (kept as history);
+    the same verdict again changes nothing (`recorded`: false)."""
+    try:
+        seen = _seen(request)
+        verdict = verdicts.parse_verdict(request.query_params.get("verdict"))
+        if verdict is None:
+            raise ValueError("verdict: required, one of agree, disagree, uncertain")
+    except ValueError as exc:
+        return error("invalid_parameter", str(exc), 400)
+    return await _give_feedback(study_uid, request.query_params.get("by"), verdict, seen, acknowledge=False)
+
+
+async def _give_feedback(study_uid: str, by: str | None, verdict: Verdict, seen: Priority | None,
+                         acknowledge: bool) -> Response:
+    """The store's verdict (with or without the acknowledgement), counted; its errors as answers."""
+    if seen is None:
+        return error("invalid_parameter", "priority: a study without a finding (none) has no result to give a "
+                                          "verdict on", 400)
+    try:
+        reader = check_reader(by)
+    except ValueError as exc:
+        return error("invalid_parameter", f"by: {exc}", 400)
+    service = _service()
+    try:
+        outcome = await service.in_thread(lambda: service.store.give_feedback(
+            study_uid, reader, verdict, seen=seen, acknowledge=acknowledge))
+    except NotFoundError:
+        return error("not_found", f"no study {study_uid} on the worklist", 404)
+    except StoreError as exc:  # the priority changed since it was seen, or (later verdicts) not reviewed yet
+        return error("conflict", str(exc), 409)
+    record = verdicts.counted(outcome)
+    body: dict[str, Any] = {"study_uid": study_uid, "priority": seen.value, "verdict": verdicts.as_json(record),
+                            "recorded": outcome[1]}
+    if acknowledge:
+        body["status"] = StudyStatus.REVIEWED.value
+    return JSONResponse(body)
+
+
+@router.get("/feedback", summary="Readers' verdicts for audit (JSON or CSV), superseded ones included")
+async def feedback_export(since: str | None = Query(None, description="ISO 8601 time with zone: verdicts given at "
+                                                                      "or after it"),
+                          after: int = Query(0, description=f"the last `id` of the previous page, 0 to {MAX_ID}"),
+                          limit: int = Query(MAX_EXPORT, description=f"1 to {MAX_EXPORT}"),
+                          format: str = Query("json", description="json or csv")) -> Response:
+    """Oldest first (by id). No patient data: UIDs, the priority judged, the finding's score and model versions,
+    the verdict, the reader's login and times. More rows than `limit`: `next_after` (JSON) or the
+    `X-Next-After` header (CSV) is the `after` of the next page."""
+    try:
+        since_value = _since(since)
+        if not 0 <= after <= MAX_ID or not 1 <= limit <= MAX_EXPORT:
+            raise ValueError(f"after must be 0..{MAX_ID} and limit 1..{MAX_EXPORT}")
+        if format not in ("json", "csv"):
+            raise ValueError("format must be json or csv")
+    except ValueError as exc:
+        return error("invalid_parameter", str(exc), 400)
+    service = _service()
+    rows = await service.in_thread(lambda: service.store.feedback(since=since_value, after=after, limit=limit))
+    next_after = rows[-1].id if len(rows) == limit else None
+    if format == "csv":
+        headers = {"Content-Disposition": 'attachment; filename="ptx-feedback.csv"', "Cache-Control": "no-store"}
+        if next_after is not None:
+            headers["X-Next-After"] = str(next_after)
+        return Response(verdicts.as_csv(rows), media_type="text/csv; charset=utf-8", headers=headers)
+    return JSONResponse({"items": [verdicts.as_json(r) for r in rows], "limit": limit, "next_after": next_after},
+                        headers={"Cache-Control": "no-store"})
 
 
 async def _retried(retry: Callable[[], Any], not_found: str) -> Any:
@@ -182,6 +320,22 @@ async def retry_delivery(
         return record
     log.info("delivery %d of %s to %s queued again by an operator", record.id, record.object_uid, record.destination)
     return JSONResponse(_delivery(record))
+
+
+@router.post("/notifications/{notification_id}/retry",
+             summary="Push a failed notification again (a fresh attempt budget), once its receiver is fixed")
+async def retry_notification(
+        notification_id: int = Path(ge=1, le=MAX_ID, description="a notification's `id` in GET /v1/studies/{uid}"),
+) -> Response:
+    """Only the store changes: the notification dispatcher finds it due at its next poll."""
+    service = _service()
+    record = await _retried(lambda: service.store.retry_notification(notification_id),
+                            f"no notification with id {notification_id}")
+    if isinstance(record, Response):
+        return record
+    log.info("notification %d (%s) to %s queued again by an operator", record.id, record.priority.value,
+             record.channel.value)
+    return JSONResponse(_notification(record))
 
 
 @router.get("/findings/{sop_uid}", summary="The stored finding of one instance (no mask image; RLE included)")

@@ -41,7 +41,7 @@ class AcceptancePolicy:
     min_side: int = 256
     max_side: int = 8192
     max_pixels: int = 40_000_000
-    max_file_bytes: int = 512 * 1024 * 1024
+    max_file_bytes: int = 96 * 1024 * 1024  # 40 M px x 2 bytes = 76 MiB + header (as PTX_MAX_FILE_BYTES)
     reject_inverted: bool = False
     # Refuse a film with nothing to see (constant, near-constant, a few grey levels): `degenerate_image`. Off
     # only for reading what is not a film, such as a training mask PNG (binary, empty for a negative).
@@ -51,6 +51,10 @@ class AcceptancePolicy:
     decode_timeout_s: float | None = None
     decode_memory_mb: int = 2048  # address space a decode worker may add (PTX_DECODE_MEMORY_MB)
     decode_workers: int = 2  # decode worker processes at most (the service: PTX_DECODE_THREADS)
+    # JPEG 2000 and JPEG films decoded only at the resolution the models need (at least this many pixels a side:
+    # the service's flow sets the models' input size where PTX_REDUCED_DECODE is on); None decodes in full
+    # (training, tools: a mask drawn on the film needs its every pixel).
+    decode_min_side: int | None = None
     frontal_views: frozenset[str] = frozenset({"PA", "AP", ""})
 
     def __post_init__(self) -> None:
@@ -60,6 +64,8 @@ class AcceptancePolicy:
             raise ValueError(f"max_side ({self.max_side}) must be >= min_side ({self.min_side})")
         if self.max_pixels < self.min_side * self.min_side:
             raise ValueError(f"max_pixels ({self.max_pixels}) is below min_side squared ({self.min_side ** 2})")
+        if self.decode_min_side is not None and self.decode_min_side < 1:
+            raise ValueError(f"decode_min_side must be >= 1 or None, got {self.decode_min_side}")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AcceptancePolicy:

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 
 from service.imaging.radiograph import RadiographError, RejectionCode
@@ -62,9 +61,9 @@ def _limit_memory(budget_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def worker_main(conn: Connection, decode: Callable[[Dataset], np.ndarray], memory_mb: int) -> None:
-    """A worker: say "ready" once started, then decode each dataset received and answer ("ok", array) or
-    ("error", code, message)."""
+def worker_main(conn: Connection, decode: Callable[..., Any], memory_mb: int) -> None:
+    """A worker: say "ready" once started, then decode each (dataset, arguments) received and answer
+    ("ok", what `decode` returned) or ("error", code, message)."""
     try:
         _limit_memory(memory_mb)
     except (OSError, ValueError) as exc:  # no /proc or no RLIMIT_AS: decode without the cap, and say so
@@ -72,11 +71,11 @@ def worker_main(conn: Connection, decode: Callable[[Dataset], np.ndarray], memor
     conn.send(("ready",))
     while True:
         try:
-            ds = conn.recv()
+            ds, args = conn.recv()
         except EOFError:
             return
         try:
-            answer: tuple[Any, ...] = ("ok", decode(ds))
+            answer: tuple[Any, ...] = ("ok", decode(ds, *args))
         except RadiographError as exc:
             answer = ("error", exc.code.value, exc.message)
         except MemoryError:
@@ -91,7 +90,7 @@ def worker_main(conn: Connection, decode: Callable[[Dataset], np.ndarray], memor
 class _Worker:
     """One worker process and our end of its pipe. `ready` once it has said so (imports done)."""
 
-    def __init__(self, context: Any, decode: Callable[[Dataset], np.ndarray], memory_mb: int) -> None:
+    def __init__(self, context: Any, decode: Callable[..., Any], memory_mb: int) -> None:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=worker_main, args=(child, decode, memory_mb), daemon=True,
                                        name="ptx-decode")
@@ -115,7 +114,7 @@ class DecodePool:
     """`size` worker processes at most, started on demand; each `decode` call borrows one for its duration."""
 
     def __init__(self, size: int, timeout_s: float, memory_mb: int = DEFAULT_MEMORY_MB,
-                 *, decode: Callable[[Dataset], np.ndarray]) -> None:
+                 *, decode: Callable[..., Any]) -> None:
         if size < 1 or timeout_s <= 0 or memory_mb < 64:
             raise ValueError(f"DecodePool needs size >= 1, timeout_s > 0, memory_mb >= 64; got {size}, "
                              f"{timeout_s}, {memory_mb}")
@@ -160,14 +159,14 @@ class DecodePool:
             with self._lock:
                 self._started -= 1
 
-    def decode(self, ds: Dataset) -> np.ndarray:
-        """Decode `ds` in a worker; RadiographError DECODE_TIMEOUT when it overruns `timeout_s`."""
+    def decode(self, ds: Dataset, *args: Any) -> Any:
+        """`decode(ds, *args)` in a worker; RadiographError DECODE_TIMEOUT when it overruns `timeout_s`."""
         subset = pixel_subset(ds)
         worker = self._borrow()
         try:
             worker.wait_ready(STARTUP_TIMEOUT_S)  # start-up (imports) is not the decode: not on its clock
             started = time.monotonic()
-            worker.conn.send(subset)
+            worker.conn.send((subset, args))
             answer = worker.conn.recv() if worker.conn.poll(self.timeout_s) else None
         except (EOFError, OSError) as exc:
             code = worker.process.exitcode
@@ -187,7 +186,7 @@ class DecodePool:
             )
         self._idle.put(worker)
         if answer[0] == "ok":
-            return answer[1]  # type: ignore[no-any-return]
+            return answer[1]
         raise RadiographError(RejectionCode(answer[1]), answer[2])
 
     def prestart(self) -> None:
@@ -210,11 +209,11 @@ class DecodePool:
 
 
 STARTUP_TIMEOUT_S = 60.0  # a fresh worker imports numpy and pydicom: seconds on a busy box, never a minute
-_POOLS: dict[tuple[int, float, int, Callable[[Dataset], np.ndarray]], DecodePool] = {}
+_POOLS: dict[tuple[int, float, int, Callable[..., Any]], DecodePool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def shared_pool(timeout_s: float, memory_mb: int, workers: int, decode: Callable[[Dataset], np.ndarray]) -> DecodePool:
+def shared_pool(timeout_s: float, memory_mb: int, workers: int, decode: Callable[..., Any]) -> DecodePool:
     """This process's pool for these limits and this decode function (one each, made on first use)."""
     key = (workers, timeout_s, memory_mb, decode)
     with _POOLS_LOCK:

@@ -6,11 +6,16 @@ decodes JPEG Baseline ~4× faster, pyjpegls decodes JPEG-LS ~3.3× faster. For R
 pylibjpeg-rle (~10× faster than pydicom's pure-Python RLE decoder; named here so it stays so), and JPEG 2000
 is a tie (both plugins wrap OpenJPEG). If the preferred plugin fails on a file, every available plugin is
 tried before the data is called corrupt.
+
+Asked for a `min_side`, JPEG 2000 and JPEG films are decoded only at the resolution the models need
+(`service.imaging.reduced`); where that fails the film is decoded in full, and `Decoded.fallback` says why, so
+that the caller (in the edge's process: decodes may run in a worker) counts it.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -32,7 +37,8 @@ from pydicom.uid import (
 )
 
 from service.imaging import decode_pool
-from service.imaging.radiograph import RadiographError, RejectionCode
+from service.imaging.radiograph import PixelGrid, RadiographError, RejectionCode
+from service.imaging.reduced import J2K_SYNTAXES, ReducedDecodeFailed, reduced_stored
 
 PREFERRED_PLUGIN: dict[UID, str] = {
     JPEGBaseline8Bit: "pillow",
@@ -45,6 +51,17 @@ PREFERRED_PLUGIN: dict[UID, str] = {
 }
 
 _MAX_REASON = 300
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A frame's stored values (no grey-scale transform), on the film's grid or a coarser one (`grid`), and why a
+    reduced decode fell back to the full one ("decoder_error", "mismatch"; None: it did not, or none was asked)."""
+
+    stored: np.ndarray
+    grid: PixelGrid | None = None
+    fallback: str | None = None
+    detail: str | None = None  # the decoder's words for the fallback (pixel data only: no patient data)
 
 
 def plugin_for(transfer_syntax: UID) -> str:
@@ -121,13 +138,15 @@ def _check_codestream(ds: Dataset, tsyntax: UID) -> None:
         )
 
 
-def decode_pixels(ds: Dataset, timeout_s: float | None = None, memory_mb: int = 2048, workers: int = 2) -> np.ndarray:
+def decode_pixels(ds: Dataset, timeout_s: float | None = None, memory_mb: int = 2048, workers: int = 2,
+                  min_side: int | None = None) -> Decoded:
     """Decode the single frame of `ds` to its stored values (no grey-scale transform applied).
 
     With `timeout_s`, compressed pixel data is decoded in a worker process (`service.imaging.decode_pool`) that is
     killed if it takes longer (answered DECODE_TIMEOUT), with its address space capped at `memory_mb` more
     than it holds after start-up, at most `workers` of them per process; uncompressed data is always read in this thread
-    (reading it costs a copy, bounded by the size limits already checked).
+    (reading it costs a copy, bounded by the size limits already checked). With `min_side`, a JPEG 2000 or
+    JPEG frame is decoded at the coarsest resolution still `min_side` a side where it can be (`Decoded.grid`).
 
     Raises RadiographError: UNSUPPORTED_TRANSFER_SYNTAX when no installed plugin handles the syntax,
     CORRUPT_PIXEL_DATA when the data does not decode or decodes to the wrong shape.
@@ -136,12 +155,28 @@ def decode_pixels(ds: Dataset, timeout_s: float | None = None, memory_mb: int = 
     if tsyntax.is_compressed:
         _check_codestream(ds, tsyntax)
     if timeout_s is not None and tsyntax.is_compressed:
-        return decode_pool.shared_pool(timeout_s, memory_mb, workers, decode_here).decode(ds)
-    return decode_here(ds)
+        pool = decode_pool.shared_pool(timeout_s, memory_mb, workers, decode_here)
+        return pool.decode(ds, min_side)  # type: ignore[no-any-return]
+    return decode_here(ds, min_side)
 
 
-def decode_here(ds: Dataset) -> np.ndarray:
+def decode_here(ds: Dataset, min_side: int | None = None) -> Decoded:
     """`decode_pixels` in the calling thread (and in the decode pool's worker processes)."""
+    if min_side:
+        try:
+            reduced = reduced_stored(ds, min_side)
+        except ReducedDecodeFailed as failed:
+            return Decoded(_full(ds), fallback=failed.reason, detail=str(failed))
+        if reduced is not None:
+            values, factor = reduced
+            grid = PixelGrid(int(ds.Rows), int(ds.Columns), factor,
+                             centred=UID(ds.file_meta.TransferSyntaxUID) in J2K_SYNTAXES)
+            return Decoded(values, grid)
+    return Decoded(_full(ds))
+
+
+def _full(ds: Dataset) -> np.ndarray:
+    """The frame's stored values at full size."""
     tsyntax = UID(ds.file_meta.TransferSyntaxUID)
     try:
         decoder = get_decoder(tsyntax)

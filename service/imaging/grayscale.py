@@ -74,15 +74,40 @@ def range_window(low: float, high: float) -> Affine:
     return Affine(1.0 / (high - low), -low / (high - low))
 
 
-def percentile_range(values: np.ndarray, low: float = 0.5, high: float = 99.5, max_samples: int = 1 << 18) -> tuple[float, float]:
+def percentile_range(values: np.ndarray, low: float = 0.5, high: float = 99.5,
+                     max_samples: int = 1 << 18) -> tuple[float, float]:
     """Robust grey range of an image from a strided subsample (the full image is not needed for two quantiles).
 
     Collimator borders and burned-in labels sit in the tails, which is why quantiles beat min/max here.
+    Stored values of up to 16 bits are counted (`np.bincount`) instead of sorted: the same quantiles as
+    `np.percentile`'s on their float64 values, at a tenth of the cost (~0.3 ms against ~3 ms on a 1024² film).
+    (`np.percentile` on int16 itself overflows for spans beyond 32767; counting does not.)
     """
     step = max(1, int(np.sqrt(values.size / max_samples)))
     sample = values[::step, ::step] if values.ndim == 2 else values.ravel()[::step]
+    if sample.size and sample.dtype.kind in "ui" and sample.dtype.itemsize <= 2:
+        return _counted_percentiles(sample, low, high)
     lo, hi = np.percentile(sample, [low, high])
     return float(lo), float(hi)
+
+
+def _counted_percentiles(sample: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """`np.percentile(sample, [low, high])` (linear interpolation) for integers of at most 16 bits, by counting."""
+    values, offset = sample.ravel(), 0
+    if values.dtype.kind == "i":  # signed: the unsigned view with its sign bit flipped is value + offset
+        unsigned = np.dtype(f"u{values.dtype.itemsize}")
+        offset = 1 << (8 * values.dtype.itemsize - 1)
+        values = values.view(unsigned) ^ unsigned.type(offset)
+    counts = np.cumsum(np.bincount(values))  # counted as unsigned: ~5x faster than as int32 on a film
+    last = sample.size - 1
+    found = []
+    for q in (low, high):
+        index = q / 100 * last
+        below = int(np.floor(index))
+        a, b = (float(np.searchsorted(counts, k, side="right") - offset) for k in (below, min(below + 1, last)))
+        t = index - below
+        found.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)  # numpy's own lerp, both halves
+    return found[0], found[1]
 
 
 def appears_inverted(pixels: np.ndarray, margin: float = 0.02) -> bool:
@@ -123,7 +148,11 @@ MIN_GREY_SPREAD = 0.05
 # noise stretched by a window: ribs, vessels and a pleural line need gradations. Real 8-bit films show 175 or
 # more; the least varied real non-chest image in shared/realdata (a deflated 8-bit test pattern) shows 24.
 MIN_GREY_LEVELS = 16
-_SAMPLES = 1 << 18
+# Pixels the checks below look at: a strided subsample. 16,384 place the 1st and 99th percentiles within 0.1 % of
+# rank of the film's (one standard error), far inside the limits' margins, and an order statistic costs ~0.05 ms on
+# them, in cache (65,536: 0.7 ms; the 262,144 sorted before issue 15: ~7 ms a film).
+_SAMPLES = 1 << 14
+_LEVEL_PROBE = 4096  # a first look for MIN_GREY_LEVELS distinct levels (a film has hundreds among a few thousand)
 
 
 def _sample(pixels: np.ndarray) -> np.ndarray:
@@ -142,16 +171,24 @@ def degenerate_reason(pixels: np.ndarray) -> str | None:
     """Why display pixels (in [0, 1]) cannot hold anatomy, or None when they can.
 
     Near-constant (1st-99th percentile span under MIN_GREY_SPREAD, which includes constant) or too few grey
-    levels (under MIN_GREY_LEVELS). One sort of the subsample gives both.
+    levels (under MIN_GREY_LEVELS). The percentiles are order statistics found by partition, not a sort; the
+    levels are counted on the whole subsample only where a first look at a few thousand of them finds too few.
     """
-    sample = np.sort(_sample(pixels), axis=None)
-    if sample.size == 0 or not np.isfinite(sample[0]) or not np.isfinite(sample[-1]):
+    sample = _sample(pixels).ravel()
+    last = sample.size - 1
+    if last < 0:
         return "its pixels are not finite numbers"
-    low, high = (float(sample[int(q * (sample.size - 1))]) for q in (0.01, 0.99))
+    ranks = (int(0.01 * last), int(0.99 * last))
+    ordered = np.partition(sample, (0, *ranks, last))  # NaN goes last, as in a sort
+    if not np.isfinite(ordered[0]) or not np.isfinite(ordered[last]):
+        return "its pixels are not finite numbers"
+    low, high = float(ordered[ranks[0]]), float(ordered[ranks[1]])
     if high - low < MIN_GREY_SPREAD:
         return (f"it is near-constant: 98 % of its pixels lie within {high - low:.3f} of the grey range, "
                 f"under the minimum of {MIN_GREY_SPREAD}")
-    levels = 1 + int(np.count_nonzero(np.diff(sample)))
+    if np.unique(sample[:: max(1, sample.size // _LEVEL_PROBE)]).size >= MIN_GREY_LEVELS:
+        return None  # a subsample's levels are some of the sample's: enough already
+    levels = int(np.unique(sample).size)
     if levels < MIN_GREY_LEVELS:
         return f"it has {levels} grey levels, under the minimum of {MIN_GREY_LEVELS}"
     return None

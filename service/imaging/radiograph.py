@@ -60,13 +60,43 @@ class RadiographError(ServiceError, ValueError):
         return type(self), (self.code, self.message)
 
 
+@dataclass(frozen=True)
+class PixelGrid:
+    """How pixels decoded at a reduced resolution sample the film (`service.imaging.reduced`).
+
+    Each pixel stands for a `factor` x `factor` patch of the film's `rows` x `columns`: the block starting at
+    film pixel k·factor for JPEG's DCT scaling (`centred` False), the patch centred on film pixel k·factor for a
+    JPEG 2000 resolution level (`centred` True: the wavelet's low-pass band samples the even positions). The
+    model inputs are resampled with that in mind (`service.cascade.resampling`), so they match the ones a full
+    decode gives.
+    """
+
+    rows: int
+    columns: int
+    factor: int
+    centred: bool
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.columns < 1 or self.factor < 2 or self.factor & (self.factor - 1):
+            raise ValueError(f"a reduced grid needs positive rows and columns and a factor that is a power of 2 "
+                             f"above 1, got {self.rows}x{self.columns} by {self.factor}")
+
+    @property
+    def reduced_shape(self) -> tuple[int, int]:
+        """The pixels' shape: ceil(side / factor), as JPEG 2000 levels and libjpeg's scaling make it."""
+        return -(-self.rows // self.factor), -(-self.columns // self.factor)
+
+
 @dataclass(frozen=True, eq=False)
 class Radiograph:
     """A decoded, validated, display-oriented chest radiograph.
 
     `pixels` are float32 in [0, 1] with air dark (MONOCHROME1 already inverted, modality and VOI transforms
-    applied), read-only, at the original resolution. `spacing_mm` is (row spacing, column spacing) in mm, or
-    None when the file does not say: never a silent 1.0, because every millimetre figure depends on it.
+    applied), read-only: at the film's own resolution, or coarser where the film was decoded only at the
+    resolution the models need (`grid`, issue 15). The film's geometry is `rows` x `columns` (`shape`) either
+    way, and it alone sizes the mask, RLE, boxes and SEG; `pixels.shape` sizes only what is drawn from the
+    pixels. `spacing_mm` is the film's (row spacing, column spacing) in mm, or None when the file does not say:
+    never a silent 1.0, because every millimetre figure depends on it.
     """
 
     pixels: np.ndarray
@@ -84,6 +114,7 @@ class Radiograph:
     window_source: str = "unknown"
     source_format: str = "dicom"
     warnings: tuple[str, ...] = field(default=())
+    grid: PixelGrid | None = None  # how coarser pixels sample the film; None: pixel for pixel
 
     def __post_init__(self) -> None:
         pixels = self.pixels
@@ -94,16 +125,24 @@ class Radiograph:
         if self.spacing_mm is not None:
             if len(self.spacing_mm) != 2 or not all(math.isfinite(s) and s > 0 for s in self.spacing_mm):
                 raise ValueError(f"spacing_mm must be two positive finite numbers or None, got {self.spacing_mm}")
+        if self.grid is not None and pixels.shape != self.grid.reduced_shape:
+            raise ValueError(f"Radiograph pixels of shape {pixels.shape} do not match their grid {self.grid}")
         if pixels.flags.writeable:
             pixels.flags.writeable = False
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """The film's rows x columns (Rows (0028,0010) x Columns (0028,0011)), whatever grid the pixels are on."""
+        return (self.grid.rows, self.grid.columns) if self.grid is not None else (
+            int(self.pixels.shape[0]), int(self.pixels.shape[1]))
+
+    @property
     def rows(self) -> int:
-        return int(self.pixels.shape[0])
+        return self.shape[0]
 
     @property
     def columns(self) -> int:
-        return int(self.pixels.shape[1])
+        return self.shape[1]
 
     @property
     def pixel_area_mm2(self) -> float | None:

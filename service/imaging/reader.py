@@ -1,6 +1,7 @@
 """DICOM (or greyscale PNG) → `Radiograph`: the one way an image enters the service and the training code.
 
     read_radiograph(source) = load bytes → parse → check header (structure, then policy) → decode pixels
+                              (JPEG 2000 / JPEG at the models' resolution where the policy asks: `reduced`)
                               → grey-scale to display [0, 1], air dark (the file's window unless it hides the
                                 film: `display`) → spacing → something to see? (else degenerate_image)
                               → plausibility (on those same pixels) → Radiograph
@@ -12,6 +13,7 @@ the ones it will be served.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import zlib
@@ -36,13 +38,14 @@ from service.errors import WarningCode
 from service.imaging import grayscale
 from service.imaging.acceptance import AcceptancePolicy
 from service.imaging.decoding import decode_pixels
-from service.imaging.display import check_visible, to_display
+from service.imaging.display import FILE_WINDOWS, check_visible, to_display
 from service.imaging.header import (
     check_header,
     check_size,
     read_floats,
 )
 from service.imaging.radiograph import Radiograph, RadiographError, RejectionCode
+from service.metrics import child, metrics
 
 # Invalid values are reported by our own checks with the tag named; pydicom's own warnings would only
 # repeat them in the log, sometimes quoting values, so reading validation is off for this process.
@@ -50,6 +53,7 @@ pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike, BinaryIO]
 
+log = logging.getLogger("ptx.decode")
 DEFAULT_POLICY = AcceptancePolicy()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_SEQUENCE_DEPTH = 32  # nesting in an image header (real ones: a few levels)
@@ -82,15 +86,22 @@ def read_film(source: Source, policy: AcceptancePolicy = DEFAULT_POLICY) -> Film
         header = check_header(ds, policy)
     except RadiographError as exc:
         raise _truncated_pixel_data(data, exc) from None
-    stored = decode_pixels(ds, policy.decode_timeout_s, policy.decode_memory_mb, policy.decode_workers)
-    pixels, window_source, window_warnings = to_display(stored, ds, header)
+    decoded = decode_pixels(ds, policy.decode_timeout_s, policy.decode_memory_mb, policy.decode_workers,
+                            policy.decode_min_side)
+    if decoded.fallback is not None:  # counted here, in the edge's process (the decode may run in a worker)
+        child(metrics().decode_fallbacks, reason=decoded.fallback).inc()
+        log.info("reduced decode of %s fell back to a full decode (%s)", header.transfer_syntax.name, decoded.detail)
+    pixels, window_source, window_warnings = to_display(decoded.stored, ds, header)
     spacing, spacing_source = pixel_spacing(ds)
     warnings = list(header.warnings) + window_warnings
     if inferred_syntax:
         warnings.append(WarningCode.TRANSFER_SYNTAX_INFERRED.value)
     if spacing is None:
         warnings.append(WarningCode.SPACING_UNKNOWN.value)
-    if policy.reject_degenerate:  # on what the model will see: after any window fallback
+    # On what the model will see: after any window fallback. A window from the file that `to_display` kept has
+    # passed `hides_film`, which includes this very check on these very pixels: not sorted through twice.
+    checked = window_source in FILE_WINDOWS and WarningCode.WINDOW_MISMATCH.value not in window_warnings
+    if policy.reject_degenerate and not checked:
         check_visible(pixels)
     _check_plausible(pixels, policy, warnings, frontal=header.view_position in policy.frontal_views)
     radiograph = Radiograph(
@@ -109,6 +120,7 @@ def read_film(source: Source, policy: AcceptancePolicy = DEFAULT_POLICY) -> Film
         window_source=window_source,
         source_format="dicom",
         warnings=tuple(warnings),
+        grid=decoded.grid,
     )
     for tag in _PIXEL_DATA_TAGS:  # the bytes are decoded; the header alone travels on
         if tag in ds:
@@ -279,7 +291,8 @@ def pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]:
         if keyword == "ImagerPixelSpacing":
             factor = read_floats(ds, "EstimatedRadiographicMagnificationFactor")
             if factor and math.isfinite(factor[0]) and factor[0] >= 1.0:
-                return (row / factor[0], column / factor[0]), "ImagerPixelSpacing/EstimatedRadiographicMagnificationFactor"
+                return ((row / factor[0], column / factor[0]),
+                        "ImagerPixelSpacing/EstimatedRadiographicMagnificationFactor")
         return (row, column), keyword
     return None, None
 

@@ -30,11 +30,14 @@ from pydantic import (
 from typing_extensions import TypeAliasType
 
 from service.errors import ServiceError
+from service.models.fusion import ScoreFusion
 from service.models.input_spec import InputSpec
+from service.models.ood import OodStatistics
 from service.models.thresholds import TripletThreshold
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+INT8_ROLE = "onnx_int8"  # the statically quantised (QDQ) ONNX file, made by training/quantize.py
 _DIGEST_PREFIX = 12
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -128,11 +131,44 @@ class TrainingInfo(_Strict):
     git_commit: str | None = None
 
 
+class Int8Calibration(_Strict):
+    """The films the INT8 ranges were measured on: training films, never test films (see training/quantize.py).
+
+    `fingerprint` is the sha256 of the preprocessed float32 calibration batch, so that a re-run can show it
+    calibrated on the very same inputs.
+    """
+
+    description: str = Field(min_length=1)
+    films: int = Field(ge=1)
+    fingerprint: str = Field(min_length=1)
+
+
+class Int8Info(_Strict):
+    """How the INT8 file (files role `onnx_int8`) was made and how far it is from the FP32 file.
+
+    Static quantisation by ONNX Runtime in the QDQ format; `max_abs_error` / `mean_abs_error` compare its
+    sigmoid probabilities with the FP32 ONNX file's on the calibration films, and the export is refused when
+    the mean exceeds `tolerance` (a broken calibration, not a small rounding difference).
+    """
+
+    quant_format: Literal["QDQ"] = "QDQ"
+    method: str = Field(min_length=1)
+    calibration_method: str = Field(min_length=1)
+    activation_type: str = Field(min_length=1)
+    weight_type: str = Field(min_length=1)
+    per_channel: bool
+    calibration: Int8Calibration
+    tolerance: float = Field(ge=0)
+    max_abs_error: float = Field(ge=0)
+    mean_abs_error: float = Field(ge=0)
+
+
 class ExportInfo(_Strict):
     """How the ONNX files were checked against PyTorch (see training/export.py and docs/models.md).
 
     `max_abs_error` / `max_rel_error` compare raw outputs (logits), the relative one against
-    max |PyTorch output|; `fp16_max_abs_error` compares sigmoid probabilities of the FP16 variant.
+    max |PyTorch output|; `fp16_max_abs_error` compares sigmoid probabilities of the FP16 variant; `int8`
+    says how the INT8 variant was calibrated and checked (present exactly when the files list one).
     """
 
     opset: int = Field(ge=17)
@@ -144,6 +180,7 @@ class ExportInfo(_Strict):
     fp16_max_abs_error: float | None = Field(default=None, ge=0)
     checked_batch_sizes: list[int] = Field(default_factory=lambda: [1, 3])
     real_inputs_checked: int = Field(default=0, ge=0)
+    int8: Int8Info | None = None
 
 
 class Manifest(_Strict):
@@ -161,6 +198,8 @@ class Manifest(_Strict):
     export: ExportInfo
     intended_use: str
     created: str
+    ood: OodStatistics | None = None  # classifiers with a `features` output (service/models/ood.py)
+    fusion: ScoreFusion | None = None  # classifiers: the triage score from both models (service/models/fusion.py)
 
     @field_validator("name", "version")
     @classmethod
@@ -220,6 +259,15 @@ class Manifest(_Strict):
                 f"sha256 must cover exactly the listed files: missing {sorted(listed - hashed)}, "
                 f"unlisted {sorted(hashed - listed)}"
             )
+        if (INT8_ROLE in self.files) != (self.export.int8 is not None):
+            raise ValueError(
+                f"files role {INT8_ROLE!r} and export.int8 (how it was calibrated) go together: "
+                f"{'export.int8 is missing' if INT8_ROLE in self.files else f'no {INT8_ROLE!r} file is listed'}"
+            )
+        if (self.ood or self.fusion) and self.task != "classification":
+            raise ValueError("ood and fusion describe a classifier: a segmentation manifest has neither")
+        if self.ood is not None and self.ood.output not in self.outputs:
+            raise ValueError(f"ood reads the output {self.ood.output!r}, which outputs {self.outputs} lack")
         wanted = ClassificationThresholds if self.task == "classification" else SegmentationThresholds
         if not isinstance(self.thresholds, wanted):
             raise ValueError(f"task {self.task!r} needs {wanted.__name__}, got {type(self.thresholds).__name__}")
@@ -335,3 +383,17 @@ def triplet(manifest: Manifest, size: int | tuple[int, int] | None = None) -> Tr
         thresholds.triplet.top_score, thresholds.triplet.min_area, thresholds.triplet.bottom_score
     )
     return rule if size is None else rule.at_size(size, from_size=thresholds.min_area_reference_size)
+
+
+def read_members(directory: Path, manifest: Manifest) -> tuple[str, ...]:
+    """An ensemble's members, "<version> (run <key>)" each, from the file its manifest lists under the role
+    "members" (training/cv.py writes it; its sha256 is checked with the other files); () for a single model."""
+    name = manifest.files.get("members")
+    if name is None:
+        return ()
+    try:
+        listed = json.loads((Path(directory) / name).read_text(encoding="utf-8"))["members"]
+        return tuple(f"{member['version']} (run {member['run_key']})" for member in listed)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ManifestError(f"{Path(directory) / name}: not an ensemble's member list ({type(error).__name__})"
+                            ) from error

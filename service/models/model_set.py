@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.models import manifest as manifests
+from service.models.fusion import ScoreFusion
 from service.models.input_spec import InputSpec
 from service.models.manifest import (
     ClassificationThresholds,
@@ -18,6 +19,7 @@ from service.models.manifest import (
     ManifestError,
     SegmentationThresholds,
 )
+from service.models.precision import require_variant
 from service.models.thresholds import TripletThreshold
 from service.settings import Settings
 
@@ -27,6 +29,7 @@ class ModelEntry:
     role: str  # "classifier" or "segmenter"
     directory: Path
     manifest: Manifest
+    members: tuple[str, ...] = ()  # an ensemble's members, "<version> (run <key>)" (training/cv.py); () otherwise
 
     @property
     def label(self) -> str:
@@ -63,6 +66,17 @@ class ModelSet:
         return self._classification.operating_point
 
     @property
+    def fusion(self) -> ScoreFusion | None:
+        """The triage score's fusion of both models' evidence (service/models/fusion.py), if the classifier has one."""
+        return self.classifier.manifest.fusion
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """The classifier's out-of-distribution threshold (service/models/ood.py), if its manifest has one."""
+        ood = self.classifier.manifest.ood
+        return None if ood is None else ood.threshold
+
+    @property
     def triplet(self) -> TripletThreshold:
         return manifests.triplet(self.segmenter.manifest)
 
@@ -89,19 +103,23 @@ def _resolve(root: Path, name: str | None, task: str, role: str, setting: str) -
     directory, manifest = manifests.latest(root, name)
     if manifest.task != task:
         raise ManifestError(f"{setting}={name} is a {manifest.task} model; the {role} must be a {task} model")
-    return ModelEntry(role, directory, manifest)
+    return ModelEntry(role, directory, manifest, manifests.read_members(directory, manifest))
 
 
 def resolve(settings: Settings) -> ModelSet:
     """The highest version of the named (or only) classifier and segmenter under `settings.models_dir`.
 
     Raises `ManifestError` (naming the file and the mismatch) for any model that fails its hashes: a
-    service never starts on unvalidated weights.
+    service never starts on unvalidated weights; nor on a precision (PTX_PRECISION) whose file a model's
+    manifest does not list.
     """
     root = Path(settings.models_dir)
     if not root.is_dir():
         raise ManifestError(f"models directory {root} (PTX_MODELS_DIR) does not exist")
-    return ModelSet(
+    models = ModelSet(
         classifier=_resolve(root, settings.classifier, "classification", "classifier", "PTX_CLASSIFIER"),
         segmenter=_resolve(root, settings.segmenter, "segmentation", "segmenter", "PTX_SEGMENTER"),
     )
+    for entry in models.entries():
+        require_variant(entry.manifest, settings.precision)
+    return models

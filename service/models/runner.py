@@ -3,6 +3,8 @@
 No BentoML here: `service.app.Models` wraps a `ModelRunner` in two batchable endpoints. Each output row
 carries two trailing numbers -- the duration of the batched run it was part of and that batch's size -- so
 the HTTP edge can tell a request's queue wait from compute without a second channel (`pack` / `unpack`).
+A classifier row is [score, OOD distance] (`CLASSIFY_ROW`): the worker measures the distance from the
+features in the same batched run (service/models/ood.py), so the features never cross the wire.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ import numpy as np
 
 from service.metrics import metrics, start_resource_sampler
 from service.models.backends import Backend
+from service.models.backends.hardware_probe import probe_gpu
 from service.models.health import ModelHealth, ModelUnavailable, check_output
-from service.models.inference import classify_scores, segment_maps
+from service.models.inference import classify_rows, classify_scores, segment_maps
 from service.models.model_set import ModelEntry, ModelSet
+from service.models.ood import OodModel
 from service.settings import Settings
 
 log = logging.getLogger("ptx.runtime")
 
 BackendLoader = Callable[[ModelEntry, Settings], Backend]
+CLASSIFY_ROW = (2,)  # per-film shape of the classifier's output: [triage score, OOD distance or NO_DISTANCE]
 
 
 def pack(outputs: np.ndarray, seconds: float) -> np.ndarray:
@@ -60,7 +65,7 @@ def default_loader(entry: ModelEntry, settings: Settings) -> Backend:
     cache = settings.trt_cache_dir or settings.data_dir / "trt-cache"
     return load_backend(entry.directory, entry.manifest, settings.backend,
                         intra_op_threads=settings.intra_op_threads, spinning=settings.ort_spinning,
-                        cache_dir=cache)
+                        cache_dir=cache, precision=settings.precision)
 
 
 def observed_by(registry: Any) -> Callable[[str, np.ndarray, np.ndarray], np.ndarray]:
@@ -89,6 +94,8 @@ class ModelRunner:
         self.settings = settings
         self.classifier = loader(models.classifier, settings)
         self.segmenter = loader(models.segmenter, settings)
+        stats = models.classifier.manifest.ood
+        self.ood = None if stats is None else OodModel.from_statistics(stats)
         self._lock = threading.Lock()
         for entry, backend in ((models.classifier, self.classifier), (models.segmenter, self.segmenter)):
             log.info("%s: %s on %s (provider %s)", entry.role, entry.label, backend.name,
@@ -103,9 +110,6 @@ class ModelRunner:
     def for_worker(cls, models: ModelSet, settings: Settings) -> ModelRunner:
         """The model worker's runner: resources watched from the start (memory is worth watching while the
         models load), health and model identity exported as metrics, warmed up when PTX_WARMUP is set."""
-        # here, not at the top: the edge imports this module and never loads onnxruntime
-        from service.models.backends.onnxruntime import probe_gpu
-
         registry = metrics()
         registry.gpu_visible.set(1 if probe_gpu() is not None else 0)
         start_resource_sampler("models", gpu=True)
@@ -120,9 +124,9 @@ class ModelRunner:
         return runner
 
     def classify(self, batch: np.ndarray) -> np.ndarray:
-        """Packed scores (N, 3) for a preprocessed classifier batch."""
+        """Packed [score, OOD distance] rows (N, 4) for a preprocessed classifier batch."""
         batch = self._check(batch, self.models.classifier_spec.size)
-        return self._run("classifier", lambda: classify_scores(self.classifier, batch, self.settings.hflip_tta))
+        return self._run("classifier", lambda: classify_rows(self.classifier, batch, self.settings.hflip_tta, self.ood))
 
     def segment(self, batch: np.ndarray) -> np.ndarray:
         """Packed probability maps (N, S·S + 2) for a preprocessed segmenter batch."""
@@ -135,8 +139,13 @@ class ModelRunner:
         try:
             with self._lock:
                 started = time.perf_counter()  # the run itself, not a wait for a probe to finish
-                outputs = check_output(role, step(), 0.0, 1.0)
+                outputs = step()
                 seconds = time.perf_counter() - started
+            if role == "classifier":  # scores are probabilities; distances finite (or NO_DISTANCE, -1)
+                check_output(role, outputs[:, 0], 0.0, 1.0)
+                check_output(role, outputs[:, 1], -1.0)
+            else:
+                check_output(role, outputs, 0.0, 1.0)
         except Exception as exc:
             self.health.failed(role, exc)
             raise ModelUnavailable(role, f"its run failed: {type(exc).__name__}") from exc

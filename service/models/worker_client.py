@@ -18,7 +18,7 @@ from bentoml.exceptions import BentoMLException
 
 from service.errors import ServiceError, unavailable
 from service.metrics import child, metrics
-from service.models.runner import unpack
+from service.models.runner import CLASSIFY_ROW, unpack
 
 log = logging.getLogger("ptx.models")
 
@@ -54,7 +54,8 @@ class ModelClient:
         self.max_latency_ms, self.retry_after_s = max_latency_ms, retry_after_s
 
     async def classify(self, batch: np.ndarray) -> np.ndarray:
-        return await self._call("classifier", batch, ())
+        """[[score, OOD distance]] for one film (runner.CLASSIFY_ROW; the distance -1 where there is none)."""
+        return await self._call("classifier", batch, CLASSIFY_ROW)
 
     async def segment(self, batch: np.ndarray) -> np.ndarray:
         return await self._call("segmenter", batch, (self.side, self.side))

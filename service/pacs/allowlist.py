@@ -63,17 +63,15 @@ class CallingAeAllowlist:
         networks = self.entries.get(calling_ae.strip())
         if networks is None:
             return False
-        if not networks:
+        return not networks or _within(address, networks)
+
+    def admits_address(self, address: str) -> bool:
+        """Whether some entry lets `address` in under some title: what can be checked at TCP accept, before
+        the peer has said who it is (a bare title admits every address). The listener closes a connection
+        from any other address before it holds a thread or an association slot."""
+        if any(not networks for networks in self.entries.values()):
             return True
-        try:
-            peer = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        candidates = [peer]
-        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-            candidates.append(peer.ipv4_mapped)
-        return any(candidate in network for candidate in candidates for network in networks
-                   if candidate.version == network.version)
+        return _within(address, tuple(network for networks in self.entries.values() for network in networks))
 
     def describe(self) -> str:
         """For the start-up log line: `PACS1@10.0.0.5/32, WORKSTATION`."""
@@ -81,3 +79,16 @@ class CallingAeAllowlist:
         for title, networks in sorted(self.entries.items()):
             parts.extend([title] if not networks else [f"{title}@{network}" for network in networks])
         return ", ".join(parts)
+
+
+def _within(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether `address` (an IPv4-mapped IPv6 peer as its IPv4 address too) lies in one of `networks`."""
+    try:
+        peer = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    candidates = [peer]
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        candidates.append(peer.ipv4_mapped)
+    return any(candidate in network for candidate in candidates for network in networks
+               if candidate.version == network.version)

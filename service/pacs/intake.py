@@ -1,4 +1,4 @@
-"""The intake: drains the DICOM spool through the same triage as HTTP and records each outcome.
+"""The intake drains the DICOM spool through triage, as HTTP (long: an instance's life up to its results).
 
     start: store.pending_instances() (resume after a restart) + spool files the store does not know
     then:  notify(sop_uid) from the listener, and a poll of the store as a safety net
@@ -7,12 +7,13 @@
              any other exception        → back to received, retried with exponential backoff; after
                                           `max_attempts` starts → failed "internal_error", spool file
                                           kept for an operator's retry (store.retry_instance)
+             on_finding raises          → outputs_pending (store.defer_outputs), spool file kept, made
+                                          again after `outputs_retry_s`, doubling to `max_outputs_retry_s`
 
-Why asyncio tasks and not a thread pool: the service's triage (`service.cascade.served.ServedCascade.triage`)
-is a coroutine on the edge's event loop (it awaits the batching model worker and already runs decoding in its own threads), so
-the intake runs as `workers` tasks on that loop and awaits it directly. `triage` is therefore
-`Callable[[bytes], Awaitable[Finding]]`; a synchronous function can be passed through `asyncio.to_thread`
-(see the tests). Store and spool calls block (SQLite commits fsync), so they run in the default executor.
+Why asyncio tasks and not a thread pool: the service's triage (`ServedCascade.triage`) is a coroutine on the
+edge's event loop (it awaits the batching model worker and runs decoding in its own threads), so the intake
+runs as `workers` tasks on that loop and awaits it: `triage` is `Callable[[bytes], Awaitable[Finding]]` (a
+synchronous one goes through `asyncio.to_thread`). Store and spool calls block, so they run in threads.
 
 Attempts are the store's (`mark_instance(PROCESSING)` counts one), so they survive restarts: an instance
 that kills the process every time it is triaged is failed after `max_attempts` restarts instead of looping.
@@ -20,11 +21,13 @@ that kills the process every time it is triaged is failed after `max_attempts` r
 than a RadiographError spends an attempt.
 
 The finding is recorded before `on_finding` (SEG/SR generation and delivery) runs: the worklist priority is
-what a reader waits for, and a fault in output generation must not hold it back. `on_finding` failures are
-logged, not retried here. A crash between the two leaves the spool file of an instance recorded as done:
-at the next start its results are made again (triage, then `on_finding`; the finding already recorded is
-kept) and only then is the file removed. The objects get the same UIDs as any made before the crash
-(`ResultIdentity.uid`), and queued deliveries are keyed by object UID, so nothing is sent twice as two objects.
+what a reader waits for, and a fault in output generation must neither hold it back nor lose the results:
+the instance is outputs_pending in the store (visible in its study, counted by a gauge) with its spool file
+kept. Retry times are the store's, so retries outlive a restart, and each start tries every outputs_pending
+instance once (a restart often follows the fix). A crash between recording and removing the file leaves a
+done instance with its file: the next start makes it outputs_pending. Objects made again get the same UIDs
+(`ResultIdentity.uid`) and deliveries are keyed by object UID: nothing is sent twice as two objects. Without
+`on_finding` no objects are made; retries waiting for their time do not hold up `wait_idle`.
 
 Exactly one intake drains a spool (one process): two would triage the same instances twice. Start the intake
 before the listener, so that its start-up scan does not race the listener's first writes.
@@ -37,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pydicom import dcmread
 
@@ -70,19 +73,24 @@ class Intake:
 
     `observe_notification(seconds)`: time from C-STORE receipt (the store's `received_at`) to the finding
     being recorded, for a histogram. `poll_interval_s`: how often the store is checked for instances whose
-    notification was missed (or that another process received).
+    notification was missed (or that another process received) and for outputs retries come due.
     """
 
     def __init__(self, spool: Spool, store: ResultsStore, triage: TriageCall, *, workers: int = 2,
                  max_attempts: int = 5, retry_delay_s: float = 2.0, max_retry_delay_s: float = 300.0,
+                 outputs_retry_s: float = 30.0, max_outputs_retry_s: float = 3600.0,
                  poll_interval_s: float = 10.0, on_finding: FindingHook | None = None,
                  observe_notification: Callable[[float], None] | None = None,
                  clock: Callable[[], datetime] = utc_now) -> None:
         if workers < 1 or max_attempts < 1:
             raise ValueError(f"workers and max_attempts must be at least 1, got {workers} and {max_attempts}")
+        if not 0 < outputs_retry_s <= max_outputs_retry_s:
+            raise ValueError(f"need 0 < outputs_retry_s <= max_outputs_retry_s, got {outputs_retry_s} and "
+                             f"{max_outputs_retry_s}")
         self.spool, self.store, self.triage = spool, store, triage
         self.workers, self.max_attempts = workers, max_attempts
         self.retry_delay_s, self.max_retry_delay_s = retry_delay_s, max_retry_delay_s
+        self.outputs_retry_s, self.max_outputs_retry_s = outputs_retry_s, max_outputs_retry_s
         self.poll_interval_s = poll_interval_s
         self.on_finding, self.observe_notification = on_finding, observe_notification
         self.clock = clock
@@ -93,9 +101,12 @@ class Intake:
         self._failures: dict[str, int] = {}  # unexpected exceptions in this process, for the backoff
         self._received_at: dict[str, datetime] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._busy: set[asyncio.Task[None] | None] = set()  # workers inside one instance (stop waits for them)
+        self._stopping = False
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._finished_since_poll: set[str] = set()
-        self._outputs_only: set[str] = set()  # recorded before a crash, results maybe not all written
+        self._outputs_only: set[str] = set()  # recorded, results to make (outputs_pending): no triage record
+        self._outputs_timers: dict[str, asyncio.TimerHandle] = {}  # outputs retries waiting for their time
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -105,7 +116,7 @@ class Intake:
         """Resume what a previous run left (pending instances, unrecorded spool files), then start workers."""
         if self._tasks:
             raise RuntimeError("the intake is already running")
-        self._loop = asyncio.get_running_loop()
+        self._loop, self._stopping = asyncio.get_running_loop(), False
         self._queue, self._idle = asyncio.Queue(), asyncio.Event()  # bound to this loop (a restart may use another)
         for table in (self._tracked, self._attempts, self._failures, self._received_at, self._outputs_only):
             table.clear()
@@ -117,11 +128,18 @@ class Intake:
         self._tasks.append(asyncio.create_task(self._poll(), name="ptx-intake-poll"))
         log.info("intake started: %d worker(s), %d instance(s) to resume", self.workers, len(records))
 
-    async def stop(self) -> None:
-        """Cancel the workers. Instances in progress stay pending in the store and resume at the next start."""
-        for handle in self._retries.values():
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop: no new instance is taken up; those being triaged get `grace_s` to finish (record, results),
+        then every worker is cancelled. A cancelled one stays pending in the store and resumes at the next start
+        (SIGTERM drains with PTX_DRAIN_TIMEOUT_S; issue 13 §10)."""
+        self._stopping = True
+        for handle in [*self._retries.values(), *self._outputs_timers.values()]:
             handle.cancel()
-        self._retries.clear()
+        self._retries, self._outputs_timers = {}, {}
+        busy = [task for task in self._tasks if task in self._busy]
+        if busy and grace_s > 0:
+            log.info("intake stopping: %d instance(s) in progress get %.0f s to finish", len(busy), grace_s)
+            await asyncio.wait(busy, timeout=grace_s)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -146,8 +164,13 @@ class Intake:
     # --- recovery -----------------------------------------------------------------------------------------
 
     def _recover(self) -> list[InstanceRecord]:
-        """Runs in a thread at start: what to resume, instances without bytes failed, orphan files adopted."""
+        """Runs in a thread at start: what to resume, instances without bytes failed, orphan files adopted,
+        outputs_pending instances tried at once (with `on_finding`)."""
         resumable = []
+        outputs = self.store.due_outputs()
+        if self.on_finding is not None:
+            self._outputs_only.update(r.sop_uid for r in outputs)
+            resumable.extend(outputs)
         records = [r for r in self.store.pending_instances() if r.spool_path is not None]  # None: HTTP's own
         for record in records:
             if not self.spool.exists(record.sop_uid):
@@ -156,7 +179,7 @@ class Intake:
                 self.store.mark_instance(record.sop_uid, InstanceStatus.FAILED, SPOOL_MISSING)
             else:
                 resumable.append(record)
-        known = {r.sop_uid for r in records}
+        known = {r.sop_uid for r in (*records, *outputs)}  # an outputs_pending instance keeps its file
         for sop_uid in self.spool.pending():
             if sop_uid not in known:
                 adopted = self._adopt(sop_uid)
@@ -189,9 +212,9 @@ class Intake:
             # Recorded, then the process died before the file was removed, which comes after the results:
             # some may be missing. Make them again (same UIDs: idempotent, see ResultIdentity.uid).
             log.warning("spool file %s belongs to a triaged instance whose results may be incomplete "
-                        "(interrupted); its results are made again", sop_uid)
+                        "(interrupted); outputs pending, made again", sop_uid)
             self._outputs_only.add(sop_uid)
-            return record
+            return self.store.defer_outputs(sop_uid, self.clock())
         if record is not None and record.status is InstanceStatus.FAILED and record.error_code == INTERNAL_ERROR:
             log.info("spool file %s belongs to an instance failed with %s; kept for a retry", sop_uid, INTERNAL_ERROR)
         elif record is not None and record.status in (InstanceStatus.DONE, InstanceStatus.FAILED):
@@ -236,27 +259,35 @@ class Intake:
             self._idle.set()
 
     async def _poll(self) -> None:
-        """Track pending instances nobody told us about. The read is a snapshot: an instance finished while
-        it ran is in `_finished_since_poll` and must not be taken up again (that would mark it processing
-        and then fail it for its removed spool file)."""
+        """Track pending instances nobody told us about, and outputs retries come due without a timer (the
+        store failed, say). The read is a snapshot: an instance finished while it ran is in
+        `_finished_since_poll` and must not be taken up again (that would mark it processing and then fail
+        it for its removed spool file)."""
         while True:
             await asyncio.sleep(self.poll_interval_s)
             self._finished_since_poll = set()
             try:
                 records = await asyncio.to_thread(self.store.pending_instances)
+                due = [] if self.on_finding is None else await asyncio.to_thread(self.store.due_outputs, self.clock())
             except Exception as exc:  # noqa: BLE001 -- the database may be briefly unavailable
                 log.warning("intake poll failed (%s); retrying in %.0f s", describe_exception(exc),
                             self.poll_interval_s)
                 continue
-            for record in records:
-                if (record.spool_path is not None and record.sop_uid not in self._tracked
-                        and record.sop_uid not in self._finished_since_poll):
-                    self._track(record)
+            skip = self._tracked | self._finished_since_poll | self._outputs_timers.keys()
+            for record in (r for r in [*records, *due] if r.spool_path is not None and r.sop_uid not in skip):
+                if record.status is InstanceStatus.OUTPUTS_PENDING:
+                    self._outputs_only.add(record.sop_uid)
+                self._track(record)
 
     async def _work(self) -> None:
-        while True:
+        while not self._stopping:
             sop_uid = await self._queue.get()
+            if self._stopping:  # stays pending in the store: the next start takes it up
+                self._queue.task_done()
+                return
             retrying = False
+            me = asyncio.current_task()
+            self._busy.add(me)
             try:
                 retrying = await self._process(sop_uid)
             except asyncio.CancelledError:
@@ -264,6 +295,7 @@ class Intake:
             except Exception as exc:  # noqa: BLE001 -- the store itself failed: leave it for the poll
                 log.error("instance %s: bookkeeping failed (%s); left pending", sop_uid, describe_exception(exc))
             finally:
+                self._busy.discard(me)
                 self._queue.task_done()
                 if not retrying and sop_uid not in self._retries:
                     self._untrack(sop_uid)
@@ -335,31 +367,64 @@ class Intake:
             received_at = self._received_at.get(sop_uid) or await asyncio.to_thread(self._receipt, finding)
             if received_at is not None:
                 self._observe((recorded_at - received_at).total_seconds())
-        if self.on_finding is not None:
-            try:
-                await self.on_finding(data, finding)
-            except Exception as exc:  # noqa: BLE001 -- the finding stands; outputs have their own retries
-                log.error("instance %s: on_finding failed (%s)", sop_uid, describe_exception(exc))
-        await asyncio.to_thread(self.spool.remove, sop_uid)
+        await self._finish(sop_uid, data, finding)
 
     async def _remake_outputs(self, sop_uid: str) -> None:
-        """The results of an instance recorded before a crash: triaged again (the stored finding keeps its
-        record; the film's objects get the same UIDs as before), then its spool file goes. On failure the
-        file stays for the next start."""
+        """An outputs_pending instance: triaged again (the stored finding keeps its record; the objects get the
+        same UIDs as before), then `_finish`. Bytes gone, or a film rejected now: settled with that code."""
         self._outputs_only.discard(sop_uid)
-        assert self.on_finding is not None
         try:
             data = await asyncio.to_thread(self.spool.read, sop_uid)
             finding = await self.triage(data)
-            await self.on_finding(data, finding)
+        except (FileNotFoundError, RadiographError) as exc:
+            code = SPOOL_MISSING if isinstance(exc, FileNotFoundError) else exc.code.value
+            await asyncio.to_thread(self.store.settle_outputs, sop_uid, code)
+            await asyncio.to_thread(self.spool.remove, sop_uid)
+            log.error("instance %s: its results cannot be made (%s); its finding stands without them", sop_uid, code)
+            return
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 -- the finding stands; retried at the next start
-            log.error("instance %s: making its results again failed (%s); kept for the next start",
-                      sop_uid, describe_exception(exc))
+        except Exception as exc:  # noqa: BLE001 -- the model worker away, say: tried again later
+            await self._outputs_failed(sop_uid, exc)
             return
+        await self._finish(sop_uid, data, finding, pending=True)
+
+    async def _finish(self, sop_uid: str, data: bytes, finding: Finding, pending: bool = False) -> None:
+        """`on_finding`, then the spool file goes (and a `pending` instance is settled); when it fails, the
+        instance is outputs_pending with its file kept (`_outputs_failed`)."""
+        if self.on_finding is not None:
+            try:
+                await self.on_finding(data, finding)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- the finding stands; its results are made again later
+                await self._outputs_failed(sop_uid, exc)
+                return
+        if pending:
+            await asyncio.to_thread(self.store.settle_outputs, sop_uid)
+            log.info("instance %s: results made, outputs no longer pending", sop_uid)
         await asyncio.to_thread(self.spool.remove, sop_uid)
-        log.info("instance %s: results made again after an interruption", sop_uid)
+
+    async def _outputs_failed(self, sop_uid: str, exc: Exception) -> None:
+        """outputs_pending, retried after `outputs_retry_s` doubled per failure (capped). A store that cannot
+        record it (locked) gets the retry all the same; a restart would find the file of a done instance."""
+        delay = self.outputs_retry_s
+        try:
+            record = await asyncio.to_thread(self.store.instance, sop_uid)
+            failures = 1 + (0 if record is None else record.outputs_attempts)
+            delay = min(self.outputs_retry_s * 2.0 ** min(failures - 1, 32), self.max_outputs_retry_s)
+            await asyncio.to_thread(self.store.defer_outputs, sop_uid, self.clock() + timedelta(seconds=delay))
+        except Exception as store_exc:  # noqa: BLE001 -- retried all the same, below
+            log.error("instance %s: outputs_pending not recorded (%s)", sop_uid, describe_exception(store_exc))
+        log.error("instance %s: its results could not be made (%s); spool file kept, next try in %.0f s", sop_uid,
+                  describe_exception(exc), delay)
+        assert self._loop is not None
+        self._outputs_timers[sop_uid] = self._loop.call_later(delay, self._outputs_due, sop_uid)
+
+    def _outputs_due(self, sop_uid: str) -> None:
+        self._outputs_timers.pop(sop_uid, None)
+        self._outputs_only.add(sop_uid)
+        self._enqueue(sop_uid)
 
     def _receipt(self, finding: Finding) -> datetime | None:
         record = self.store.instance(finding.sop_uid) if finding.sop_uid else None

@@ -2,9 +2,12 @@
 
 Modalities and PACS send chest radiographs here with C-STORE (and check us with C-ECHO).
 
+    connection ──address admitted by the allowlist? (else closed at accept) ──▶ read deadlines, keepalive
     association ──calling AE allowed from that address? under the limit?──▶ accepted (else A-ASSOCIATE-RJ)
-    C-STORE ──▶ spool.write (fsync, atomic link, never over a file) ──▶ store.receive ──▶ 0x0000 ──▶ on_received
+    C-STORE (dataset streamed to a file) ──▶ spool.adopt (fsync, atomic link, never over a file)
+                  ──▶ store.receive ──▶ 0x0000 ──▶ on_received
                   ├─ SOP Instance UID known with another study or other bytes ──▶ 0xC001 (conflict; not retried)
+                  ├─ spool's free space under PTX_SPOOL_MIN_FREE_MB ──────────▶ 0xA700 (outcome "no_space")
                   └─ any failure ─────────────────────────────────────▶ 0xA700 (the sender retries)
 
 Success goes back only once the instance is on disk and recorded: that is what lets "every instance that
@@ -29,6 +32,19 @@ is not offered: a deflated dataset is inflated whole in memory (reading its keys
 any size limit applies, and deflate reaches ~1000:1, so a small C-STORE could exhaust memory. Senders fall
 back to an uncompressed syntax, which `max_message_bytes` bounds as it arrives.
 
+Datasets are received to disk, not memory: pynetdicom's `_config.STORE_RECV_CHUNKED_DATASET` writes each
+C-STORE dataset to a temporary Part 10 file as its PDUs arrive (in the spool's `receiving` folder: see
+`_receive_into`), and the handler reads three tags and the SHA-256 from that file and links it into the spool
+(no copy; a copy in 1 MiB pieces only if the file came from another file system). Ten concurrent 60 MB
+C-STOREs then need a few MB of memory, not a gigabyte (tests/pacs/test_cstore_memory.py). The flag is module-global and `start` sets
+it for the whole process; that is acceptable because this listener is the process's only C-STORE SCP (our
+delivery side sends, which the flag does not touch), and a handler elsewhere that reads `event.dataset`
+still works (pynetdicom reads it from the file); only `event.encoded_dataset()` would not.
+
+Slow or stalled peers cannot hold association slots (service/pacs/connection_guard.py: read deadlines from
+PTX_DICOM_ACSE_TIMEOUT_S and PTX_DICOM_NETWORK_TIMEOUT_S, TCP keepalive, the allowlist's addresses at
+accept), and `stop` closes every connection still open after its grace, stalled or not.
+
 Logs name associations (calling AE, address), SOP Instance UIDs and statuses, never patient attributes.
 `python -m service.pacs.listener --port N --data-dir D` runs a listener with its spool and SQLite store
 alone (no triage): an intake in another process, or the crash test, can drain it.
@@ -37,17 +53,20 @@ alone (no triage): an intake in another process, or the crash test, can drain it
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
-import io
 import logging
+import os
 import signal
+import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -67,9 +86,8 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from service.imaging.acceptance import (
     CR_IMAGE_STORAGE,
@@ -79,8 +97,10 @@ from service.imaging.acceptance import (
 )
 from service.imaging.uids import is_dicom_uid
 from service.pacs.allowlist import CallingAeAllowlist
+from service.pacs.connection_guard import GuardedServer, PeerTimeouts
 from service.pacs.pdu_limit import limited_request_handler
 from service.pacs.spool import Spool
+from service.settings import Settings
 from service.store import (
     InstanceRecord,
     InstanceStatus,
@@ -117,7 +137,8 @@ UID_CONFLICT = 0xC001
 
 # Outcomes of a C-STORE, for `on_outcome` (the label of ptx_dicom_received_total)
 RECEIVED, DUPLICATE, REFUSED, FAILED, CONFLICT = "received", "duplicate", "refused", "failed", "conflict"
-OUTCOMES = (RECEIVED, DUPLICATE, REFUSED, FAILED, CONFLICT)
+NO_SPACE = "no_space"  # refused with 0xA700: the spool's file system is under PTX_SPOOL_MIN_FREE_MB
+OUTCOMES = (RECEIVED, DUPLICATE, REFUSED, FAILED, CONFLICT, NO_SPACE)
 
 
 def decodable_transfer_syntaxes(candidates: Iterable[UID] = CANDIDATE_TRANSFER_SYNTAXES) -> list[UID]:
@@ -142,27 +163,53 @@ _META_HEAD = 128 + 4 + 12  # preamble, "DICM", then (0002,0000) UL 4 <length>, a
 
 
 def _dataset_offset(head: bytes) -> int:
-    """Where the dataset starts in a Part 10 file (as `encoded_dataset()` and the spool write it), from its
-    first `_META_HEAD` bytes: past the file meta group, whose length its first element gives."""
+    """Where the dataset starts in a Part 10 file (as pynetdicom and the spool write it), from its first
+    `_META_HEAD` bytes: past the file meta group, whose length its first element gives."""
     if len(head) < _META_HEAD or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
         raise ValueError("not a Part 10 file with a file meta group length")
     return _META_HEAD + int.from_bytes(head[140:144], "little")
 
 
-def _dataset_sha256(encoded: bytes) -> str:
-    """SHA-256 of the dataset in received Part 10 bytes, the file meta group skipped (it is ours and names the
-    sender, so one film from two senders would otherwise differ); no copy of a possibly large buffer."""
-    return hashlib.sha256(memoryview(encoded)[_dataset_offset(encoded[:_META_HEAD]):]).hexdigest()
-
-
 def _file_sha256(path: Path) -> str:
-    """`_dataset_sha256` of a spooled file, in 1 MiB reads; FileNotFoundError when the file is gone."""
+    """SHA-256 of the dataset in a received or spooled Part 10 file, in 1 MiB reads, the file meta group
+    skipped (it is ours and names the sender, so one film from two senders would otherwise differ);
+    FileNotFoundError when the file is gone."""
     with path.open("rb") as handle:
         handle.seek(_dataset_offset(handle.read(_META_HEAD)))
         digest = hashlib.sha256()
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _receive_into(folder: Path) -> None:
+    """Make pynetdicom write received datasets into `folder` (the spool's own) instead of the system's temporary
+    folder: patient data stays on the service's volume, a receipt cut off by a crash is swept at the next start
+    (`Spool`), and the file is linked into the spool without a copy. pynetdicom 3 offers no setting for it; it
+    calls `NamedTemporaryFile` through its module `dimse_messages`, which is replaced here by the same function
+    with `dir=` (process-wide like `_config`: one C-STORE SCP per process; a later listener takes over)."""
+    from pynetdicom import dimse_messages
+
+    named = functools.partial(tempfile.NamedTemporaryFile, dir=str(folder))
+    dimse_messages.NamedTemporaryFile = named  # type: ignore[attr-defined]
+
+
+def _discard_partial_dataset(event: evt.Event) -> None:
+    """Remove the file of a C-STORE dataset whose connection closed before it was complete (aborted, timed
+    out, over a limit). pynetdicom removes its received file only after our handler ran, so such a partial
+    file (patient data, never answered) would otherwise stay until the next start. The in-progress message and its
+    file are pynetdicom 3's private attributes: read defensively, a missing one means nothing to remove."""
+    message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    if handle is None:
+        return
+    try:
+        handle.close()
+        os.unlink(handle.name)
+    except OSError:
+        log.warning("could not remove a partly received dataset's temporary file", exc_info=True)
+    else:
+        log.info("removed the temporary file of a C-STORE dataset cut off before its end")
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -189,7 +236,10 @@ class DicomListener:
     reason for addresses, and the caller need not learn that the title itself was right). `max_associations`: concurrent
     associations; one more gets "rejected-transient, service-provider (presentation), local limit exceeded".
     `max_pdu`: our Maximum Length Received, announced and enforced; `max_message_bytes`: the largest C-STORE
-    dataset read (None: no limit); a peer over either is aborted unread (service/dicom_pdu_limit.py).
+    dataset read (None: no limit); a peer over either is aborted unread (service/pacs/pdu_limit.py).
+    `acse_timeout_s`: from connection to a complete A-ASSOCIATE-RQ; `network_timeout_s`: the longest silence
+    inside an association or a PDU (service/pacs/connection_guard.py). `spool_min_free_mb`: a new C-STORE
+    is refused with 0xA700 (outcome "no_space") while the spool's file system has less free (0: no floor).
     `on_received(sop_uid)` is called after a new instance is durably received (the intake's wake-up; it must
     not block). `on_outcome(outcome)` is called once per C-STORE answered, with one of `OUTCOMES` (a metrics
     counter: the C-STORE rate by outcome). `port=0` binds a free port (see `port` after `start`).
@@ -200,10 +250,15 @@ class DicomListener:
                  allowed_calling_aes: CallingAeAllowlist | Iterable[str] | None = None,
                  max_associations: int = 10, max_pdu: int = DEFAULT_MAX_PDU,
                  max_message_bytes: int | None = DEFAULT_MAX_MESSAGE,
-                 on_received: Callable[[str], None] | None = None, network_timeout_s: float = 60.0,
+                 on_received: Callable[[str], None] | None = None, acse_timeout_s: float = 10.0,
+                 network_timeout_s: float = 30.0, spool_min_free_mb: int = 0,
                  clock: Callable[[], datetime] = utc_now, on_outcome: Callable[[str], None] | None = None) -> None:
         if max_associations < 1:
             raise ValueError(f"max_associations must be at least 1, got {max_associations}")
+        if spool_min_free_mb < 0:
+            raise ValueError(f"spool_min_free_mb must be 0 (no floor) or more, got {spool_min_free_mb}")
+        self.timeouts = PeerTimeouts(acse_timeout_s, network_timeout_s)  # ValueError names the bad one
+        self.spool_min_free_mb = spool_min_free_mb
         self.spool, self.store = spool, store
         self.host, self._port = host, port
         self.ae_title = ae_title
@@ -214,14 +269,34 @@ class DicomListener:
         self.on_received = on_received
         self.on_outcome = on_outcome
         self.clock = clock
-        self.ae = self._build_ae(max_associations, max_pdu, network_timeout_s)
-        self._server: ThreadedAssociationServer | None = None
+        self.ae = self._build_ae(max_associations, max_pdu)
+        self._server: GuardedServer | None = None
 
-    def _build_ae(self, max_associations: int, max_pdu: int, network_timeout_s: float) -> AE:
+    @classmethod
+    def from_settings(cls, settings: Settings, spool: Spool, store: ResultsStore, *,
+                      on_received: Callable[[str], None] | None = None,
+                      on_outcome: Callable[[str], None] | None = None) -> DicomListener:
+        """The listener the settings describe (PTX_DICOM_*, PTX_MAX_FILE_BYTES, PTX_SPOOL_MIN_FREE_MB)."""
+        if settings.dicom_port is None:
+            raise ValueError("PTX_DICOM_PORT is not set: there is no DICOM listener to build")
+        allowed = CallingAeAllowlist.parse(settings.dicom_allowed_aes) if settings.dicom_allowed_aes else None
+        if allowed is None:  # issue 13 §7: open by configuration only, and said loudly
+            log.warning("PTX_DICOM_ALLOWED_AES is not set: ANY calling AE from ANY address may store films on "
+                        "%s:%d; list the PACS and modalities that may send (docs/security.md)",
+                        settings.dicom_host, settings.dicom_port)
+        return cls(spool, store, port=settings.dicom_port, host=settings.dicom_host,
+                   ae_title=settings.dicom_ae_title, allowed_calling_aes=allowed,
+                   max_associations=settings.dicom_max_associations, max_pdu=settings.dicom_max_pdu,
+                   max_message_bytes=settings.max_file_bytes, acse_timeout_s=settings.dicom_acse_timeout_s,
+                   network_timeout_s=settings.dicom_network_timeout_s,
+                   spool_min_free_mb=settings.spool_min_free_mb, on_received=on_received, on_outcome=on_outcome)
+
+    def _build_ae(self, max_associations: int, max_pdu: int) -> AE:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = max_associations
         ae.maximum_pdu_size = max_pdu
-        ae.network_timeout = network_timeout_s
+        ae.acse_timeout = self.timeouts.acse_s  # pynetdicom's ARTIM: a peer silent from the start
+        ae.network_timeout = self.timeouts.network_s  # pynetdicom's idle timer: silence between PDUs
         # pynetdicom's defaults for C-ECHO, less deflate: no context of ours may carry a deflated dataset
         ae.add_supported_context(Verification, [syntax for syntax in DEFAULT_TRANSFER_SYNTAXES
                                                 if syntax != DeflatedExplicitVRLittleEndian])
@@ -239,13 +314,17 @@ class DicomListener:
         handlers = [(evt.EVT_REQUESTED, self._on_requested),
                     (evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_ABORTED, self._on_aborted)]
-        # What `AE.start_server(block=False)` does, with our request handler: every PDU header is checked
-        # before its body is read (service/dicom_pdu_limit.py). The server registers with the AE as there,
+                    (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_CONN_CLOSE, _discard_partial_dataset)]
+        _config.STORE_RECV_CHUNKED_DATASET = True  # datasets to files, not memory: see the module docstring
+        _receive_into(self.spool.receiving)
+        # What `AE.start_server(block=False)` does, with our server and request handler: addresses checked at
+        # accept, every PDU header checked before its body is read and every read under a deadline
+        # (service/pacs/pdu_limit.py, connection_guard.py). The server registers with the AE as there,
         # since its shutdown() deregisters itself.
-        server = self.ae.make_server((self.host, self._port), evt_handlers=handlers,
-                                     server_class=ThreadedAssociationServer,
-                                     request_handler=limited_request_handler(self.max_message_bytes))
+        server = self.ae.make_server((self.host, self._port), evt_handlers=handlers, server_class=GuardedServer,
+                                     request_handler=limited_request_handler(self.max_message_bytes, self.timeouts))
+        assert isinstance(server, GuardedServer)
+        server.allowlist = self.allowlist
         threading.Thread(target=server.serve_forever, name=f"DicomListener@{self.ae_title}", daemon=True).start()
         self.ae._servers.append(server)
         self._server = server
@@ -261,24 +340,45 @@ class DicomListener:
         return self._port
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Stop accepting, give open associations `grace_s` to finish, then abort the rest (their senders
-        retry what was not answered). Instances already answered success are durable either way."""
+        """Stop accepting, give established associations `grace_s` to finish, then abort them (their senders
+        retry what was not answered) and close every connection still open, a stalled one included, so
+        this returns within about `grace_s` + 1 s whatever the peers do. Instances already answered
+        success are durable either way."""
         if self._server is None:
             return
         self._server.shutdown()
         self._server = None
-        deadline = time.monotonic() + grace_s
-        while self._acceptors() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self._wait(lambda: any(assoc.is_established for assoc in self._acceptors()), grace_s)
         for assoc in self._acceptors():
-            log.warning("aborting the association with %s at shutdown", assoc.requestor.ae_title or "?")
-            assoc.abort()
+            if assoc.is_established:
+                log.warning("aborting the association with %s at shutdown", assoc.requestor.ae_title or "?")
+                assoc.abort(block=False)  # A-ABORT queued; blocking could wait on a stalled peer
+        self._wait(lambda: any(self._open_socket(assoc) for assoc in self._acceptors()), 0.5)
+        for assoc in self._acceptors():
+            if (sock := self._open_socket(assoc)) is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # a blocked read returns: pynetdicom sees the transport close
+                except OSError:
+                    pass
         log.info("DICOM listener %s stopped", self.ae_title)
+
+    @staticmethod
+    def _wait(condition: Callable[[], bool], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    @staticmethod
+    def _open_socket(assoc: Any) -> Any:
+        """The association's socket while its connection is open, else None."""
+        transport = assoc.dul.socket
+        sock = getattr(transport, "socket", None) if transport is not None else None
+        return sock if sock is not None and sock.fileno() >= 0 else None
 
     def _acceptors(self) -> list[Any]:
         return [assoc for assoc in self.ae.active_associations if assoc.is_acceptor and assoc.is_alive()]
 
-    def __enter__(self) -> DicomListener:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -333,7 +433,7 @@ class DicomListener:
         if self.on_outcome is not None:
             try:
                 self.on_outcome(outcome)
-            except Exception:  # noqa: BLE001 -- counting must never change the answer
+            except Exception:  # counting must never change the answer
                 log.warning("on_outcome failed", exc_info=True)
         return answer
 
@@ -342,19 +442,25 @@ class DicomListener:
         and never a success or a spool write for a SOP Instance UID already known with other content."""
         calling_ae = (event.assoc.requestor.ae_title or "").strip() or "unknown"
         sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+        received = event.dataset_path  # the Part 10 file pynetdicom wrote (and removes after this handler)
+        if received is None:
+            log.error("C-STORE %s from %s: no received file (STORE_RECV_CHUNKED_DATASET was turned off); answered "
+                      "0x%04X", sop_uid, calling_ae, OUT_OF_RESOURCES)
+            return _status(OUT_OF_RESOURCES, "could not store the instance durably; retry later"), FAILED
         try:
-            encoded = event.encoded_dataset()  # the bytes as received (with a file meta group): what is spooled
-            keys = self._keys(event, sop_uid, encoded)
+            keys = self._keys(event, sop_uid, received)
         except ValueError as exc:
             log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, CANNOT_UNDERSTAND, exc)
             return _status(CANNOT_UNDERSTAND, str(exc)), REFUSED
         try:
-            digest = _dataset_sha256(encoded)
+            digest = _file_sha256(received)
             known = self._known(keys)
             if known is not None:
                 return self._repeat(known, keys, digest, calling_ae)
+            if self._short_of_space(sop_uid, calling_ae):
+                return _status(OUT_OF_RESOURCES, "spool below its free-space floor; retry later"), NO_SPACE
             try:
-                path = self.spool.write(sop_uid, encoded)
+                path = self.spool.adopt(sop_uid, received)
                 wrote = True
             except FileExistsError:  # spooled but not (yet) recorded: a concurrent copy, or a crash's leftover
                 known = self._known(keys)
@@ -384,9 +490,22 @@ class DicomListener:
         if self.on_received is not None:
             try:
                 self.on_received(sop_uid)
-            except Exception:  # noqa: BLE001 -- the instance is durable; the intake's poll will find it
+            except Exception:  # the instance is durable; the intake's poll will find it
                 log.exception("on_received failed for %s; the intake will find it when it polls", sop_uid)
         return SUCCESS, RECEIVED
+
+    def _short_of_space(self, sop_uid: str, calling_ae: str) -> bool:
+        """Whether the spool's file system has less free than PTX_SPOOL_MIN_FREE_MB (logged: the alert's
+        counterpart in the log; the count is outcome "no_space")."""
+        if not self.spool_min_free_mb:
+            return False
+        free_mb = self.spool.free_bytes() // (1024 * 1024)
+        if free_mb >= self.spool_min_free_mb:
+            return False
+        log.warning("C-STORE %s from %s refused (0x%04X): %d MB free on the spool's file system, under "
+                    "PTX_SPOOL_MIN_FREE_MB=%d; the sender retries", sop_uid, calling_ae, OUT_OF_RESOURCES, free_mb,
+                    self.spool_min_free_mb)
+        return True
 
     def _repeat(self, known: InstanceRecord, keys: _Keys, digest: str,
                 calling_ae: str) -> tuple[int | Dataset, str]:
@@ -432,13 +551,13 @@ class DicomListener:
             log.warning("could not remove the repeat of %s; a leftover spool file may remain", keys.sop_uid)
 
     @staticmethod
-    def _keys(event: evt.Event, sop_uid: str, encoded: bytes) -> _Keys:
+    def _keys(event: evt.Event, sop_uid: str, received: Path) -> _Keys:
         """The UIDs that key an instance, read from the header alone (three tags, no pixel data: triage parses
         the film once, later); ValueError (message with UIDs and tags only) when unusable."""
         if not is_dicom_uid(sop_uid):
             raise ValueError("Affected SOP Instance UID is not a valid UID")
         try:
-            dataset = dcmread(io.BytesIO(encoded), stop_before_pixels=True, force=True, specific_tags=KEY_TAGS)
+            dataset = dcmread(received, stop_before_pixels=True, force=True, specific_tags=KEY_TAGS)
             dataset_sop_uid = str(dataset.get("SOPInstanceUID", "") or "")
             study_uid = str(dataset.get("StudyInstanceUID", "") or "")
             series_uid = str(dataset.get("SeriesInstanceUID", "") or "") or None

@@ -12,8 +12,9 @@ What is swept and why:
 * Spool files: the intake removes each once its instance is done or rejected; it keeps the file of an
   instance failed with internal_error (for an operator's retry), and a crash can leave one behind. Such a
   file goes when older than the limit. A file whose instance is pending (received, processing) is never
-  touched, nor one the store does not know (a crash between spooling and recording: the intake adopts it
-  at its next start).
+  touched, nor one whose instance is outputs_pending (its SEG/SR/SC are still to be made from it, however
+  long the fault lasts: the ptx_outputs_pending gauge alerts), nor one the store does not know (a crash
+  between spooling and recording: the intake adopts it at its next start).
 * The database keeps its rows (studies, instances, findings, deliveries): they hold UIDs, scores, masks as
   RLE, states and times, no patient attributes (docs/security.md), and they are the audit trail of what the
   service told the readers. Removing old rows is an operator's SQL statement, shown in docs/security.md.
@@ -24,6 +25,7 @@ tests run on a real store with real files and old mtimes rather than waiting.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from service.imaging.uids import is_dicom_uid
 from service.pacs.spool import Spool
-from service.store import DeliveryState, InstanceStatus, ResultsStore, utc_now
+from service.store import DeliveryState, InstanceStatus, NotificationState, ResultsStore, utc_now
 from service.store.results_files import ResultsFolder
 
 log = logging.getLogger("ptx.retention")
@@ -75,6 +77,7 @@ class Retention:
         if not root.is_dir():
             return 0, 0
         pending = {Path(d.path).parent.resolve() for d in self.store.deliveries(state=DeliveryState.PENDING)}
+        pending |= self._notifying()
         removed = kept = 0
         for study in root.iterdir():
             if not (study.is_dir() and is_dicom_uid(study.name)):
@@ -96,6 +99,18 @@ class Retention:
                 pass
         return removed, kept
 
+    def _notifying(self) -> set[Path]:
+        """Instance folders whose notification is still being pushed: their `notification.json` holds the
+        identifiers the HL7 message needs (service/pacs/notify), so they stay until it is sent or failed."""
+        folders = set()
+        for record in self.store.notifications(state=NotificationState.PENDING):
+            try:
+                sop_uid = json.loads(record.payload)["sop_uid"]
+                folders.add(self.results.notification_path(record.study_uid, sop_uid).parent.resolve())
+            except (ValueError, KeyError, TypeError):  # a payload without its film: nothing of it to keep
+                continue
+        return folders
+
     def _sweep_spool(self, cutoff: float) -> tuple[int, int]:
         active = {r.sop_uid for r in self.store.pending_instances()}
         removed = kept = 0
@@ -114,7 +129,7 @@ class Retention:
         return removed, kept
 
     def _finished(self, sop_uid: str) -> bool:
-        """Whether the store has this spooled instance as done or failed."""
+        """Whether the store has this spooled instance as done or failed (not outputs_pending: still needed)."""
         record = self.store.instance(sop_uid)
         return record is not None and record.status in (InstanceStatus.DONE, InstanceStatus.FAILED)
 

@@ -2,6 +2,7 @@
 
     C-STORE ─▶ DicomListener ─(spool, fsync, then success)─▶ Intake ─▶ ServedCascade.triage_spooled (as HTTP)
                                                               │ store.record_finding (worklist: upgrade only)
+                                                              ├▶ Notifier → HL7 ORU^R01 (RIS) / signed webhook
                                                               └▶ SEG + SR (+ SC) + overlay PNG → results folder
                                                                   └▶ Dispatcher → C-STORE / STOW-RS destinations
 
@@ -23,10 +24,10 @@ from pydicom import dcmread
 
 from service.cascade.finding import Finding
 from service.metrics import child, metrics
-from service.pacs.allowlist import CallingAeAllowlist
 from service.pacs.delivery import Backoff, Dispatcher, make_senders, parse_destinations
 from service.pacs.intake import Intake
 from service.pacs.listener import DicomListener
+from service.pacs.notify import NOTIFY_OUTCOMES, Notifier
 from service.pacs.results import build_results
 from service.pacs.retention import SWEEP_EVERY_S, Retention
 from service.pacs.spool import Spool
@@ -36,6 +37,7 @@ from service.store.results_files import ResultsFolder
 
 log = logging.getLogger("ptx.pacs")
 OVERLAY_PNG_SIDE = 1024
+OUTPUTS_RETRY_MAX_S = 3600.0  # PTX_OUTPUTS_RETRY_S doubles up to an hour (issue 13 §9)
 
 
 def overlay_png(pixels: np.ndarray) -> bytes:
@@ -54,8 +56,11 @@ class Pacs:
                  triage: Callable[[bytes], Awaitable[Finding]],
                  observe_notification: Callable[[float], None] | None = None,
                  on_attempt: Callable[[str, bool], None] | None = None,
-                 on_dicom_outcome: Callable[[str], None] | None = None) -> None:
+                 on_dicom_outcome: Callable[[str], None] | None = None,
+                 on_notification: Callable[[str, str], None] | None = None) -> None:
         self.settings, self.store, self.results, self.triage = settings, store, results, triage
+        # PTX_NOTIFY_*: checked here, so a webhook without its secret (or any bad value) stops the PACS side.
+        self.notifier = Notifier.from_settings(settings, store, results, on_outcome=on_notification)
         self.spool = Spool(settings.data_dir / "spool")
         self._gauges: asyncio.Task[None] | None = None
         self._sweeps: asyncio.Task[None] | None = None
@@ -69,39 +74,47 @@ class Pacs:
                                                                          settings.delivery_backoff_max_s),
                                          max_attempts=settings.delivery_max_attempts, on_attempt=on_attempt)
         self.intake = Intake(self.spool, store, triage, workers=settings.intake_workers,
+                             outputs_retry_s=settings.outputs_retry_s,
+                             max_outputs_retry_s=max(OUTPUTS_RETRY_MAX_S, settings.outputs_retry_s),
                              on_finding=self._on_finding, observe_notification=observe_notification)
-        allowed = CallingAeAllowlist.parse(settings.dicom_allowed_aes) if settings.dicom_allowed_aes else None
-        assert settings.dicom_port is not None
-        self.listener = DicomListener(self.spool, store, port=settings.dicom_port, host=settings.dicom_host,
-                                      ae_title=settings.dicom_ae_title, allowed_calling_aes=allowed,
-                                      max_associations=settings.dicom_max_associations,
-                                      max_pdu=settings.dicom_max_pdu, max_message_bytes=settings.max_file_bytes,
-                                      on_received=self.intake.notify, on_outcome=on_dicom_outcome)
+        self.listener = DicomListener.from_settings(settings, self.spool, store, on_received=self.intake.notify,
+                                                    on_outcome=on_dicom_outcome)
 
     @classmethod
     def observed(cls, settings: Settings, store: ResultsStore, results: ResultsFolder,
                  triage: Callable[[bytes], Awaitable[Finding]]) -> Pacs:
-        """The PACS side with its metrics: time to notification, delivery attempts, C-STORE outcomes."""
+        """The PACS side with its metrics: time to notification, delivery attempts, C-STORE outcomes, pushed
+        notification attempts."""
         registry = metrics()
-        return cls(settings, store, results, triage, observe_notification=registry.notification_seconds.observe,
+        pacs = cls(settings, store, results, triage, observe_notification=registry.notification_seconds.observe,
                    on_attempt=lambda destination, ok: child(registry.deliveries, destination=destination,
                                                             outcome="ok" if ok else "failed").inc(),
-                   on_dicom_outcome=lambda outcome: child(registry.dicom_received, outcome=outcome).inc())
+                   on_dicom_outcome=lambda outcome: child(registry.dicom_received, outcome=outcome).inc(),
+                   on_notification=lambda channel, outcome: child(registry.notifications, channel=channel,
+                                                                  outcome=outcome).inc())
+        for channel in () if pacs.notifier is None else pacs.notifier.senders:
+            for outcome in NOTIFY_OUTCOMES:  # every series at 0 from the start: increase() sees the first one
+                child(registry.notifications, channel=channel, outcome=outcome)
+        return pacs
 
     async def start(self) -> None:
         """Intake first (its start-up scan must not race the listener's first writes), then the listener."""
         if self.dispatcher is not None:
             self.dispatcher.start()
+        if self.notifier is not None:
+            self.notifier.start()
         await self.intake.start()
         await asyncio.to_thread(self.listener.start)
         self._gauges = asyncio.get_running_loop().create_task(self._watch())
         if self.retention is not None:
             self._sweeps = asyncio.get_running_loop().create_task(self._sweep())
-        log.info("DICOM listener %s on port %s; %s destination(s)", self.settings.dicom_ae_title,
-                 self.listener.port, 0 if self.dispatcher is None else len(self.dispatcher.senders))
+        log.info("DICOM listener %s on port %s; %s destination(s); notifications: %s", self.settings.dicom_ae_title,
+                 self.listener.port, 0 if self.dispatcher is None else len(self.dispatcher.senders),
+                 "none" if self.notifier is None else ", ".join(self.notifier.senders))
 
     async def _watch(self, every_s: float = 5.0) -> None:
-        """Spool depth and delivery states as gauges (queries, so on a timer, not per scrape)."""
+        """Spool depth, findings whose results are not made yet (outputs_pending, alerted on) and delivery
+        states as gauges (queries, so on a timer, not per scrape)."""
         registry = metrics()
         while True:
             try:
@@ -110,11 +123,13 @@ class Pacs:
                 depth = await asyncio.to_thread(
                     lambda: sum(1 for r in self.store.pending_instances() if r.spool_path is not None))
                 counts = await asyncio.to_thread(self.store.delivery_counts)
+                outputs = await asyncio.to_thread(lambda: len(self.store.due_outputs()))
                 registry.spool_depth.set(depth)
+                registry.outputs_pending.set(outputs)
                 for state, count in counts.items():
                     child(registry.delivery_states, state=state.value).set(count)
-            except Exception:  # noqa: BLE001 -- a failed reading must not stop the next one
-                log.warning("could not read spool depth / delivery states", exc_info=True)
+            except Exception:  # a failed reading must not stop the next one
+                log.warning("could not read spool depth / outputs pending / delivery states", exc_info=True)
             await asyncio.sleep(every_s)
 
     async def _sweep(self, every_s: float = SWEEP_EVERY_S) -> None:
@@ -123,21 +138,28 @@ class Pacs:
         while True:
             try:
                 await asyncio.to_thread(self.retention.sweep)
-            except Exception:  # noqa: BLE001 -- a failed sweep must not stop the next one
+            except Exception:  # a failed sweep must not stop the next one
                 log.warning("retention sweep failed", exc_info=True)
             await asyncio.sleep(every_s)
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """The listener first (no new C-STORE), then the intake with `grace_s` for the films in progress."""
         for task in (self._gauges, self._sweeps):
             if task is not None:
                 task.cancel()
         await asyncio.to_thread(self.listener.stop)
-        await self.intake.stop()
+        await self.intake.stop(grace_s)
         if self.dispatcher is not None:
             await asyncio.to_thread(self.dispatcher.close)
+        if self.notifier is not None:
+            await asyncio.to_thread(self.notifier.close)
 
     async def _on_finding(self, data: bytes, finding: Finding) -> None:
-        """Make the SEG / SR (/ SC) and the overlay PNG, keep them, queue them for every destination."""
+        """Queue the pushed notifications first (a reader waits for them; they need no result object), then
+        make the SEG / SR (/ SC) and the overlay PNG, keep them, queue them for every destination. A failure
+        anywhere makes the intake run this again later (outputs pending): both queues are idempotent."""
+        if self.notifier is not None:
+            await self.notifier.notify_async(finding)
         written = await asyncio.to_thread(self._write_results, data, finding)
         if self.dispatcher is None:
             return

@@ -1,6 +1,7 @@
 """The DICOM spool: received instances on disk, durable before the sender is told success.
 
-    listener: write(sop_uid, bytes) ──▶ <dir>/<sop_uid>.dcm ──▶ intake: read → triage → remove
+    listener: adopt(sop_uid, received file) ──▶ <dir>/<sop_uid>.dcm ──▶ intake: read → triage → remove
+              (or write(sop_uid, bytes))
 
 A C-STORE may only be answered with success once the instance survives a crash, so `write` is the classic
 sequence: a temporary file in the same directory, write, flush, fsync the file, hard-link it to the final
@@ -16,6 +17,12 @@ and replacing the pending file would triage those bytes and record the finding o
 refusal is atomic (`link(2)` fails on an existing name), so two concurrent writers cannot both succeed;
 the listener decides what the repeat means (service/pacs/listener.py).
 
+`adopt` takes a file already on disk (pynetdicom's copy of a received C-STORE dataset) instead of bytes, so
+a large film is never held in memory: where the file is on the spool's file system it is fsynced and
+hard-linked under its name (no copy at all), elsewhere it is copied in 1 MiB pieces to a temporary beside
+the spool and linked from there, with the same durability and the same refusal of an existing name.
+`free_bytes` is what the listener holds against PTX_SPOOL_MIN_FREE_MB before it spools a new instance.
+
 `remove` does not fsync the directory: if a removal is lost in a crash, the file comes back as a leftover of
 an instance the store already finished, which the intake clears at its next start. Files are created 0600 in
 a 0700 directory: they hold patient data.
@@ -26,18 +33,26 @@ every temporary file in it, including one another process might be writing.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from service.errors import ServiceError
 from service.imaging.uids import MAX_UID_LENGTH, is_dicom_uid
-from service.store.durable import durable_create
+from service.store.durable import durable_create, fsync_directory
 
 log = logging.getLogger("ptx.spool")
 
 SUFFIX = ".dcm"
 TEMP_PREFIX = ".incoming-"
 TEMP_SUFFIX = ".tmp"
+RECEIVING = "receiving"  # the listener's received-dataset files (a folder: never taken for `<UID>.dcm`)
+COPY_CHUNK = 1 << 20  # bytes per read when a received file must be copied in
+
+
 class InvalidUidError(ServiceError, ValueError):
     """A SOP Instance UID that is not a DICOM UID; it is never used as a file name."""
 
@@ -58,12 +73,17 @@ class Spool:
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Where the listener receives C-STORE datasets as they arrive: on the spool's file system, so a
+        # received file is linked in (no copy), the free-space floor covers it, and a file cut off by a crash
+        # stays in a folder of ours (removed here at the next start) rather than in the system's /tmp.
+        self.receiving = self.directory / RECEIVING
+        self.receiving.mkdir(mode=0o700, exist_ok=True)
         self.removed_temporaries = self._clean_temporaries()
 
     def _clean_temporaries(self) -> int:
-        """Remove temporary files left by a crash mid-write (their C-STORE was never answered success)."""
+        """Remove temporary files left by a crash mid-write or mid-receipt (never answered success)."""
         count = 0
-        for path in self.directory.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        for path in [*self.directory.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"), *self.receiving.iterdir()]:
             path.unlink(missing_ok=True)
             count += 1
         if count:
@@ -83,6 +103,40 @@ class Spool:
         temporary file is removed and the exception propagates (the caller answers "out of resources").
         """
         return durable_create(self.path(sop_uid), data, prefix=f"{TEMP_PREFIX}{sop_uid}.", suffix=TEMP_SUFFIX)
+
+    def adopt(self, sop_uid: str, source: Path) -> Path:
+        """Store the file at `source` under `sop_uid` durably and atomically, as `write` does with bytes,
+        without reading it into memory; returns the final path. `source` stays where it is (its owner
+        removes it; a hard link keeps the spooled name valid). FileExistsError, with nothing spooled, when
+        `sop_uid` is already spooled; on any other failure nothing is left in the spool."""
+        final = self.path(sop_uid)
+        try:
+            _fsync_file(source)
+            os.link(source, final)  # FileExistsError when spooled already; EXDEV on another file system
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            return self._copy_in(source, final, sop_uid)
+        fsync_directory(self.directory)
+        return final
+
+    def _copy_in(self, source: Path, final: Path, sop_uid: str) -> Path:
+        """`adopt` across file systems: a 0600 temporary in the spool, copied in pieces, fsynced, linked."""
+        fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=f"{TEMP_PREFIX}{sop_uid}.", suffix=TEMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as target, source.open("rb") as origin:
+                shutil.copyfileobj(origin, target, COPY_CHUNK)
+                target.flush()
+                os.fsync(target.fileno())
+            os.link(temporary, final)  # FileExistsError when `final` exists: nothing replaced
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+        fsync_directory(self.directory)
+        return final
+
+    def free_bytes(self) -> int:
+        """Bytes free on the spool's file system for this (unprivileged) process."""
+        return shutil.disk_usage(self.directory).free
 
     def read(self, sop_uid: str) -> bytes:
         """The spooled bytes; FileNotFoundError when the instance is not (or no longer) spooled."""
@@ -109,3 +163,13 @@ class Spool:
             except FileNotFoundError:  # removed between listing and stat
                 continue
         return [uid for _, uid in sorted(entries)]
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a file's bytes to stable storage through a descriptor of our own (fsync works on any
+    descriptor of the inode, read-only included), so a link made next is to durable bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,11 +1,13 @@
-"""The results store: studies, instances, findings, worklist state and deliveries (issue #5).
+"""The results store: studies, instances, findings, worklist state, deliveries, notifications, verdicts (#5).
 
     open_store(settings.database_url, settings.data_dir) → ResultsStore
 
 SQLite in `<data_dir>/ptx.sqlite3` by default; `sqlite:///relative.db` or `sqlite:////absolute.db` (the
 SQLAlchemy convention: the path follows the third slash) for another file; `postgresql://user@host/db` (or
 `postgres://`) for PostgreSQL. The interface and its records are in `base.py`, the SQL in `sql.py`, each
-database's differences in `sqlite.py` / `postgres.py`, the schema in `migrations.py`.
+database's differences in `sqlite.py` / `postgres.py`, the schema in `migrations.py`; the notification outbox
+and the readers' verdicts have their records and rules in `notifications.py` and `feedback.py`, the
+outboxes' claims (several dispatchers on one store) in `claims.py`.
 """
 
 from __future__ import annotations
@@ -32,9 +34,18 @@ from service.store.base import (
     StudyRecord,
     StudyStatus,
     WorklistItem,
+    dataset_sha256,
     utc_now,
 )
+from service.store.claims import DEFAULT_LEASE_S, Claim
+from service.store.feedback import FeedbackRecord, Verdict
 from service.store.migrations import LATEST_VERSION
+from service.store.notifications import (
+    DEFAULT_NOTIFY_ATTEMPTS,
+    NotificationChannel,
+    NotificationRecord,
+    NotificationState,
+)
 from service.store.sql import Dialect, SqlResultsStore
 
 SQLITE_FILE = "ptx.sqlite3"
@@ -75,8 +86,9 @@ def open_store(database_url: str | None, data_dir: Path, *, pool_size: int = 4,
 
 
 __all__ = [
-    "DEFAULT_MAX_ATTEMPTS", "INTERNAL_ERROR", "LATEST_VERSION", "SPOOL_MISSING", "DeliveryKind", "DeliveryRecord",
-    "DeliveryState",
-    "FindingRecord", "InstanceRecord", "InstanceStatus", "NotFoundError", "ReceivedInstance", "ResultsStore",
-    "SchemaTooNewError", "StoreError", "StudyRecord", "StudyStatus", "WorklistItem", "dialect_for", "open_store",
+    "DEFAULT_LEASE_S", "DEFAULT_MAX_ATTEMPTS", "DEFAULT_NOTIFY_ATTEMPTS", "INTERNAL_ERROR", "LATEST_VERSION",
+    "SPOOL_MISSING", "Claim", "DeliveryKind", "DeliveryRecord", "DeliveryState", "FeedbackRecord", "FindingRecord",
+    "InstanceRecord", "InstanceStatus", "NotFoundError", "NotificationChannel", "NotificationRecord",
+    "NotificationState", "ReceivedInstance", "ResultsStore", "SchemaTooNewError", "StoreError", "StudyRecord",
+    "StudyStatus", "Verdict", "WorklistItem", "dataset_sha256", "dialect_for", "open_store",
 ]

@@ -3,7 +3,11 @@
     C-STORE / HTTP ─▶ receive(instance) ─▶ pending_instances() ─▶ mark_instance(processing)
                       ─▶ record_finding(finding)  (instance done, study priority/score/status updated)
                       ─▶ worklist() · study() · acknowledge()
-    SEG / SR / SC  ─▶ add_delivery() ─▶ due_deliveries() ─▶ delivery_attempt()  (never deleted)
+    results not made ─▶ defer_outputs(due) ─▶ due_outputs() ─▶ settle_outputs()  (instance outputs_pending)
+    SEG / SR / SC  ─▶ add_delivery() ─▶ claim_deliveries() ─▶ delivery_attempt()  (never deleted; claims.py)
+    priority raised ─▶ add_notification() ─▶ claim_notifications() ─▶ notification_attempt()
+    reader's verdict ─▶ give_feedback() (with the acknowledgement, or later) ─▶ feedback()  (feedback.py)
+    live pages       ─▶ latest_change(): a token that moves whenever a study changes
 
 Study states (the worklist state):
 
@@ -22,7 +26,9 @@ All timestamps are timezone-aware UTC; a naive datetime is refused rather than g
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import hashlib
+import io
+from abc import abstractmethod
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,8 +36,13 @@ from enum import Enum
 from types import TracebackType
 from typing import Any, Self
 
+from pydicom.filereader import data_element_generator, read_preamble
+
 from service.cascade.finding import Finding, Priority
 from service.errors import ServiceError
+from service.store.claims import OutboxClaims
+from service.store.feedback import FeedbackLog
+from service.store.notifications import NotificationOutbox
 
 DEFAULT_MAX_ATTEMPTS = 10
 SPOOL_MISSING = "spool_missing"  # the store knows the instance, its bytes are gone (disk replaced, manual cleanup)
@@ -63,12 +74,19 @@ class StudyStatus(str, Enum):
 
 
 class InstanceStatus(str, Enum):
-    """received → processing → done | failed; received and processing are what resumes after a restart."""
+    """received → processing → done | failed; received and processing are what resumes after a restart.
+
+    outputs_pending: triaged (its finding is on the worklist) but its result objects (SEG, SR, SC) are not
+    all made yet, after a fault or an interruption; they are made again from the kept spool file, with
+    backoff, and the instance is done once they are. Stored as status done with `outputs_due_at` set (a
+    column, not a new value in the status CHECK: SQLite cannot alter a CHECK without rebuilding the
+    table), so only a record shows it."""
 
     RECEIVED = "received"
     PROCESSING = "processing"
     DONE = "done"
     FAILED = "failed"
+    OUTPUTS_PENDING = "outputs_pending"
 
 
 class DeliveryKind(str, Enum):
@@ -94,6 +112,34 @@ def require_utc(value: datetime, name: str) -> datetime:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def read_timestamp(value: datetime | str | None) -> datetime | None:
+    """A stored timestamp back as an aware UTC datetime (SQLite hands back its ISO 8601 text)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return require_utc(value, "stored timestamp")
+
+
+def dataset_sha256(data: bytes) -> str:
+    """SHA-256 (hex) of the data set in DICOM bytes, without the preamble and file meta group: what
+    `ReceivedInstance.sha256` holds, so that one film sent by two senders, or over C-STORE and over HTTP,
+    has one digest (the file meta group names the sender and is rewritten on receipt; the data set is what
+    the sender encoded). Bytes without a preamble are hashed from their first element of another group."""
+    return hashlib.sha256(memoryview(data)[_dataset_offset(data):]).hexdigest()
+
+
+def _dataset_offset(data: bytes) -> int:
+    """Where the data set starts: the file meta group walked with pydicom (its group length may be absent)."""
+    stream = io.BytesIO(data)
+    read_preamble(stream, force=True)  # past "DICM", or back at 0 when there is no preamble
+    if stream.tell() == 0 and data[:2] != b"\x02\x00":
+        return 0  # no file meta group at all: a bare data set
+    for _ in data_element_generator(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2):
+        pass  # the generator stops before, and rewinds to, the first element after group 0002
+    return stream.tell()
 
 
 def _require_uid(value: str, name: str) -> None:
@@ -132,12 +178,15 @@ class ReceivedInstance:
 @dataclass(frozen=True)
 class InstanceRecord(ReceivedInstance):
     """A stored instance; `attempts` counts how often processing started (a film that keeps crashing the
-    worker shows up here rather than looping unseen)."""
+    worker shows up here rather than looping unseen). `outputs_attempts` counts the times its result objects
+    could not all be made; `outputs_due_at` is when they are tried again (None unless outputs_pending)."""
 
     status: InstanceStatus
     error_code: str | None
     attempts: int
     updated_at: datetime
+    outputs_attempts: int = field(default=0, kw_only=True)
+    outputs_due_at: datetime | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -216,8 +265,9 @@ class DeliveryRecord:
     delivered_at: datetime | None
 
 
-class ResultsStore(ABC):
-    """Studies, instances, findings, worklist state and delivery attempts, over SQLite or PostgreSQL.
+class ResultsStore(NotificationOutbox, FeedbackLog, OutboxClaims):
+    """Studies, instances, findings, worklist state, delivery attempts, notifications and readers' verdicts,
+    over SQLite or PostgreSQL.
 
     Safe to call from several threads; several processes may share one database (each opens its own store).
     """
@@ -239,7 +289,8 @@ class ResultsStore(ABC):
     @abstractmethod
     def mark_instance(self, sop_uid: str, status: InstanceStatus, error_code: str | None = None) -> None:
         """Move an instance on; FAILED needs the rejection's `error_code`, the other states take none.
-        PROCESSING counts an attempt. Raises NotFoundError for an unknown instance."""
+        PROCESSING counts an attempt; OUTPUTS_PENDING is refused (ValueError: `defer_outputs` sets it).
+        Raises NotFoundError for an unknown instance."""
 
     @abstractmethod
     def record_finding(self, finding: FindingRecord) -> bool:
@@ -274,6 +325,13 @@ class ResultsStore(ABC):
         never covers a priority the reader did not see). Priorities only go up, so equal means unchanged."""
 
     @abstractmethod
+    def latest_change(self) -> str:
+        """A token that differs whenever a study was added or changed (a finding, a review): the live pages
+        compare it before running their page queries, so a poll costs two index lookups while nothing
+        changes. Built from the studies' count and latest `updated_at`, so a write stamped earlier than the
+        latest (another host's clock behind) may not move it: the pages compare in full now and then too."""
+
+    @abstractmethod
     def add_delivery(self, study_uid: str, object_uid: str, kind: DeliveryKind, destination: str, path: str,
                      max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> int:
         """Queue an object for a destination, due now; returns its id. Idempotent: the same object for the
@@ -282,8 +340,8 @@ class ResultsStore(ABC):
     @abstractmethod
     def due_deliveries(self, limit: int = 10, now: datetime | None = None, destination: str | None = None,
                        exclude: Collection[str] = ()) -> list[DeliveryRecord]:
-        """Pending deliveries whose next attempt is due, earliest first (one dispatcher calls this); only
-        those for `destination` where given, none for the destinations in `exclude`."""
+        """Pending deliveries whose next attempt is due, earliest first (a listing: dispatchers claim them,
+        claims.py); only those for `destination` where given, none for the destinations in `exclude`."""
 
     @abstractmethod
     def retry_instance(self, sop_uid: str) -> InstanceRecord:
@@ -291,6 +349,22 @@ class ResultsStore(ABC):
         back to received with a fresh attempt budget, for the intake to take up again (an operator's retry
         after a fix). NotFoundError for an unknown instance; StoreError for one in another state, failed
         with a rejection (its content: it would fail again), or without spooled bytes (HTTP's own)."""
+
+    @abstractmethod
+    def defer_outputs(self, sop_uid: str, due_at: datetime) -> InstanceRecord:
+        """A triaged instance whose result objects were not all made (a fault, or an interruption): now
+        outputs_pending, to be made again at `due_at` (the caller's backoff); counts one outputs attempt.
+        NotFoundError for an unknown instance; StoreError for one without a finding (nothing to make)."""
+
+    @abstractmethod
+    def settle_outputs(self, sop_uid: str, error_code: str | None = None) -> None:
+        """An outputs_pending instance back to done: its objects made, or (with `error_code`, e.g.
+        SPOOL_MISSING) never to be made. NotFoundError for an unknown instance; StoreError for one without
+        a finding."""
+
+    @abstractmethod
+    def due_outputs(self, now: datetime | None = None) -> list[InstanceRecord]:
+        """The outputs_pending instances, earliest due first; only those due at `now` where given."""
 
     @abstractmethod
     def retry_delivery(self, delivery_id: int) -> DeliveryRecord:
@@ -301,10 +375,10 @@ class ResultsStore(ABC):
 
     @abstractmethod
     def delivery_attempt(self, delivery_id: int, ok: bool, error: str | None = None,
-                         next_attempt_at: datetime | None = None) -> DeliveryRecord:
+                         next_attempt_at: datetime | None = None, claim: str | None = None) -> DeliveryRecord:
         """Record one attempt: delivered when ok; otherwise failed once `max_attempts` are spent, else pending
         until `next_attempt_at` (the caller's backoff; required for every failed attempt). Raises StoreError
-        for a delivery that is already delivered or failed."""
+        for a delivery already delivered or failed, or claimed again since `claim` (its token) was taken."""
 
     @abstractmethod
     def deliveries(self, study_uid: str | None = None, state: DeliveryState | None = None) -> list[DeliveryRecord]:

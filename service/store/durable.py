@@ -1,7 +1,9 @@
 """Files that survive a crash: written to a temporary name, fsynced, renamed, and the folder fsynced.
 
 The spool (a film acknowledged to a PACS) and the results folder (objects queued for delivery) both rely
-on it: an acknowledgement or a queued delivery must never point at a file a power cut can take back.
+on it: an acknowledgement or a queued delivery must never point at a file a power cut can take back. A
+folder made for such a file is made durable too (`durable_folder`): fsyncing a file and its folder does not
+make the folder's own entry in its parent durable, so a new `<study>/<sop>/` could vanish with its files.
 """
 
 from __future__ import annotations
@@ -11,13 +13,32 @@ import tempfile
 from pathlib import Path
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Make a rename (or creation) in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def durable_folder(folder: Path) -> Path:
+    """Create `folder` and its missing parents, each new one's entry fsynced in its parent before the next is
+    made inside it. An existing folder costs one `stat`; a file in the way raises FileExistsError."""
+    missing: list[Path] = []
+    current = Path(folder)
+    while not current.is_dir() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+            continue  # made by a concurrent writer, which fsyncs its own entry
+        fsync_directory(directory.parent)
+    return Path(folder)
 
 
 def _written_temporary(final: Path, data: bytes, prefix: str, suffix: str) -> str:
@@ -44,7 +65,7 @@ def durable_write(final: Path, data: bytes, prefix: str = ".tmp-", suffix: str =
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    _fsync_directory(final.parent)
+    fsync_directory(final.parent)
     return final
 
 
@@ -61,5 +82,5 @@ def durable_create(final: Path, data: bytes, prefix: str = ".tmp-", suffix: str 
         os.link(temporary, final)  # FileExistsError when `final` exists: nothing replaced
     finally:
         Path(temporary).unlink(missing_ok=True)
-    _fsync_directory(final.parent)
+    fsync_directory(final.parent)
     return final

@@ -98,6 +98,66 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "instances.sha256: digest of the bytes received", (
         "ALTER TABLE instances ADD COLUMN sha256 TEXT",
     )),
+    # Issue 13 §9: a triaged instance whose SEG/SR/SC could not be written stays "outputs pending" (status
+    # done, `outputs_due_at` set) and is retried with backoff across restarts; columns rather than a new
+    # status value, because SQLite cannot change the status CHECK without rebuilding the table.
+    Migration(3, "instances.outputs_due_at, outputs_attempts: result objects still to make", (
+        "ALTER TABLE instances ADD COLUMN outputs_attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE instances ADD COLUMN outputs_due_at {timestamp}",
+        "CREATE INDEX instances_outputs_due ON instances (outputs_due_at)",
+    )),
+    # Issue 14 §5: pushed notifications (HL7 ORU^R01 to a RIS, a signed webhook), a durable outbox sent by the
+    # delivery dispatcher's machinery. A table of its own: see service/store/notifications.py for why. The
+    # UNIQUE key is the rule "one notification per study priority raise and channel".
+    Migration(4, "notifications: the outbox of pushed notifications", (
+        """
+        CREATE TABLE notifications (
+            id {id_pk},
+            study_uid TEXT NOT NULL REFERENCES studies (study_uid),
+            channel TEXT NOT NULL CHECK (channel IN ('hl7', 'webhook')),
+            priority TEXT NOT NULL CHECK (priority IN ('STAT', 'URGENT', 'ROUTINE')),
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'sent', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL CHECK (max_attempts >= 1),
+            last_error TEXT,
+            next_attempt_at {timestamp},
+            created_at {timestamp} NOT NULL,
+            updated_at {timestamp} NOT NULL,
+            sent_at {timestamp},
+            UNIQUE (study_uid, channel, priority)
+        )""",
+        "CREATE INDEX notifications_due ON notifications (state, next_attempt_at)",
+    )),
+    # Issue 14 §3: readers' verdicts (service/store/feedback.py). Rows are never updated but for
+    # `superseded_at` (a reader's changed verdict stays as history); the partial UNIQUE index is the rule "one
+    # current verdict per reader and study" (SQLite >= 3.8 and PostgreSQL both index a WHERE). studies_updated
+    # lets `latest_change` read the newest updated_at from an index (the live pages poll it twice a second).
+    Migration(5, "feedback: readers' verdicts; studies_updated: the live pages' change token", (
+        """
+        CREATE TABLE feedback (
+            id {id_pk},
+            study_uid TEXT NOT NULL REFERENCES studies (study_uid),
+            sop_uid TEXT NOT NULL REFERENCES findings (sop_uid),
+            reader TEXT NOT NULL,
+            verdict TEXT NOT NULL CHECK (verdict IN ('agree', 'disagree', 'uncertain')),
+            priority TEXT NOT NULL CHECK (priority IN ('STAT', 'URGENT', 'ROUTINE')),
+            score DOUBLE PRECISION NOT NULL,
+            models_json TEXT NOT NULL,
+            created_at {timestamp} NOT NULL,
+            superseded_at {timestamp}
+        )""",
+        "CREATE UNIQUE INDEX feedback_current ON feedback (study_uid, reader) WHERE superseded_at IS NULL",
+        "CREATE INDEX feedback_study ON feedback (study_uid)",
+        "CREATE INDEX feedback_created ON feedback (created_at)",
+        "CREATE INDEX studies_updated ON studies (updated_at)",
+    )),
+    # Issue 17 §3: several dispatchers on one store. A claim (claims.py) writes its token here and moves the
+    # row's next attempt to the end of its lease; an attempt clears it. NULL: not claimed (or claimed before).
+    Migration(6, "deliveries.claim, notifications.claim: the dispatcher's lease token", (
+        "ALTER TABLE deliveries ADD COLUMN claim TEXT",
+        "ALTER TABLE notifications ADD COLUMN claim TEXT",
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

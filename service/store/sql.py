@@ -4,18 +4,20 @@ The statements are written once, with `?` parameters (never formatted values), i
 and PostgreSQL ≥ 10 both speak: `ON CONFLICT … DO NOTHING` for idempotent inserts, `RETURNING`, `CASE` for
 the priority rank. Every operation is one short transaction on a pooled connection, so several threads (and
 several processes, each with its own store) can share a database; the read-modify-write steps (priority
-upgrade, delivery attempt) are single `UPDATE` statements, so they need no row locks of their own.
+upgrade, delivery attempt) are single `UPDATE` statements, so they need no row locks of their own. The
+outboxes' claims (claims.py) take row locks, `FOR UPDATE SKIP LOCKED`, where the database has them.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
-from typing import Any, Protocol
+from datetime import datetime, timedelta
+from typing import Any, NoReturn, Protocol
 
 from service.cascade.finding import Priority
 from service.store.base import (
@@ -35,10 +37,19 @@ from service.store.base import (
     StudyRecord,
     StudyStatus,
     WorklistItem,
+    read_timestamp,
     require_utc,
     utc_now,
 )
+from service.store.claims import Claim, check_lease
+from service.store.feedback_sql import SqlFeedback
 from service.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_MIGRATIONS
+from service.store.notifications import (
+    DEFAULT_NOTIFY_ATTEMPTS,
+    NotificationChannel,
+    NotificationRecord,
+    NotificationState,
+)
 
 Row = Mapping[str, Any]
 
@@ -64,6 +75,7 @@ class Dialect(ABC):
     begin_write = "BEGIN"
     begin_read = "BEGIN"
     migration_lock: str | None = None  # taken first in the migration transaction, where BEGIN alone is not enough
+    skip_locked = ""  # after a claim's SELECT: rows another transaction is claiming are skipped, not waited for
 
     @abstractmethod
     def connect(self) -> Connection:
@@ -83,15 +95,6 @@ class Dialect(ABC):
 
     def is_broken(self, connection: Connection) -> bool:
         return False
-
-
-def read_timestamp(value: datetime | str | None) -> datetime | None:
-    """A stored timestamp back as an aware UTC datetime (SQLite hands back its ISO 8601 text)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return require_utc(value, "stored timestamp")
 
 
 def _ts(value: datetime | str) -> datetime:
@@ -179,14 +182,19 @@ class _Duplicate(Exception):
 RANK = "CASE priority WHEN 'STAT' THEN 0 WHEN 'URGENT' THEN 1 ELSE 2 END"  # NULL (pending) sorts as ROUTINE
 STUDY_COLUMNS = "study_uid, status, priority, score, received_at, updated_at, reviewed_at, reviewed_by"
 INSTANCE_COLUMNS = ("sop_uid, study_uid, series_uid, sop_class_uid, source, spool_path, status, error_code, "
-                    "attempts, received_at, updated_at, sha256")
+                    "attempts, received_at, updated_at, sha256, outputs_attempts, outputs_due_at")
 FINDING_COLUMNS = "sop_uid, score, label, priority, threshold, rle, instances_json, models_json, created_at"
+CLAIMED_ANEW = ("was claimed again after this claim's lease ran out: its attempt is the new holder's to "
+                "record (claims.py)")
 DELIVERY_COLUMNS = ("id, study_uid, object_uid, kind, destination, path, state, attempts, max_attempts, "
                     "last_error, next_attempt_at, created_at, updated_at, delivered_at")
+NOTIFICATION_COLUMNS = ("id, study_uid, channel, priority, payload, state, attempts, max_attempts, last_error, "
+                        "next_attempt_at, created_at, updated_at, sent_at")
 
 
-class SqlResultsStore(ResultsStore):
-    """`ResultsStore` over a `Dialect`; `clock` is injectable so tests control every timestamp."""
+class SqlResultsStore(SqlFeedback, ResultsStore):
+    """`ResultsStore` over a `Dialect`; `clock` is injectable so tests control every timestamp. The readers'
+    verdicts' statements are in `feedback_sql.SqlFeedback`, which uses this class's transactions."""
 
     def __init__(self, dialect: Dialect, pool_size: int = 4, clock: Callable[[], datetime] = utc_now) -> None:
         self._dialect = dialect
@@ -199,6 +207,9 @@ class SqlResultsStore(ResultsStore):
     def _now(self) -> object:
         return self._dialect.timestamp(require_utc(self._clock(), "clock()"))
 
+    def _stored(self, value: datetime) -> object:
+        return self._dialect.timestamp(value)
+
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[Transaction]:
         with self._pool.lease() as lease:
@@ -209,7 +220,7 @@ class SqlResultsStore(ResultsStore):
             except BaseException:
                 try:
                     lease.connection.execute("ROLLBACK")
-                except Exception:  # the original error is the one to see; this connection is done for
+                except Exception:  # noqa: BLE001 -- the original error is the one to see; the connection is done
                     lease.discard()
                 raise
 
@@ -271,6 +282,8 @@ class SqlResultsStore(ResultsStore):
 
     def mark_instance(self, sop_uid: str, status: InstanceStatus, error_code: str | None = None) -> None:
         status = InstanceStatus(status)
+        if status is InstanceStatus.OUTPUTS_PENDING:
+            raise ValueError("outputs_pending is set by defer_outputs (with its due time), not mark_instance")
         if (status is InstanceStatus.FAILED) != (error_code is not None):
             raise ValueError(f"an instance marked {status.value} needs "
                              f"{'an error code' if status is InstanceStatus.FAILED else 'no error code'}, "
@@ -304,6 +317,35 @@ class SqlResultsStore(ResultsStore):
                     why = "came over HTTP: the service kept no bytes to triage again"
                 raise StoreError(f"instance {sop_uid} {why}")
         return _instance(row)
+
+    # --- result objects still to make -----------------------------------------------------------------------
+
+    def defer_outputs(self, sop_uid: str, due_at: datetime) -> InstanceRecord:
+        due = self._dialect.timestamp(require_utc(due_at, "due_at"))
+        with self._transaction(write=True) as tx:
+            row = tx.one(f"UPDATE instances SET outputs_due_at = ?, outputs_attempts = outputs_attempts + 1, "
+                         f"updated_at = ? WHERE sop_uid = ? AND status = ? RETURNING {INSTANCE_COLUMNS}",
+                         (due, self._now(), sop_uid, InstanceStatus.DONE.value))
+            if row is None:
+                _no_finding(tx, sop_uid)
+        return _instance(row)
+
+    def settle_outputs(self, sop_uid: str, error_code: str | None = None) -> None:
+        with self._transaction(write=True) as tx:
+            updated = tx.execute("UPDATE instances SET outputs_due_at = NULL, error_code = ?, updated_at = ? "
+                                 "WHERE sop_uid = ? AND status = ?",
+                                 (error_code, self._now(), sop_uid, InstanceStatus.DONE.value))
+            if updated.rowcount == 0:
+                _no_finding(tx, sop_uid)
+
+    def due_outputs(self, now: datetime | None = None) -> list[InstanceRecord]:
+        sql = f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE status = ? AND outputs_due_at IS NOT NULL"
+        params: list[Any] = [InstanceStatus.DONE.value]
+        if now is not None:
+            sql += " AND outputs_due_at <= ?"
+            params.append(self._dialect.timestamp(require_utc(now, "now")))
+        with self._transaction(write=False) as tx:
+            return [_instance(row) for row in tx.all(sql + " ORDER BY outputs_due_at, sop_uid", params)]
 
     # --- findings and the worklist --------------------------------------------------------------------------
 
@@ -383,6 +425,13 @@ class SqlResultsStore(ResultsStore):
             row = tx.one(f"SELECT study_uid, {FINDING_COLUMNS} FROM findings WHERE sop_uid = ?", (sop_uid,))
         return None if row is None else (row["study_uid"], _finding(row))
 
+    def latest_change(self) -> str:
+        # Two subqueries, not one SELECT COUNT(*), MAX(...): SQLite answers a lone MAX from the index.
+        with self._transaction(write=False) as tx:
+            row = tx.one("SELECT (SELECT COUNT(*) FROM studies) AS n, (SELECT MAX(updated_at) FROM studies) AS at")
+        at = None if row is None else read_timestamp(row["at"])
+        return f"{0 if row is None else int(row['n'])}@{'' if at is None else at.isoformat()}"
+
     def acknowledge(self, study_uid: str, by: str | None = None, *, seen: Priority | None) -> bool:
         seen_value = "" if seen is None else Priority(seen).value
         now = self._now()
@@ -426,22 +475,29 @@ class SqlResultsStore(ResultsStore):
 
     def due_deliveries(self, limit: int = 10, now: datetime | None = None, destination: str | None = None,
                        exclude: Collection[str] = ()) -> list[DeliveryRecord]:
-        _check_limit(limit)
-        at = self._dialect.timestamp(require_utc(now, "now")) if now is not None else self._now()
-        where, params = ["state = ?", "next_attempt_at <= ?"], [DeliveryState.PENDING.value, at]
-        if destination is not None:
-            where.append("destination = ?")
-            params.append(destination)
-        if exclude:
-            where.append(f"destination NOT IN ({', '.join('?' for _ in exclude)})")
-            params.extend(exclude)
-        with self._transaction(write=False) as tx:
-            rows = tx.all(f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE {' AND '.join(where)} "
-                          "ORDER BY next_attempt_at, id LIMIT ?", (*params, limit))
+        rows = self._due("deliveries", DELIVERY_COLUMNS, "destination", DeliveryState.PENDING.value, limit, now,
+                         destination, exclude)
         return [_delivery(row) for row in rows]
 
+    def _due(self, table: str, columns: str, target: str, pending: str, limit: int, now: datetime | None,
+             only: str | None, exclude: Collection[str]) -> list[Any]:
+        """Pending rows of an outbox (`deliveries` by destination, `notifications` by channel) whose next attempt
+        is due, earliest first: `only` one target where given, none of those in `exclude`."""
+        _check_limit(limit)
+        at = self._dialect.timestamp(require_utc(now, "now")) if now is not None else self._now()
+        where, params = ["state = ?", "next_attempt_at <= ?"], [pending, at]
+        if only is not None:
+            where.append(f"{target} = ?")
+            params.append(only)
+        if exclude:
+            where.append(f"{target} NOT IN ({', '.join('?' for _ in exclude)})")
+            params.extend(exclude)
+        with self._transaction(write=False) as tx:
+            return list(tx.all(f"SELECT {columns} FROM {table} WHERE {' AND '.join(where)} "
+                               "ORDER BY next_attempt_at, id LIMIT ?", (*params, limit)))
+
     def delivery_attempt(self, delivery_id: int, ok: bool, error: str | None = None,
-                         next_attempt_at: datetime | None = None) -> DeliveryRecord:
+                         next_attempt_at: datetime | None = None, claim: str | None = None) -> DeliveryRecord:
         if not ok and (error is None or next_attempt_at is None):
             raise ValueError("a failed attempt needs its error and next_attempt_at (used unless it was the last)")
         now = self._now()
@@ -449,17 +505,56 @@ class SqlResultsStore(ResultsStore):
         retry_at = self._dialect.timestamp(require_utc(next_attempt_at, "next_attempt_at")) if not ok else now
         done = int(bool(ok))
         with self._transaction(write=True) as tx:
-            row = tx.one(
-                "UPDATE deliveries SET "
-                "state = CASE WHEN ? = 1 THEN 'delivered' WHEN attempts + 1 >= max_attempts THEN 'failed' "
-                "ELSE 'pending' END, "
-                "last_error = CASE WHEN ? = 1 THEN last_error ELSE ? END, "
-                "next_attempt_at = CASE WHEN ? = 1 OR attempts + 1 >= max_attempts THEN NULL ELSE ? END, "
-                "delivered_at = CASE WHEN ? = 1 THEN ? ELSE NULL END, "
-                "attempts = attempts + 1, updated_at = ? "
-                f"WHERE id = ? AND state = ? RETURNING {DELIVERY_COLUMNS}",
-                (done, done, error, done, retry_at, done, now, now, delivery_id, DeliveryState.PENDING.value))
-            return _updated_delivery(tx, delivery_id, row, "is already {state}; only a pending delivery takes attempts")
+            row = tx.one(_attempt_sql("deliveries", "delivered", DELIVERY_COLUMNS, claim is not None),
+                         (done, done, error, done, retry_at, done, now, now, delivery_id, DeliveryState.PENDING.value,
+                          *([claim] if claim is not None else [])))
+            return _updated_delivery(tx, delivery_id, row, "is already {state}; only a pending delivery takes attempts",
+                                     claimed=claim is not None)
+
+    def claim_deliveries(self, limit: int, lease_s: float, now: datetime | None = None,
+                         destination: str | None = None, exclude: Collection[str] = ()) -> Claim[DeliveryRecord]:
+        rows, token, until = self._claim("deliveries", DELIVERY_COLUMNS, "destination", limit, lease_s, now,
+                                         destination, exclude)
+        return Claim(token, until, sorted((_delivery(row) for row in rows), key=lambda record: record.id))
+
+    def release_deliveries(self, token: str, due_at: datetime) -> int:
+        return self._release("deliveries", token, due_at)
+
+    def claim_notifications(self, limit: int, lease_s: float, now: datetime | None = None,
+                            channel: str | None = None, exclude: Collection[str] = ()) -> Claim[NotificationRecord]:
+        rows, token, until = self._claim("notifications", NOTIFICATION_COLUMNS, "channel", limit, lease_s, now,
+                                         channel, exclude)
+        return Claim(token, until, sorted((_notification(row) for row in rows), key=lambda record: record.id))
+
+    def release_notifications(self, token: str, due_at: datetime) -> int:
+        return self._release("notifications", token, due_at)
+
+    def _claim(self, table: str, columns: str, target: str, limit: int, lease_s: float, now: datetime | None,
+               only: str | None, exclude: Collection[str]) -> tuple[list[Row], str, datetime]:
+        """One statement (claims.py): the due rows, locked and skipped if locked elsewhere, given a fresh token
+        and a next attempt at the lease's end. `target` is the table's destination column."""
+        _check_limit(limit)
+        at = require_utc(now, "now") if now is not None else require_utc(self._clock(), "clock()")
+        until = at + timedelta(seconds=check_lease(lease_s))
+        token = secrets.token_hex(16)
+        where, params = ["state = ?", "next_attempt_at <= ?"], ["pending", self._dialect.timestamp(at)]
+        if only is not None:
+            where.append(f"{target} = ?")
+            params.append(only)
+        if exclude:
+            where.append(f"{target} NOT IN ({', '.join('?' for _ in exclude)})")
+            params.extend(exclude)
+        with self._transaction(write=True) as tx:
+            rows = tx.all(f"UPDATE {table} SET next_attempt_at = ?, claim = ? WHERE id IN (SELECT id FROM {table} "
+                          f"WHERE {' AND '.join(where)} ORDER BY next_attempt_at, id LIMIT ?{self._dialect.skip_locked}"
+                          f") RETURNING {columns}", (self._dialect.timestamp(until), token, *params, limit))
+        return rows, token, until
+
+    def _release(self, table: str, token: str, due_at: datetime) -> int:
+        with self._transaction(write=True) as tx:
+            rows = tx.all(f"UPDATE {table} SET next_attempt_at = ?, claim = NULL WHERE claim = ? AND state = ? "
+                          "RETURNING id", (self._dialect.timestamp(require_utc(due_at, "due_at")), token, "pending"))
+        return len(rows)
 
     def retry_delivery(self, delivery_id: int) -> DeliveryRecord:
         now = self._now()
@@ -490,6 +585,81 @@ class SqlResultsStore(ResultsStore):
         counts.update({DeliveryState(row["state"]): int(row["n"]) for row in rows})
         return counts
 
+    # --- notifications (notifications.py) -------------------------------------------------------------------
+
+    def add_notification(self, study_uid: str, channel: NotificationChannel, priority: Priority, payload: str,
+                         max_attempts: int = DEFAULT_NOTIFY_ATTEMPTS) -> int | None:
+        channel, priority = NotificationChannel(channel), Priority(priority)
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        now = self._now()
+        with self._transaction(write=True) as tx:
+            # One statement: the row is added only while the study is at `priority` (WHERE, needed anyway
+            # by SQLite before ON CONFLICT in an INSERT ... SELECT), and once (the UNIQUE key).
+            tx.execute("INSERT INTO notifications (study_uid, channel, priority, payload, state, attempts, "
+                       "max_attempts, next_attempt_at, created_at, updated_at) "
+                       "SELECT study_uid, ?, ?, ?, ?, 0, ?, ?, ?, ? FROM studies WHERE study_uid = ? AND priority = ? "
+                       "ON CONFLICT (study_uid, channel, priority) DO NOTHING",
+                       (channel.value, priority.value, payload, NotificationState.PENDING.value, max_attempts, now,
+                        now, now, study_uid, priority.value))
+            row = tx.one("SELECT id FROM notifications WHERE study_uid = ? AND channel = ? AND priority = ?",
+                         (study_uid, channel.value, priority.value))
+            if row is None and tx.one("SELECT 1 AS found FROM studies WHERE study_uid = ?", (study_uid,)) is None:
+                raise NotFoundError(f"no study {study_uid!r} to notify about")
+        return None if row is None else int(row["id"])
+
+    def due_notifications(self, limit: int = 10, now: datetime | None = None, channel: str | None = None,
+                          exclude: Collection[str] = ()) -> list[NotificationRecord]:
+        rows = self._due("notifications", NOTIFICATION_COLUMNS, "channel", NotificationState.PENDING.value, limit,
+                         now, channel, exclude)
+        return [_notification(row) for row in rows]
+
+    def notification_attempt(self, notification_id: int, ok: bool, error: str | None = None,
+                             next_attempt_at: datetime | None = None, claim: str | None = None) -> NotificationRecord:
+        if not ok and (error is None or next_attempt_at is None):
+            raise ValueError("a failed attempt needs its error and next_attempt_at (used unless it was the last)")
+        now = self._now()
+        retry_at = self._dialect.timestamp(require_utc(next_attempt_at, "next_attempt_at")) if not ok else now
+        done = int(bool(ok))
+        with self._transaction(write=True) as tx:
+            row = tx.one(_attempt_sql("notifications", "sent", NOTIFICATION_COLUMNS, claim is not None),
+                         (done, done, error, done, retry_at, done, now, now, notification_id,
+                          NotificationState.PENDING.value, *([claim] if claim is not None else [])))
+            return _updated_notification(tx, notification_id, row,
+                                         "is already {state}; only a pending notification takes attempts",
+                                         claimed=claim is not None)
+
+    def retry_notification(self, notification_id: int) -> NotificationRecord:
+        now = self._now()
+        with self._transaction(write=True) as tx:
+            row = tx.one(f"UPDATE notifications SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ? "
+                         f"WHERE id = ? AND state = ? RETURNING {NOTIFICATION_COLUMNS}",
+                         (NotificationState.PENDING.value, now, now, notification_id, NotificationState.FAILED.value))
+            return _updated_notification(tx, notification_id, row,
+                                         "is {state}; only a failed notification can be retried")
+
+    def notifications(self, study_uid: str | None = None,
+                      state: NotificationState | None = None) -> list[NotificationRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if study_uid is not None:
+            where.append("study_uid = ?")
+            params.append(study_uid)
+        if state is not None:
+            where.append("state = ?")
+            params.append(NotificationState(state).value)
+        sql = (f"SELECT {NOTIFICATION_COLUMNS} FROM notifications"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id")
+        with self._transaction(write=False) as tx:
+            return [_notification(row) for row in tx.all(sql, params)]
+
+    def notification_counts(self) -> dict[NotificationState, int]:
+        with self._transaction(write=False) as tx:
+            rows = tx.all("SELECT state, COUNT(*) AS n FROM notifications GROUP BY state")
+        counts = dict.fromkeys(NotificationState, 0)
+        counts.update({NotificationState(row["state"]): int(row["n"]) for row in rows})
+        return counts
+
     def close(self) -> None:
         self._pool.close()
 
@@ -509,11 +679,25 @@ def _item(row: Row) -> WorklistItem:
 
 
 def _instance(row: Row) -> InstanceRecord:
+    """A row as a record; status done with `outputs_due_at` set is outputs_pending (see InstanceStatus)."""
+    status, due = InstanceStatus(row["status"]), read_timestamp(row["outputs_due_at"])
+    if status is InstanceStatus.DONE and due is not None:
+        status = InstanceStatus.OUTPUTS_PENDING
     return InstanceRecord(
         sop_uid=row["sop_uid"], study_uid=row["study_uid"], series_uid=row["series_uid"],
         sop_class_uid=row["sop_class_uid"], source=row["source"], spool_path=row["spool_path"],
-        received_at=_ts(row["received_at"]), status=InstanceStatus(row["status"]), error_code=row["error_code"],
-        attempts=int(row["attempts"]), updated_at=_ts(row["updated_at"]), sha256=row["sha256"])
+        received_at=_ts(row["received_at"]), status=status, error_code=row["error_code"],
+        attempts=int(row["attempts"]), updated_at=_ts(row["updated_at"]), sha256=row["sha256"],
+        outputs_attempts=int(row["outputs_attempts"]), outputs_due_at=due)
+
+
+def _no_finding(tx: Transaction, sop_uid: str) -> NoReturn:
+    """Why an outputs update matched no row: NotFoundError for an unknown instance, else StoreError."""
+    existing = tx.one("SELECT status FROM instances WHERE sop_uid = ?", (sop_uid,))
+    if existing is None:
+        raise NotFoundError(f"no instance with SOP Instance UID {sop_uid!r} was received")
+    raise StoreError(f"instance {sop_uid} is {existing['status']}: only a triaged (done) instance has result "
+                     f"objects to make")
 
 
 def _finding(row: Row) -> FindingRecord:
@@ -523,13 +707,17 @@ def _finding(row: Row) -> FindingRecord:
         models=json.loads(row["models_json"]), created_at=_ts(row["created_at"]))
 
 
-def _updated_delivery(tx: Transaction, delivery_id: int, row: Row | None, conflict: str) -> DeliveryRecord:
+def _updated_delivery(tx: Transaction, delivery_id: int, row: Row | None, conflict: str,
+                      claimed: bool = False) -> DeliveryRecord:
     """The delivery an `UPDATE ... WHERE id = ? AND state = ? RETURNING` gave; where it gave none, why:
-    NotFoundError for an unknown id, else StoreError saying `conflict` with the state it is in."""
+    NotFoundError for an unknown id, StoreError saying the claim ran out for a `claimed` attempt on a row
+    still pending, else StoreError saying `conflict` with the state it is in."""
     if row is None:
         existing = tx.one("SELECT state FROM deliveries WHERE id = ?", (delivery_id,))
         if existing is None:
             raise NotFoundError(f"no delivery with id {delivery_id}")
+        if claimed and existing["state"] == DeliveryState.PENDING.value:
+            raise StoreError(f"delivery {delivery_id} {CLAIMED_ANEW}")
         raise StoreError(f"delivery {delivery_id} {conflict.format(state=existing['state'])}")
     return _delivery(row)
 
@@ -542,3 +730,40 @@ def _delivery(row: Row) -> DeliveryRecord:
         last_error=row["last_error"], next_attempt_at=read_timestamp(row["next_attempt_at"]),
         created_at=_ts(row["created_at"]), updated_at=_ts(row["updated_at"]),
         delivered_at=read_timestamp(row["delivered_at"]))
+
+
+def _attempt_sql(table: str, done: str, columns: str, claimed: bool) -> str:
+    """One attempt on an outbox row (`deliveries` or `notifications`) in one UPDATE: `done` when ok, failed
+    once its attempts are spent, else pending until the given time; its claim ended; the row as it is now
+    RETURNed. Parameters: ok ×2, error, ok, retry time, ok, now ×2, id, the pending state (and the claim
+    token when `claimed`: only the holder of the row's current claim records)."""
+    return (f"UPDATE {table} SET "
+            f"state = CASE WHEN ? = 1 THEN '{done}' WHEN attempts + 1 >= max_attempts THEN 'failed' "
+            "ELSE 'pending' END, "
+            "last_error = CASE WHEN ? = 1 THEN last_error ELSE ? END, "
+            "next_attempt_at = CASE WHEN ? = 1 OR attempts + 1 >= max_attempts THEN NULL ELSE ? END, "
+            f"{done}_at = CASE WHEN ? = 1 THEN ? ELSE NULL END, "
+            "attempts = attempts + 1, updated_at = ?, claim = NULL "
+            f"WHERE id = ? AND state = ?{' AND claim = ?' if claimed else ''} RETURNING {columns}")
+
+
+def _updated_notification(tx: Transaction, notification_id: int, row: Row | None,
+                          conflict: str, claimed: bool = False) -> NotificationRecord:
+    """As `_updated_delivery`, for a notification."""
+    if row is None:
+        existing = tx.one("SELECT state FROM notifications WHERE id = ?", (notification_id,))
+        if existing is None:
+            raise NotFoundError(f"no notification with id {notification_id}")
+        if claimed and existing["state"] == NotificationState.PENDING.value:
+            raise StoreError(f"notification {notification_id} {CLAIMED_ANEW}")
+        raise StoreError(f"notification {notification_id} {conflict.format(state=existing['state'])}")
+    return _notification(row)
+
+
+def _notification(row: Row) -> NotificationRecord:
+    return NotificationRecord(
+        id=int(row["id"]), study_uid=row["study_uid"], channel=NotificationChannel(row["channel"]),
+        priority=Priority(row["priority"]), payload=row["payload"], state=NotificationState(row["state"]),
+        attempts=int(row["attempts"]), max_attempts=int(row["max_attempts"]), last_error=row["last_error"],
+        next_attempt_at=read_timestamp(row["next_attempt_at"]), created_at=_ts(row["created_at"]),
+        updated_at=_ts(row["updated_at"]), sent_at=read_timestamp(row["sent_at"]))

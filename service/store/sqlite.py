@@ -11,15 +11,17 @@ Timestamps are ISO 8601 text with microseconds, always in UTC, so text order is 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 from service.store.base import StoreError
 from service.store.sql import Connection, Dialect
 
 
 class SqliteDialect(Dialect):
-    types = {"timestamp": "TEXT", "id_pk": "INTEGER PRIMARY KEY"}
+    types: ClassVar[Mapping[str, str]] = {"timestamp": "TEXT", "id_pk": "INTEGER PRIMARY KEY"}
     begin_write = "BEGIN IMMEDIATE"
 
     def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from service.cascade.finding import Priority
-from tests.http.test_app_triage import post
+from tests.http.test_app_triage import metrics_text, post, sample
 from tests.servers import bento_server
 from training.__main__ import main as training_main
 
@@ -72,12 +72,20 @@ def test_study_finding_and_review(fed):
     assert status == 200 and study["instances"][0]["sop_uid"] == answer["sop_uid"]
     status, finding = get(base, study["findings"][0]["links"]["finding"])
     assert status == 200 and finding["rle"] == answer["rle"] and finding["score"] == pytest.approx(answer["score"])
-    request = urllib.request.Request(
-        f"{base}/v1/studies/{answer['study_uid']}/ack?by=reader1&priority={study['priority']}", method="POST")
+    request = urllib.request.Request(  # with the reader's verdict (issue 14 §3)
+        f"{base}/v1/studies/{answer['study_uid']}/ack?by=reader1&priority={study['priority']}&verdict=disagree",
+        method="POST")
     with urllib.request.urlopen(request, timeout=30) as response:
-        assert json.loads(response.read())["status"] == "reviewed"
+        acked = json.loads(response.read())
+    assert (acked["status"], acked["verdict"]["verdict"], acked["verdict"]["sop_uid"]) == (
+        "reviewed", "disagree", answer["sop_uid"])
     _, reviewed = get(base, "/v1/worklist?status=reviewed")
     assert [i["study_uid"] for i in reviewed["items"]] == [answer["study_uid"]]
+    with urllib.request.urlopen(f"{base}/v1/feedback?format=csv", timeout=30) as response:
+        exported = response.read().decode()
+    assert exported.splitlines()[1].split(",")[1:4] == [answer["study_uid"], answer["sop_uid"], study["priority"]]
+    counted = sample(metrics_text(base), "ptx_reader_feedback_total", priority=study["priority"], verdict="disagree")
+    assert counted == 1.0  # from whichever edge worker took the request (multiprocess collection)
     assert get(base, "/v1/studies/1.2.3.4")[0] == 404
     assert get(base, "/v1/findings/1.2.3.4")[0] == 404
     for path in (f"{answer['study_uid']}/{answer['sop_uid']}/passwd", f"{answer['study_uid']}/..%2e/SEG.dcm",
@@ -192,3 +200,41 @@ def test_an_ack_is_refused_when_the_priority_changed_since_the_reader_saw_it(api
                                    source="test", spool_path=None, received_at=utc_now()))
     assert client.get("/v1/studies/1.2.4").json()["priority"] is None
     assert client.post("/v1/studies/1.2.4/ack?priority=none").status_code == 200  # pending: seen without a finding
+
+
+def test_the_study_answer_shows_notifications_and_outputs_and_a_failed_notification_can_be_retried(api_on_store):
+    """Issue 14 §5 ("visible per study") and issue 13 §9 (outputs pending visible in the study answer)."""
+    from datetime import timedelta
+
+    from service.cascade.finding import Priority
+    from service.store import (
+        FindingRecord,
+        NotificationChannel,
+        ReceivedInstance,
+        utc_now,
+    )
+
+    client, store = api_on_store
+    store.receive(ReceivedInstance(sop_uid="1.2.3.4", study_uid="1.2.3", series_uid=None, sop_class_uid=None,
+                                   source="dicom:TEST", spool_path="/x/1.2.3.4.dcm", received_at=utc_now()))
+    store.record_finding(FindingRecord(sop_uid="1.2.3.4", score=0.97, label="pneumothorax", priority=Priority.STAT,
+                                       threshold=0.5, rle="1 2", instances=[], models={}, created_at=utc_now()))
+    due = utc_now() + timedelta(seconds=60)
+    store.defer_outputs("1.2.3.4", due)
+    sent = store.add_notification("1.2.3", NotificationChannel.HL7, Priority.STAT, '{"sop_uid": "1.2.3.4"}',
+                                  max_attempts=1)
+    failed = store.add_notification("1.2.3", NotificationChannel.WEBHOOK, Priority.STAT, '{"sop_uid": "1.2.3.4"}',
+                                    max_attempts=1)
+    store.notification_attempt(sent, ok=True)
+    store.notification_attempt(failed, ok=False, error="HTTP 503 Service Unavailable", next_attempt_at=utc_now())
+    body = client.get("/v1/studies/1.2.3").json()
+    (instance,) = body["instances"]
+    assert (instance["status"], instance["outputs_attempts"]) == ("outputs_pending", 1)
+    assert instance["outputs_due_at"] == due.isoformat()
+    states = {n["channel"]: (n["state"], n["priority"], n["attempts"]) for n in body["notifications"]}
+    assert states == {"hl7": ("sent", "STAT", 1), "webhook": ("failed", "STAT", 1)}
+    assert all("payload" not in n for n in body["notifications"])  # what the message says stays in the outbox
+    retried = client.post(f"/v1/notifications/{failed}/retry")
+    assert retried.status_code == 200 and (retried.json()["state"], retried.json()["attempts"]) == ("pending", 0)
+    assert client.post(f"/v1/notifications/{sent}/retry").status_code == 409  # sent: nothing to retry
+    assert client.post(f"/v1/notifications/{failed + 99}/retry").status_code == 404

@@ -27,8 +27,12 @@ def test_a_flood_is_shed_with_fast_503s_admitted_films_stay_fast_and_it_recovers
         statuses = {answer.status for answer in report.answers}
         assert statuses == {200, 503}, f"only 200 and 503 expected, got {sorted(statuses)}"
         assert all(answer.retry_after == "3" for answer in report.of(503))
-        # Refusals are immediate, not queued behind the admitted films.
-        assert report.percentile_ms(503, 99) < report.percentile_ms(200, 50)
+        # Refusals are immediate, not queued behind the admitted films: the typical refusal is far quicker than the
+        # typical admitted film, and even the slowest is far from the CLIENTS-deep queue (~CLIENTS films' work).
+        # (Once p99 of refusals < p50 of admitted; with the lean edge an admitted film takes ~40 ms and a 2-core box's
+        # scheduling stalls alone reach that at p99.)
+        assert report.percentile_ms(503, 50) < report.percentile_ms(200, 50) / 2
+        assert report.percentile_ms(503, 99) < CLIENTS * report.single_ms / 4, report.table()
         # Admitted films wait for at most MAX_IN_FLIGHT films' work (twice that for a shared CI box), not
         # for the CLIENTS-deep queue that would form without admission control.
         bound_ms = 2 * MAX_IN_FLIGHT * report.single_ms + 500

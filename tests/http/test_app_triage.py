@@ -7,6 +7,7 @@ in-process, so the test proves the service runs the pipeline it claims, not just
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import io
 import json
@@ -25,6 +26,7 @@ from PIL import Image
 
 from service.cascade import rle
 from service.http.schemas import BatchOut, ErrorOut, TriageOut
+from service.imaging.acceptance import AcceptancePolicy
 from service.imaging.reader import read_radiograph
 from service.models.manifest import find_models
 from tests import realdata as registry
@@ -94,7 +96,7 @@ def test_real_chest_films_answered_as_the_in_process_cascade_would(server, reald
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         assert (body["sop_uid"], body["study_uid"]) == (ds.SOPInstanceUID, ds.StudyInstanceUID)
 
-        film = read_radiograph(data).pixels
+        film = read_radiograph(data, dataclasses.replace(AcceptancePolicy(), decode_min_side=256))  # as served
         expected = in_process.run([film])[0]
         assert body["score"] == pytest.approx(expected.score, abs=1e-4), entry.path
         assert (body["label"] == "pneumothorax") == (body["score"] >= body["threshold"])

@@ -27,6 +27,7 @@ from tests.servers import free_port, process_group
 
 TOKEN_A = "tok-a-3f9c1e7d5b2a4c6e8f0a1b2c3d4e5f60"
 TOKEN_B = "tok-b-0a1b2c3d4e5f60718293a4b5c6d7e8f9"
+TOKEN_R = "tok-r-77e1c2d3b4a5968778695a4b3c2d1e0f"  # role=read-only
 KEY = "pseudonym-key-for-tests-0123456789"
 SIIM = "chest/siim_cr_jpegbaseline_mono2.dcm"
 
@@ -110,7 +111,8 @@ def test_pseudonyms_are_keyed_stable_uids() -> None:
 
 
 def test_the_openapi_document_declares_the_scheme() -> None:
-    spec = {"info": {"description": "BentoML"}, "paths": {"/readyz": {"get": {}}, "/v1/triage": {"post": {}}}}
+    spec = {"info": {"description": "BentoML", "contact": {"name": "BentoML Team"}, "version": "None"},
+            "paths": {"/readyz": {"get": {}}, "/v1/triage": {"post": {}}}}
     auth.document_security(spec, auth.AuthConfig.from_tokens([TOKEN_A]))
     assert spec["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http", "scheme": "bearer", "description": spec["components"]["securitySchemes"]["bearerAuth"][
@@ -118,6 +120,9 @@ def test_the_openapi_document_declares_the_scheme() -> None:
     assert spec["security"] == [{"bearerAuth": []}] and spec["paths"]["/readyz"]["get"]["security"] == []
     assert "security" not in spec["paths"]["/v1/triage"]["post"]
     assert "PTX_API_TOKEN" in spec["info"]["description"] and "is **on**" in spec["info"]["description"]
+    assert spec["info"]["description"].startswith("# ptx-triage: pneumothorax triage")  # issue 14 §1: ours ...
+    assert "BentoML" not in spec["info"]["description"] and "contact" not in spec["info"]  # ... not BentoML's
+    assert "[Worklist](./worklist/)" in spec["info"]["description"] and spec["info"]["version"] == "source"
     off = auth.document_security({"paths": {}}, None)
     assert "is **off**" in off["info"]["description"] and "security" not in off
 
@@ -130,7 +135,7 @@ def asgi_app() -> object:
 
     async def docs(_: object) -> StreamingResponse:
         spec = json.dumps({"info": {"description": "BentoML"}, "paths": {"/readyz": {"get": {}}}}).encode()
-        async def chunks():  # noqa: ANN202
+        async def chunks():
             yield spec[:10]
             yield spec[10:]
         return StreamingResponse(chunks(), media_type="application/json")
@@ -165,7 +170,7 @@ def test_the_middleware_documents_auth_even_when_off() -> None:
 def server(tmp_path_factory: pytest.TempPathFactory, realdata: Path) -> object:
     home = tmp_path_factory.mktemp("auth")
     token_file = home / "tokens"
-    token_file.write_text(f"{TOKEN_A}\n{TOKEN_B}\n")
+    token_file.write_text(f"{TOKEN_A}\n{TOKEN_B}\n{TOKEN_R} role=read-only\n")
     token_file.chmod(0o600)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -174,7 +179,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, realdata: Path) -> object:
            "PTX_DEIDENTIFY_RESPONSES": "true", "PTX_DEIDENTIFY_KEY": KEY, "PTX_MAX_BATCH_SIZE": "4"}
     command = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
     log = home / "server.log"
-    ready = lambda process: wait_ready(f"{base}/readyz", process)  # noqa: E731
+    ready = lambda process: wait_ready(f"{base}/readyz", process)
     with process_group(command, log, ready, env=env):
         yield SimpleNamespace(base=base, log=log)
 
@@ -241,7 +246,35 @@ def test_openapi_page_is_open_and_declares_the_bearer_scheme(server: SimpleNames
     assert "PTX_API_TOKEN" in spec["info"]["description"] and "is **on**" in spec["info"]["description"]
     assert "security" not in spec["paths"]["/v1/triage"]["post"]  # inherits the global requirement
     assert "security" not in spec["paths"]["/readyz"]["get"]  # protected on this server (health closed)
-    assert call(f"{server.base}/", token=None)[0] == 200
+    status, page, headers = call(f"{server.base}/", token=None)
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b"swagger-ui" in page and b"googletagmanager" not in page and b"github-corner" not in page
+    assert spec["info"]["description"].startswith("# ptx-triage") and "contact" not in spec["info"]
+    assert "created with BentoML" not in raw.decode() and "img.shields.io" not in raw.decode()
+
+
+def test_a_read_only_token_reads_but_changes_nothing(server: SimpleNamespace, realdata: Path) -> None:
+    assert call(f"{server.base}/v1/worklist", token=TOKEN_R)[0] == 200
+    status, raw, _ = call(f"{server.base}/v1/triage", token=TOKEN_R, body=(realdata / SIIM).read_bytes())
+    assert status == 403 and json.loads(raw)["error"]["code"] == "read_only"
+
+
+def test_the_worklist_asks_a_person_to_sign_in(server: SimpleNamespace) -> None:
+    request = urllib.request.Request(f"{server.base}/worklist/", headers={"Accept": "text/html"})
+
+    class Stay(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    try:
+        urllib.request.build_opener(Stay).open(request, timeout=30)
+        raise AssertionError("the worklist answered without a session")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 303 and exc.headers["location"] == "/worklist/login?next=%2Fworklist%2F"
+    status, page, _ = call(f"{server.base}/worklist/login")
+    assert status == 200 and b'name="token"' in page and b'type="password"' in page
+    status, raw, _ = call(f"{server.base}/worklist/events")
+    assert status == 401 and json.loads(raw)["error"]["code"] == "unauthorized"
 
 
 def test_answers_are_de_identified_with_keyed_pseudonyms(server: SimpleNamespace, realdata: Path) -> None:

@@ -58,7 +58,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize("name", COMPRESSED)
 def test_the_pool_decodes_exactly_what_the_thread_does(pool: DecodePool, realdata: Path, name: str) -> None:
     ds = pydicom.dcmread(realdata / name)
-    np.testing.assert_array_equal(pool.decode(ds), decode_here(ds))
+    np.testing.assert_array_equal(pool.decode(ds).stored, decode_here(ds).stored)
 
 
 def test_only_pixel_attributes_cross_to_the_worker(realdata: Path) -> None:
@@ -81,7 +81,7 @@ def test_a_decode_that_overruns_is_killed_and_named(pool: DecodePool) -> None:
     assert pool.replaced == replaced + 1
     # The pool goes on with a fresh worker.
     ds = dataset()
-    np.testing.assert_array_equal(pool.decode(ds), decode_here(ds))
+    np.testing.assert_array_equal(pool.decode(ds).stored, decode_here(ds).stored)
 
 
 def test_an_overrun_holds_up_no_other_decode(pool: DecodePool) -> None:
@@ -116,7 +116,7 @@ def test_a_decode_beyond_the_memory_cap_is_refused_and_the_worker_lives(pool: De
     assert "PTX_DECODE_MEMORY_MB" in caught.value.message and "512 MB" in caught.value.message
     assert pool.replaced == replaced  # a MemoryError is answered; the worker itself is fine
     ds = dataset()
-    np.testing.assert_array_equal(pool.decode(ds), decode_here(ds))
+    np.testing.assert_array_equal(pool.decode(ds).stored, decode_here(ds).stored)
 
 
 def test_a_decoder_crash_is_named_and_the_worker_replaced(pool: DecodePool) -> None:
@@ -126,7 +126,7 @@ def test_a_decoder_crash_is_named_and_the_worker_replaced(pool: DecodePool) -> N
     assert caught.value.code is RejectionCode.CORRUPT_PIXEL_DATA and "stopped" in caught.value.message
     assert pool.replaced == replaced + 1
     ds = dataset()
-    np.testing.assert_array_equal(pool.decode(ds), decode_here(ds))
+    np.testing.assert_array_equal(pool.decode(ds).stored, decode_here(ds).stored)
 
 
 def test_killed_workers_are_gone(pool: DecodePool) -> None:
@@ -182,7 +182,7 @@ def test_uncompressed_pixels_stay_in_the_thread(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(decode_pool, "shared_pool", refuse)
     ds = dataset()
-    np.testing.assert_array_equal(decode_pixels(ds, timeout_s=1.0), decode_here(ds))
+    np.testing.assert_array_equal(decode_pixels(ds, timeout_s=1.0).stored, decode_here(ds).stored)
 
 
 def test_the_edge_and_the_dicom_intake_decode_under_the_limit() -> None:
@@ -208,7 +208,7 @@ def test_prestarted_workers_answer_the_first_decode_without_a_start_up(realdata:
             worker.wait_ready(60)
         pids = {worker.process.pid for worker in pool._idle.queue}  # noqa: SLF001
         ds = pydicom.dcmread(realdata / "chest/siim_cr_jpegbaseline_mono2.dcm")
-        np.testing.assert_array_equal(pool.decode(ds), decode_here(ds))
+        np.testing.assert_array_equal(pool.decode(ds).stored, decode_here(ds).stored)
         assert pool._started == 2 and {w.process.pid for w in pool._idle.queue} == pids  # noqa: SLF001 -- no new one
     finally:
         pool.close()
@@ -224,7 +224,7 @@ def test_a_caller_waiting_for_the_only_worker_gets_its_replacement() -> None:
         time.sleep(0.3)
         started = time.monotonic()
         ds = dataset()
-        np.testing.assert_array_equal(pool.decode(ds), decode_here(ds))
+        np.testing.assert_array_equal(pool.decode(ds).stored, decode_here(ds).stored)
         assert time.monotonic() - started < TIMEOUT_S + 10
         stuck.join(timeout=30)
         assert pool.replaced == 1 and pool._started == 1  # noqa: SLF001

@@ -63,3 +63,45 @@ def test_appears_inverted_on_simple_films():
     assert not grayscale.appears_inverted(film)
     assert grayscale.appears_inverted(1.0 - film)
     assert not grayscale.appears_inverted(np.full((256, 256), 0.5, np.float32)), "flat: no evidence"
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_counted_percentiles_are_numpys_for_stored_integers(dtype) -> None:
+    """Stored values of up to 16 bits are counted, not sorted (issue 15 §3): the same quantiles as
+    `np.percentile` of their float64 values, odd and even counts, sparse and dense value sets."""
+    rng = np.random.default_rng(15)
+    info = np.iinfo(dtype)
+    for size in (1, 2, 3, 7, 1000, 300_000):
+        values = rng.integers(info.min, info.max, size=size, endpoint=True).astype(dtype)
+        sparse = (values // 97 * 97).astype(dtype)
+        for sample in (values, sparse):
+            expected = tuple(float(v) for v in np.percentile(sample[:: max(1, int(np.sqrt(size / (1 << 18))))]
+                                                             .astype(np.float64), [0.5, 99.5]))
+            assert grayscale.percentile_range(sample) == expected
+
+
+def _degenerate_by_sorting(pixels: np.ndarray) -> str | None:
+    """The check as it was written before issue 15: one sort of the subsample gives both figures."""
+    sample = np.sort(grayscale._sample(pixels), axis=None)
+    if sample.size == 0 or not np.isfinite(sample[0]) or not np.isfinite(sample[-1]):
+        return "its pixels are not finite numbers"
+    low, high = (float(sample[int(q * (sample.size - 1))]) for q in (0.01, 0.99))
+    if high - low < grayscale.MIN_GREY_SPREAD:
+        return (f"it is near-constant: 98 % of its pixels lie within {high - low:.3f} of the grey range, "
+                f"under the minimum of {grayscale.MIN_GREY_SPREAD}")
+    levels = 1 + int(np.count_nonzero(np.diff(sample)))
+    if levels < grayscale.MIN_GREY_LEVELS:
+        return f"it has {levels} grey levels, under the minimum of {grayscale.MIN_GREY_LEVELS}"
+    return None
+
+
+def test_the_degenerate_check_by_partition_says_what_sorting_says() -> None:
+    rng = np.random.default_rng(16)
+    films = [rng.random((1024, 1024), dtype=np.float32), np.full((512, 512), 0.3, np.float32),
+             (rng.integers(0, 12, (600, 600)) / 11).astype(np.float32),  # 12 levels
+             (rng.integers(0, 16, (600, 600)) / 15).astype(np.float32),  # 16 levels: enough
+             (0.5 + 0.01 * rng.random((800, 800))).astype(np.float32),  # near-constant
+             np.where(rng.random((700, 700)) < 0.999, 0.2, rng.random((700, 700))).astype(np.float32),  # rare levels
+             np.array([[np.nan, 0.5], [0.1, 0.9]], np.float32), np.zeros((0, 0), np.float32)]
+    for film in films:
+        assert grayscale.degenerate_reason(film) == _degenerate_by_sorting(film)

@@ -19,12 +19,12 @@ from scipy.ndimage import gaussian_filter
 from service.cascade.preprocess import to_batch
 from service.models.backends import BackendUnavailable, factory
 from service.models.backends.factory import choose_kind, load_backend
+from service.models.backends.hardware_probe import decode_tensorrt_version
 from service.models.backends.onnxruntime import (
     CPU,
     CUDA,
     TENSORRT,
     OnnxRuntimeBackend,
-    decode_tensorrt_version,
     gpu_slug,
     plan_session,
 )
@@ -162,6 +162,53 @@ def test_plan_explicit_providers(tmp_path):
         plan(tmp_path, ALL_GPU, providers=["cuda"])
     with pytest.raises(ValueError, match="providers must be 'auto' or a list"):
         plan(tmp_path, ALL_GPU, providers="gpu")
+
+
+def test_plan_int8_runs_the_int8_file_on_the_cpu_even_beside_a_gpu(tmp_path):
+    int8 = tmp_path / "model.int8.onnx"
+    for available in (ALL_GPU, [CUDA, CPU], [CPU]):
+        result = plan(tmp_path, available, precision="int8", int8_model_path=int8)
+        assert (result.names, result.model_path) == ([CPU], int8)
+        assert bool(result.notes) == (available != [CPU])
+    [note] = plan(tmp_path, ALL_GPU, precision="int8", int8_model_path=int8).notes
+    assert "PTX_PRECISION=int8" in note and "symmetric INT8 activations" in note and "PTX_PRECISION=auto" in note
+    with pytest.raises(ValueError, match="PTX_PRECISION=int8 runs on CPUExecutionProvider only"):
+        plan(tmp_path, ALL_GPU, providers=[CUDA], precision="int8", int8_model_path=int8)
+    with pytest.raises(ValueError, match="PTX_PRECISION=int8 needs int8_model_path"):
+        plan(tmp_path, [CPU], precision="int8")
+
+
+def test_plan_fp32_keeps_the_fp32_file_and_tensorrt_without_fp16(tmp_path):
+    assert plan(tmp_path, [CUDA, CPU], precision="fp32").model_path.name == "model.onnx"
+    result = plan(tmp_path, ALL_GPU, precision="fp32")
+    assert result.model_path.name == "model.onnx" and dict(result.providers)[TENSORRT]["trt_fp16_enable"] is False
+    assert plan(tmp_path, ALL_GPU, precision="fp32", trt_version="11.2.0").model_path.name == "model.onnx"
+
+
+def test_plan_fp16_needs_a_gpu_and_its_file(tmp_path):
+    assert plan(tmp_path, [CUDA, CPU], precision="fp16").model_path.name == "model.fp16.onnx"
+    assert dict(plan(tmp_path, ALL_GPU, precision="fp16").providers)[TENSORRT]["trt_fp16_enable"] is True
+    with pytest.raises(BackendUnavailable,
+                       match=r"PTX_PRECISION=fp16 needs a GPU provider.*\['CPUExecutionProvider'\]"):
+        plan(tmp_path, [CPU], precision="fp16")
+    with pytest.raises(BackendUnavailable, match="FP16 file none"):
+        plan(tmp_path, ALL_GPU, precision="fp16", trt_version="11.2.0", fp16_model_path=None)
+    with pytest.raises(ValueError, match="PTX_PRECISION must be one of auto, fp32, fp16, int8, got 'int4'"):
+        plan(tmp_path, [CPU], precision="int4")
+
+
+def test_int8_beside_a_gpu_that_fails_to_start_stays_on_the_int8_file(caplog, manifests):
+    """onnxruntime is told CUDA is available (it is not) and an H100 is visible: int8 plans the CPU anyway, says
+    once why the GPU is left unused (not "install onnxruntime-gpu"), and never switches to the FP32 file (the
+    fall-back meant for a GPU session that failed)."""
+    directory = MODELS["classifier"]
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        backend = OnnxRuntimeBackend(directory / "model.onnx", fp16_model_path=directory / "model.fp16.onnx",
+                                     available_providers=[CUDA, CPU], gpu_probe=lambda: H100, precision="int8",
+                                     int8_model_path=directory / "model.int8.onnx")
+    assert (backend.model_path.name, backend.name) == ("model.int8.onnx", "onnxruntime-cpu-int8")
+    [warning] = warnings_of(caplog)
+    assert "PTX_PRECISION=int8" in warning and "['CUDAExecutionProvider'] left unused" in warning
 
 
 @pytest.mark.parametrize(("code", "version"), [(8601, "8.6.1"), (100900, "10.9.0"), (110203, "11.2.3")])

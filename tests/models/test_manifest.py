@@ -52,6 +52,12 @@ def manifest_dict(name: str = "ptx-seg", version: str = "1.0", task: str = "segm
     return data
 
 
+INT8_INFO = {"method": "onnxruntime quantize_static", "calibration_method": "MinMax", "activation_type": "QUInt8",
+             "weight_type": "QInt8", "per_channel": True, "tolerance": 0.02, "max_abs_error": 0.08,
+             "mean_abs_error": 0.007,
+             "calibration": {"description": "128 training films", "films": 128, "fingerprint": "sha256:00"}}
+
+
 def write_model(root: Path, name: str = "ptx-seg", version: str = "1.0", task: str = "segmentation",
                 payload: bytes = b"onnx bytes", **changes) -> Path:
     directory = root / name / version
@@ -116,6 +122,11 @@ def test_missing_file_and_missing_manifest_are_refused(tmp_path: Path) -> None:
         ({"name": "a/b"}, "names a folder"),
         ({"input": {"size": 100, "mean": 0.5, "std": 0.25, "channels": 1}}, "multiple of 32"),
         ({"metrics": {"dice": float("nan")}}, "finite number"),
+        ({"files": {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx"},
+          "sha256": {"model.onnx": "0" * 64, "model.int8.onnx": "0" * 64}}, "export.int8 is missing"),
+        ({"export": {**manifest_dict()["export"], "int8": INT8_INFO}}, "no 'onnx_int8' file is listed"),
+        ({"export": {**manifest_dict()["export"], "int8": {**INT8_INFO, "quant_format": "QOperator"}}},
+         "Input should be 'QDQ'"),
     ],
 )
 def test_invalid_manifests_are_refused(changes: dict, message: str) -> None:

@@ -94,10 +94,21 @@ class Faulty:
         self.name = inner.name
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        self._maybe_raise(batch)
+        return self._maybe_nan(batch, self.inner.run(batch))
+
+    def run_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The classifier's path when its manifest has `ood` (logits and features), failing as `run` does."""
+        self._maybe_raise(batch)
+        out, features = self.inner.run_with_features(batch)
+        return self._maybe_nan(batch, out), features
+
+    def _maybe_raise(self, batch: np.ndarray) -> None:
         self.calls += 1
         if self.mode == "raise" and batch.max() > 0:
             raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : kernel failed")
-        out = self.inner.run(batch)
+
+    def _maybe_nan(self, batch: np.ndarray, out: np.ndarray) -> np.ndarray:
         return np.full_like(out, np.nan) if self.mode == "nan" and batch.max() > 0 else out
 
     def __getattr__(self, name: str) -> object:

@@ -15,7 +15,7 @@ from service.imaging.reader import read_radiograph
 from service.models.backends.onnxruntime_cpu import OnnxRuntimeCPU
 from service.models.manifest import ManifestError, load_manifest, write_manifest
 from service.models.model_set import resolve
-from service.models.runner import ModelRunner, pack, unpack
+from service.models.runner import CLASSIFY_ROW, ModelRunner, pack, unpack
 from service.settings import load_settings
 from tests.servers import REPO
 from training.evaluate import load_cascade
@@ -78,14 +78,14 @@ def test_runner_and_edge_give_the_cascade_answer(realdata, settings, models, cas
     runner = ModelRunner(models, settings, loader=ort_loader)
     flow = Flow.from_settings(settings, models, {"classifier": "x", "segmenter": "y"})
     paths = sorted((realdata / "chest").glob("*.dcm"))
-    films = [read_radiograph(path).pixels for path in paths]
+    films = [read_radiograph(path, flow.policy) for path in paths]  # decoded as the flow does (reduced)
     expected = cascade.run(films)
     side = models.segmenter_spec.size
     inputs: list[np.ndarray] = []
 
     async def classify(batch: np.ndarray) -> np.ndarray:
         inputs.append(batch)
-        return unpack(runner.classify(batch), ()).outputs
+        return unpack(runner.classify(batch), CLASSIFY_ROW).outputs
 
     async def segment(batch: np.ndarray) -> np.ndarray:
         return unpack(runner.segment(batch), (side, side)).outputs
@@ -97,7 +97,7 @@ def test_runner_and_edge_give_the_cascade_answer(realdata, settings, models, cas
     assert np.allclose(batch, to_batch(films, models.classifier_spec))
     for path, finding, want in zip(paths, findings, expected):
         assert np.array_equal(finding.mask, want.mask)
-        reference = build_finding(read_radiograph(path), want, models.operating_point, PriorityBands())
+        reference = build_finding(read_radiograph(path, flow.policy), want, models.operating_point, PriorityBands())
         assert finding.priority == reference.priority and finding.rle == reference.rle
         assert finding.models["classifier"] == {"name": "ptx-classifier-demo", "version": "0.1.0", "backend": "x"}
         assert {"decode", "preprocess", "postprocess"} <= set(finding.timings_ms)

@@ -394,15 +394,16 @@ def test_compressed_objects_need_a_receiver_that_accepts_their_syntax(realdata, 
 
 
 @contextlib.contextmanager
-def pynetdicom_scp(status: int, port: int, calling_aets: list[str] | None = None,
+def pynetdicom_scp(status: int | Dataset, port: int, calling_aets: list[str] | None = None,
                    delay_s: float = 0.0) -> Iterator[list[str]]:
-    """A storage SCP in this process that answers every C-STORE with `status` (after `delay_s`); yields the
-    SOP UIDs it saw. With `calling_aets` it rejects associations from any other calling AE title."""
+    """A storage SCP in this process that answers every C-STORE with `status` (after `delay_s`; a Dataset
+    for a status with an Error Comment); yields the SOP UIDs it saw. With `calling_aets` it rejects
+    associations from any other calling AE title."""
     from pynetdicom import AE, AllStoragePresentationContexts, evt
 
     seen: list[str] = []
 
-    def on_store(event: object) -> int:
+    def on_store(event: object) -> int | Dataset:
         seen.append(str(event.dataset.SOPInstanceUID))  # type: ignore[attr-defined]
         time.sleep(delay_s)
         return status
@@ -817,3 +818,120 @@ def test_a_real_pacs_takes_the_seg_by_stow_rs_and_c_store(store, real_seg, tmp_p
     assert {(r.destination, r.state) for r in store.deliveries(study_uid)} == {
         ("web", DeliveryState.DELIVERED), ("pacs", DeliveryState.DELIVERED)}
     assert sorted(seen) == [("pacs", True), ("web", True)]
+
+
+# --- the peer's free text stays out of the store and the logs (issue 13 §11a) ---------------------------------
+
+PEER_TEXT = "DOE^JOHN"  # what a receiver might quote from the object it refused
+
+
+def test_a_cstore_error_comment_is_neither_stored_nor_logged(store, tmp_path, caplog):
+    """The receiver's Error Comment is its own free text (it can quote the object's values): the delivery
+    keeps the status code and our words for it only."""
+    caplog.set_level(logging.DEBUG)
+    uid = write_sc(tmp_path / "SC.dcm")
+    status = Dataset()
+    status.Status, status.ErrorComment = 0xC123, f"bad name {PEER_TEXT}"
+    port = free_port()
+    with pynetdicom_scp(status, port) as seen_by_scp:
+        deliver, _ = dispatcher(store, f"pacs=dicom://PACS@127.0.0.1:{port}")
+        deliver.enqueue(STUDY, uid, "SC", tmp_path / "SC.dcm")
+        assert deliver.run_once(T0) == 1
+    assert seen_by_scp == [uid]
+    (record,) = store.deliveries(STUDY)
+    assert record.last_error == "pacs: C-STORE failed with status 0xC123 (cannot understand)"
+    assert "attempt 1 of 10 failed" in caplog.text and PEER_TEXT not in caplog.text
+
+
+def test_a_stow_reason_phrase_and_body_are_neither_stored_nor_logged(store, tmp_path, caplog):
+    """A server's own reason phrase and its response body are its free text: the delivery keeps the status
+    with the standard phrase, and so does httpx's request log line (INFO; httpcore's DEBUG traces are off)."""
+    caplog.set_level(logging.INFO)
+    uid = write_sc(tmp_path / "SC.dcm")
+
+    class Quoting(StowServer):
+        def __init__(self) -> None:
+            super().__init__(answer=lambda request: (400, {"Content-Type": "text/plain"},
+                                                     f"rejected: patient {PEER_TEXT}".encode()))
+            handler = self.httpd.RequestHandlerClass
+            plain = handler.send_response
+
+            def send_response(this: http.server.BaseHTTPRequestHandler, code: int, message: str | None = None) -> None:
+                plain(this, code, f"Refused {PEER_TEXT}" if code == 400 else message)
+
+            handler.send_response = send_response  # type: ignore[method-assign]
+
+    with Quoting() as server:
+        deliver, _ = dispatcher(store, f"web={server.base}")
+        deliver.enqueue(STUDY, uid, "SC", tmp_path / "SC.dcm")
+        assert deliver.run_once(T0) == 1
+    (record,) = store.deliveries(STUDY)
+    assert record.last_error == "web: STOW-RS answered 400 Bad Request"
+    assert '400 Bad Request"' in caplog.text, "httpx's request line must be captured for this check to mean much"
+    assert "attempt 1 of 10 failed" in caplog.text and PEER_TEXT not in caplog.text
+
+
+@contextlib.contextmanager
+def garbled_http() -> Iterator[int]:
+    """A port whose server answers every request with a status line no HTTP client accepts, quoting text."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                connection, _ = sock.accept()
+            except OSError:
+                continue
+            with connection:
+                connection.settimeout(2)
+                with contextlib.suppress(OSError):
+                    connection.recv(1 << 16)
+                    connection.sendall(f"HTTP/1.1 4xx {PEER_TEXT} said no\r\n\r\n".encode())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(sock.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close()
+
+
+def test_a_protocol_error_quoting_the_server_is_recorded_by_its_type(store, tmp_path, caplog):
+    """httpx's protocol errors quote what the server sent; only the error's type is kept."""
+    caplog.set_level(logging.INFO)
+    uid = write_sc(tmp_path / "SC.dcm")
+    with garbled_http() as port:
+        deliver, _ = dispatcher(store, f"web=http://127.0.0.1:{port}/dicom-web")
+        deliver.enqueue(STUDY, uid, "SC", tmp_path / "SC.dcm")
+        assert deliver.run_once(T0) == 1
+    (record,) = store.deliveries(STUDY)
+    assert record.last_error == "web: RemoteProtocolError (no STOW-RS answer)"
+    assert PEER_TEXT not in caplog.text
+
+
+def test_a_sender_bug_is_recorded_by_its_type_not_its_message(store, tmp_path, caplog):
+    """An exception the sender did not expect (a bug) keeps its type and frames, not its message, which may
+    quote a library's reading of the object (a unit test of the dispatcher's handling: the sender is ours)."""
+    uid = write_sc(tmp_path / "SC.dcm")
+
+    class Buggy:
+        destination = Destination.parse("bug=dicom://PACS@127.0.0.1:104")
+
+        def send(self, path: object) -> None:
+            raise RuntimeError(f"could not encode {PEER_TEXT}")
+
+        def close(self) -> None:
+            pass
+
+    deliver = Dispatcher(store, {"bug": Buggy()})
+    deliver.enqueue(STUDY, uid, "SC", tmp_path / "SC.dcm")
+    assert deliver.run_once(T0) == 1
+    (record,) = store.deliveries(STUDY)
+    assert record.last_error == "internal error in the sender (RuntimeError)"
+    assert "the sender raised RuntimeError at test_delivery.py" in caplog.text and PEER_TEXT not in caplog.text

@@ -20,6 +20,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID
@@ -27,6 +28,7 @@ from scipy import ndimage
 
 from service.cascade.finding import Finding, PriorityBands, build_finding
 from service.cascade.postprocess import CascadeResult
+from service.imaging.acceptance import permissive_policy
 from service.imaging.radiograph import Radiograph
 from service.imaging.reader import Film, read_radiograph
 from service.pacs.results import (
@@ -39,7 +41,14 @@ from service.pacs.results import (
     build_sr,
 )
 from service.pacs.results.identity import ModelIdentity, package_version
-from service.pacs.results.overlay import OUTLINE_RGB, outline, outline_width
+from service.pacs.results.overlay import (
+    OUTLINE_RGB,
+    drawing_size,
+    mask_at,
+    outline,
+    outline_width,
+    shrink,
+)
 from service.pacs.results.seg import PLACEHOLDER_SLICE_THICKNESS_MM
 from tests import realdata as registry
 
@@ -280,8 +289,10 @@ def test_sr_reports_a_negative_finding_as_absent_without_regions(films, mask_kin
         build_sr(source, finding, build_seg(source, positive, identity), identity)
 
 
-def display_rgb(radiograph: Radiograph) -> np.ndarray:
-    grey = np.round(radiograph.pixels * 255.0).astype(np.uint8)
+def display_rgb(radiograph: Radiograph, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The film as the SC draws it: its display pixels, shrunk by area to `shape` where that is smaller."""
+    pixels = radiograph.pixels if shape is None else shrink(radiograph.pixels, *shape)
+    grey = np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)
 
 
@@ -292,19 +303,22 @@ def test_overlay_burns_the_outline_into_the_film(films, entry):
     data = reread(build_overlay(source, finding, ResultIdentity.from_models(MODELS), radiograph.pixels))
     sc = pydicom.dcmread(io.BytesIO(data))
 
-    rows, columns = radiograph.pixels.shape
+    rows, columns = drawing_size(radiograph.pixels.shape)
+    assert max(rows, columns) == min(1024, max(radiograph.pixels.shape)), "drawn at the film's size, at most 1024"
+    assert abs(rows / columns - radiograph.rows / radiograph.columns) < 0.01, "in the film's proportions"
     banner_rows = sc.Rows - rows
     assert sc.Columns == columns and 0 < banner_rows < rows // 5, "the banner is a strip above the whole film"
     assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3 and sc.BitsAllocated == 8
     pixels = sc.pixel_array
     film, banner = pixels[banner_rows:], pixels[:banner_rows]
-    changed = (film != display_rgb(radiograph)).any(axis=2)
-    rim = outline(finding.mask, outline_width(finding.mask.shape))
+    changed = (film != display_rgb(radiograph, (rows, columns))).any(axis=2)
+    drawn = mask_at(finding.mask, rows, columns)
+    rim = outline(drawn, outline_width(drawn.shape))
     np.testing.assert_array_equal(changed, rim)  # the film is untouched except along the outline
     assert (film[rim] == OUTLINE_RGB).all()
-    edge = finding.mask & ~ndimage.binary_erosion(finding.mask)
+    edge = drawn & ~ndimage.binary_erosion(drawn)
     assert edge.any() and rim[edge].all(), "the outline covers the mask's boundary"
-    assert not rim[~finding.mask].any(), "the outline lies inside the region"
+    assert not rim[~drawn].any(), "the outline lies inside the region"
     assert (banner > 128).mean() > 0.01, "the banner carries text"
     assert sc.BurnedInAnnotation == "YES" and sc.Modality == "OT"
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
@@ -312,6 +326,47 @@ def test_overlay_burns_the_outline_into_the_film(films, entry):
     assert "AI" in sc.SeriesDescription and sc.SeriesNumber == ResultKind.SC.series_number
     orientation = source.get("PatientOrientation")
     assert list(sc.get("PatientOrientation") or []) == (list(orientation) if orientation else [])
+
+
+def test_the_overlay_of_a_film_decoded_at_the_models_resolution_is_drawn_from_those_pixels(films, realdata):
+    """A JPEG 2000 film triaged at a reduced resolution (issue 15): the SC is drawn from the reduced pixels, at
+    their size, with the film-sized mask brought down to it; the SEG stays on the film's full grid."""
+    source, _ = films[CANON.path]
+    reduced = read_radiograph(realdata / CANON.path, dataclasses.replace(permissive_policy(), decode_min_side=256))
+    assert reduced.grid is not None and reduced.pixels.shape == (532, 500) and reduced.shape == (2128, 2000)
+    finding = finding_on(reduced, two_blobs(reduced.shape), 0.93, True)
+    assert finding.mask.shape == (2128, 2000)
+    results = build_results(source, finding, overlay=True, pixels=reduced.pixels)
+    sc = pydicom.dcmread(io.BytesIO(reread(results.overlay)))
+    banner_rows = sc.Rows - 532
+    assert sc.Columns == 500 and 0 < banner_rows < 532 // 5
+    drawn = mask_at(finding.mask, 532, 500)
+    film = sc.pixel_array[banner_rows:]
+    changed = (film != display_rgb(reduced)).any(axis=2)
+    np.testing.assert_array_equal(changed, outline(drawn, outline_width(drawn.shape)))
+    np.testing.assert_array_equal(segment_mask(results.seg, source), finding.mask)
+
+
+def test_the_mask_is_drawn_by_area_majority_computed_on_its_box_only():
+    """`mask_at` resamples only the mask's box; it equals the whole mask brought down by area (Pillow's BOX),
+    a drawn pixel inside where more than half of it is."""
+    rng = np.random.default_rng(7)
+    for shape, size in (((2128, 2000), (532, 500)), ((1955, 1841), (1024, 964)), ((1024, 1024), (256, 256)),
+                        ((997, 1003), (333, 335))):
+        mask = np.zeros(shape, dtype=bool)
+        top, left = int(rng.integers(0, shape[0] - 300)), int(rng.integers(0, shape[1] - 300))
+        mask[top:top + 300, left:left + 300] = rng.random((300, 300)) < 0.7
+        mask = ndimage.binary_opening(mask, iterations=2)
+        whole = Image.fromarray(mask.astype(np.float32), mode="F").resize(size[::-1], Image.Resampling.BOX)
+        np.testing.assert_array_equal(mask_at(mask, *size), np.asarray(whole) > 0.5)
+    assert not mask_at(np.zeros((2128, 2000), dtype=bool), 532, 500).any()
+
+
+def test_the_overlay_refuses_pixels_that_are_not_the_film_or_a_reduced_decode_of_it(films):
+    source, radiograph = films[SIIM.path]
+    finding = finding_on(radiograph, two_blobs(radiograph.pixels.shape), 0.93, True)
+    with pytest.raises(ValueError, match=r"shape \(300, 300\), which is neither the film's \(1024, 1024\)"):
+        build_overlay(source, finding, ResultIdentity.from_models(MODELS), np.zeros((300, 300), np.float32))
 
 
 def test_overlay_of_a_negative_finding_has_no_outline_and_decodes_the_source_itself(films):

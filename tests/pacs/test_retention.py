@@ -3,6 +3,7 @@ ages made with old modification times and an injected clock."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from service.store import (
     DeliveryKind,
     FindingRecord,
     InstanceStatus,
+    NotificationChannel,
     ReceivedInstance,
     ResultsStore,
     open_store,
@@ -126,6 +128,18 @@ def test_spool_files_go_only_when_their_instance_is_finished(world: World) -> No
     assert {i.sop_uid for i in world.store.pending_instances()} == {received_old, processing_old}
 
 
+def test_the_spool_file_of_an_instance_whose_results_are_pending_is_kept(world: World) -> None:
+    """An outputs_pending instance is triaged but its SEG/SR/SC are still to be made from its spool file
+    (issue 13 §9): however old, the file stays until they are made; then it goes like any finished one's."""
+    pending = world.instance(InstanceStatus.DONE, spooled=True)[1]
+    world.store.defer_outputs(pending, NOW + timedelta(hours=1))
+    age(world.spool.path(pending), 90)
+    report = world.retention.sweep()
+    assert (report.spool_removed, report.spool_kept) == (0, 1) and world.spool.pending() == [pending]
+    world.store.settle_outputs(pending)  # made at last (the intake would have removed the file itself)
+    assert world.retention.sweep().spool_removed == 1 and world.spool.pending() == []
+
+
 def test_the_setting() -> None:
     assert load_settings(environ={}).retention_days == 30
     assert load_settings(environ={"PTX_RETENTION_DAYS": "0"}).retention_days == 0  # keep forever: no sweep
@@ -133,3 +147,19 @@ def test_the_setting() -> None:
         load_settings(environ={"PTX_RETENTION_DAYS": "-1"})
     with pytest.raises(ValueError, match="positive"):
         Retention(None, None, None, 0)  # type: ignore[arg-type]
+
+
+def test_old_results_stay_while_their_notification_is_still_being_pushed(world: World) -> None:
+    """notification.json beside the results holds what the HL7 message needs (service/pacs/notify): an old
+    folder whose study's notification is still pending stays; once it is sent, the folder goes."""
+    study, sop = world.instance(InstanceStatus.DONE)
+    folder = world.results_of(study, sop, days_old=40)
+    world.results.write_notification(study, sop, b'{"accession_number": "A1"}')
+    age(folder, 40)
+    payload = json.dumps({"sop_uid": sop})
+    notification = world.store.add_notification(study, NotificationChannel.WEBHOOK, Priority.URGENT, payload)
+    assert notification is not None
+    report = world.retention.sweep()
+    assert (report.results_removed, report.results_kept_pending) == (0, 1) and folder.is_dir()
+    world.store.notification_attempt(notification, ok=True)
+    assert world.retention.sweep().results_removed == 1 and not folder.exists()

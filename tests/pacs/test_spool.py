@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,11 @@ UID_B = "1.2.826.0.1.3680043.8.498.2"
 UID_C = "1.2.826.0.1.3680043.8.498.3"
 
 
+def files_in(directory: Path) -> list[str]:
+    """The names of the files in `directory` (its `receiving` folder, where the listener receives, left out)."""
+    return sorted(p.name for p in directory.iterdir() if p.is_file())
+
+
 def test_write_read_remove_round_trip(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     path = spool.write(UID_A, b"DICM-bytes")
@@ -29,11 +35,11 @@ def test_write_read_remove_round_trip(tmp_path: Path) -> None:
     assert spool.read(UID_A) == b"DICM-bytes" and spool.exists(UID_A)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # patient data: owner only
     assert stat.S_IMODE((tmp_path / "spool").stat().st_mode) == 0o700
-    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"{UID_A}.dcm"]  # no temporary left
+    assert files_in(tmp_path / "spool") == [f"{UID_A}.dcm"]  # no temporary left
     with pytest.raises(FileExistsError):
         spool.write(UID_A, b"second copy")  # a repeat of one UID never replaces the spooled file
     assert spool.read(UID_A) == b"DICM-bytes"
-    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"{UID_A}.dcm"]  # its temporary removed
+    assert files_in(tmp_path / "spool") == [f"{UID_A}.dcm"]  # its temporary removed
     spool.remove(UID_A)
     spool.remove(UID_A)  # already gone: not an error
     assert not spool.exists(UID_A) and spool.pending() == []
@@ -79,7 +85,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(durable_module.os, failing, broken)
     with pytest.raises(OSError, match="No space"):
         spool.write(UID_A, b"data")
-    assert list(tmp_path.iterdir()) == []  # neither the final file nor the temporary
+    assert files_in(tmp_path) == []  # neither the final file nor the temporary
 
 
 @pytest.mark.parametrize("bad", ["", "../../etc/passwd", "1.2.abc", "1..2", ".1.2", "1.2.", "1/2", "1.2 ", "1" * 65,
@@ -91,7 +97,7 @@ def test_a_non_uid_never_becomes_a_file_name(tmp_path: Path, bad: str) -> None:
                       lambda: spool.path(bad)):
         with pytest.raises(InvalidUidError):
             operation()
-    assert list(tmp_path.iterdir()) == []
+    assert files_in(tmp_path) == []
 
 
 def test_uid_check_accepts_real_uids() -> None:
@@ -147,4 +153,89 @@ def test_concurrent_writes_of_one_uid_leave_exactly_one_whole_file(tmp_path: Pat
         thread.join()
     assert len(won) == 1 and len(refused) == writers - 1
     assert spool.read(UID_B) == won[0]
-    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [f"{UID_B}.dcm"]
+    assert files_in(tmp_path / "spool") == [f"{UID_B}.dcm"]
+
+
+# --- adopt: a received file moved in without reading it into memory (issue 13 §8) --------------------------
+
+
+def received_file(folder: Path, data: bytes) -> Path:
+    """A file as pynetdicom leaves a received C-STORE dataset: written and flushed, 0600, its own name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tmpk3j4.dcm"
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return path
+
+
+def test_adopt_links_a_received_file_on_the_same_file_system(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    source = received_file(tmp_path / "incoming", b"DICM-bytes" * 1000)
+    path = spool.adopt(UID_A, source)
+    assert path == spool.path(UID_A) and path.stat().st_ino == source.stat().st_ino  # the same file: no copy
+    source.unlink()  # pynetdicom removes its name after the C-STORE handler
+    assert spool.read(UID_A) == b"DICM-bytes" * 1000 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    other = received_file(tmp_path / "incoming", b"other bytes")
+    with pytest.raises(FileExistsError):
+        spool.adopt(UID_A, other)  # never over a spooled file
+    assert spool.read(UID_A) == b"DICM-bytes" * 1000 and spool.pending() == [UID_A]
+    with pytest.raises(InvalidUidError):
+        spool.adopt("../../etc/x", other)
+
+
+def test_adopt_syncs_the_file_then_links_then_syncs_the_directory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path / "spool")
+    source = received_file(tmp_path / "incoming", b"x" * 100_000)
+    final = spool.path(UID_A)
+    steps: list[tuple[str, object]] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            steps.append(("fsync-dir", info.st_ino == spool.directory.stat().st_ino))
+        else:
+            steps.append(("fsync-file", (info.st_ino == source.stat().st_ino, final.exists())))
+        real_fsync(fd)
+
+    def link(origin: str, target: str) -> None:
+        steps.append(("link", Path(target).name))
+        real_link(origin, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    spool.adopt(UID_A, source)
+    assert steps == [("fsync-file", (True, False)), ("link", f"{UID_A}.dcm"), ("fsync-dir", True)]
+
+
+SHM = Path("/dev/shm")
+
+
+@pytest.mark.skipif(not SHM.is_dir() or SHM.stat().st_dev == Path(__file__).stat().st_dev,
+                    reason="needs /dev/shm on another file system than the tests")
+def test_adopt_copies_a_file_from_another_file_system_in_pieces(tmp_path: Path) -> None:
+    """TMPDIR elsewhere than the spool (here tmpfs): the bytes are copied into a 0600 temporary beside the
+    spool, fsynced and linked; the result is a separate file and no temporary is left."""
+    spool = Spool(tmp_path / "spool")
+    data = os.urandom(3 * (1 << 20) + 17)  # more than one copy piece, not a multiple of one
+    with tempfile.TemporaryDirectory(dir=SHM) as elsewhere:
+        source = received_file(Path(elsewhere), data)
+        path = spool.adopt(UID_B, source)
+        assert path.stat().st_dev != source.stat().st_dev
+    assert spool.read(UID_B) == data and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert files_in(spool.directory) == [f"{UID_B}.dcm"]
+    with tempfile.TemporaryDirectory(dir=SHM) as elsewhere, pytest.raises(FileExistsError):
+        spool.adopt(UID_B, received_file(Path(elsewhere), b"another copy"))
+    assert spool.read(UID_B) == data and files_in(spool.directory) == [f"{UID_B}.dcm"]
+
+
+
+def test_a_receipt_cut_off_by_a_crash_is_swept_at_the_next_start(tmp_path: Path) -> None:
+    """The listener receives datasets into the spool's `receiving` folder (not the system's /tmp): a file a
+    killed process left there (never answered success, maybe patient data) goes when the spool next opens."""
+    spool = Spool(tmp_path / "spool")
+    assert spool.receiving.parent == spool.directory and spool.receiving.stat().st_mode & 0o077 == 0
+    (spool.receiving / "tmpab12cd.dcm").write_bytes(b"DICM part of a film")
+    again = Spool(tmp_path / "spool")
+    assert list(again.receiving.iterdir()) == [] and again.removed_temporaries == 1 and again.pending() == []

@@ -27,11 +27,14 @@ from service.store import (
     FindingRecord,
     InstanceStatus,
     NotFoundError,
+    NotificationChannel,
+    NotificationState,
     ReceivedInstance,
     ResultsStore,
     SchemaTooNewError,
     StoreError,
     StudyStatus,
+    Verdict,
     open_store,
 )
 from service.store.migrations import MIGRATIONS
@@ -160,7 +163,7 @@ def test_concurrent_receives_of_one_sop_uid_give_one_row(database: Database) -> 
             start.wait()
             outcomes.append(stores[n % 2].receive(arrival("1.2.7.1", study="1.2.7")))
             outcomes.append(stores[n % 2].receive(arrival(f"1.2.7.{100 + n}", study="1.2.7")))
-        except BaseException as error:  # reported below: a thread's exception would otherwise vanish
+        except BaseException as error:  # noqa: BLE001 -- reported below: a thread's exception would otherwise vanish
             errors.append(error)
 
     workers = [threading.Thread(target=deliver, args=(n,)) for n in range(threads)]
@@ -423,6 +426,103 @@ def test_delivery_arguments_are_checked(store: ResultsStore) -> None:
         store.delivery_attempt(404, ok=True)
 
 
+# --- claims: several dispatchers on one store (issue 17 §3) -------------------------------------------------
+
+
+def test_a_claim_holds_its_rows_for_its_lease_and_only_its_holder_records(database: Database,
+                                                                          store: ResultsStore) -> None:
+    """Claims take due rows earliest first, never one another's; an attempt needs the row's current claim;
+    a released row is due again; a claim whose holder died ends with its lease and the row goes to the next."""
+    store.receive(arrival("1.2.1.1"))
+    seg, sr, sc = (store.add_delivery("1.2.1", f"1.2.99.{n}", kind, "PACS", f"/out/{n}.dcm")
+                   for n, kind in enumerate(DeliveryKind, start=1))
+    first = store.claim_deliveries(2, lease_s=60)
+    assert ([d.id for d in first.rows], first.until) == ([seg, sr], minutes(1))
+    assert all(d.next_attempt_at == minutes(1) for d in first.rows), "not due for anyone else until the lease ends"
+    second = store.claim_deliveries(10, lease_s=60)
+    assert [d.id for d in second.rows] == [sc] and second.token != first.token
+    assert store.claim_deliveries(10, lease_s=60).rows == []
+    with pytest.raises(StoreError, match=f"delivery {sc} was claimed again after this claim's lease ran out"):
+        store.delivery_attempt(sc, ok=True, claim=first.token)
+    assert store.delivery_attempt(seg, ok=True, claim=first.token).state is DeliveryState.DELIVERED
+    assert store.release_deliveries(first.token, due_at=T0) == 1, "sr: claimed, not attempted"
+    assert [d.id for d in store.due_deliveries()] == [sr]
+    dying = store.claim_deliveries(10, lease_s=60)  # takes sr, then its holder dies
+    assert [d.id for d in dying.rows] == [sr]
+    database.clock.advance(61)
+    taker = store.claim_deliveries(10, lease_s=60)
+    assert [d.id for d in taker.rows] == [sr, sc], "both leases ran out"
+    with pytest.raises(StoreError, match="claimed again"):
+        store.delivery_attempt(sr, ok=True, claim=dying.token)
+    failed = store.delivery_attempt(sr, ok=False, error="refused", next_attempt_at=minutes(5), claim=taker.token)
+    assert (failed.state, failed.attempts, failed.next_attempt_at) == (DeliveryState.PENDING, 1, minutes(5))
+    assert store.release_deliveries(taker.token, due_at=database.clock.now) == 1, "sc only: sr was attempted"
+    assert [d.id for d in store.claim_deliveries(10, lease_s=60, destination="PACS").rows] == [sc]
+    assert store.claim_deliveries(10, lease_s=60, exclude=("PACS",)).rows == []
+    with pytest.raises(ValueError, match="lease must be positive"):
+        store.claim_deliveries(10, lease_s=0)
+
+
+def test_notifications_are_claimed_as_deliveries_are(database: Database, store: ResultsStore) -> None:
+    store.receive(arrival("1.2.1.1"))
+    store.record_finding(result("1.2.1.1", Priority.STAT, 0.95))
+    hl7 = store.add_notification("1.2.1", NotificationChannel.HL7, Priority.STAT, "{}")
+    hook = store.add_notification("1.2.1", NotificationChannel.WEBHOOK, Priority.STAT, "{}")
+    claim = store.claim_notifications(10, lease_s=30, channel="hl7")
+    assert [n.id for n in claim.rows] == [hl7] and claim.rows[0].next_attempt_at == T0 + timedelta(seconds=30)
+    assert [n.id for n in store.claim_notifications(10, lease_s=30).rows] == [hook]
+    with pytest.raises(StoreError, match=f"notification {hook} was claimed again"):
+        store.notification_attempt(hook, ok=True, claim=claim.token)
+    assert store.notification_attempt(hl7, ok=True, claim=claim.token).state is NotificationState.SENT
+    assert store.release_notifications(claim.token, due_at=T0) == 0
+
+
+def test_dispatchers_on_one_database_claim_disjoint_rows(database: Database) -> None:
+    """Eight stores (as eight processes would open them) claim at once, over and over: every row is taken by
+    exactly one claim. On PostgreSQL the rows are locked and skipped (SKIP LOCKED); SQLite serialises."""
+    first = database.open(pool_size=2)
+    first.receive(arrival("1.2.1.1"))
+    ids = {first.add_delivery("1.2.1", f"1.2.99.{n}", DeliveryKind.SR, "PACS", f"/out/{n}.dcm") for n in range(400)}
+    stores = [first, *(database.open(pool_size=2) for _ in range(7))]
+    taken: list[list[int]] = [[] for _ in stores]
+    start = threading.Barrier(len(stores))
+
+    def claim(index: int) -> None:
+        start.wait()
+        while rows := stores[index].claim_deliveries(3, lease_s=600).rows:
+            taken[index].extend(d.id for d in rows)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    every = [i for ids_taken in taken for i in ids_taken]
+    assert sorted(every) == sorted(ids), "each row claimed exactly once"
+    assert sum(1 for ids_taken in taken if ids_taken) > 1, "the claims ran side by side"
+
+
+def test_a_version_5_database_gains_the_claim_columns_with_its_rows_kept(database: Database) -> None:
+    store = database.open()
+    store.receive(arrival("1.2.1.1"))
+    delivery = store.add_delivery("1.2.1", "1.2.99.1", DeliveryKind.SEG, "PACS", "/out/seg.dcm")
+    store.close()
+    database.opened.remove(store)
+    back_to_version_5(database)
+    upgraded = database.open()
+    assert database.query("SELECT MAX(version) FROM schema_migrations") == [(LATEST_VERSION,)]
+    claim = upgraded.claim_deliveries(10, lease_s=60)
+    assert [d.id for d in claim.rows] == [delivery]
+    assert upgraded.delivery_attempt(delivery, ok=True, claim=claim.token).state is DeliveryState.DELIVERED
+
+
+def back_to_version_5(database: Database) -> None:
+    """Undo migration 6 (the outboxes' claim columns) as a database from before it would be."""
+    database.query("ALTER TABLE deliveries DROP COLUMN claim")
+    database.query("ALTER TABLE notifications DROP COLUMN claim")
+    database.query("DELETE FROM schema_migrations WHERE version > 5")
+
+
 # --- opening ----------------------------------------------------------------------------------------------
 
 
@@ -490,11 +590,11 @@ def test_an_acknowledgement_racing_a_stat_finding_never_hides_it(database: Datab
         barrier = threading.Barrier(2)
         acked: list[bool | StoreError] = []
 
-        def finding(study: str = study) -> None:
+        def finding(study: str = study, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             writer.record_finding(result(f"{study}.2", Priority.STAT, 0.95))
 
-        def ack(study: str = study) -> None:
+        def ack(study: str = study, barrier: threading.Barrier = barrier, acked: list = acked) -> None:
             barrier.wait()
             try:
                 acked.append(reader.acknowledge(study, by="dr.who", seen=Priority.ROUTINE))
@@ -543,6 +643,7 @@ def test_a_version_1_database_gains_the_digest_column_with_its_rows_kept(databas
     assert store.receive(arrival("1.2.1.1"))
     store.close()
     database.opened.remove(store)
+    back_to_version_2(database)
     database.query("ALTER TABLE instances DROP COLUMN sha256")  # back to schema 1 (SQLite >= 3.35 and PostgreSQL)
     database.query("DELETE FROM schema_migrations WHERE version > 1")
     upgraded = database.open()
@@ -552,3 +653,320 @@ def test_a_version_1_database_gains_the_digest_column_with_its_rows_kept(databas
     assert upgraded.receive(arrival("1.2.1.2", sha256="cd" * 32))
     new = upgraded.instance("1.2.1.2")
     assert new is not None and new.sha256 == "cd" * 32
+
+
+def back_to_version_2(database: Database) -> None:
+    """Undo migration 3 (the outputs columns and their index) as a database from before it would be."""
+    back_to_version_3(database)
+    database.query("DROP INDEX instances_outputs_due")  # SQLite drops no column an index still uses
+    database.query("ALTER TABLE instances DROP COLUMN outputs_due_at")
+    database.query("ALTER TABLE instances DROP COLUMN outputs_attempts")
+    database.query("DELETE FROM schema_migrations WHERE version > 2")
+
+
+# --- results still to make (issue 13 §9) ------------------------------------------------------------------
+
+
+def test_a_triaged_instance_whose_results_failed_is_outputs_pending_until_settled(database: Database) -> None:
+    """defer_outputs: the instance shows as outputs_pending (in its study too), with its attempts and due
+    time, across a restart; due_outputs lists it once due; settle_outputs makes it done again, keeping the
+    count. The row itself stays status 'done' (the finding is recorded), with the due time beside it."""
+    store = database.open()
+    store.receive(arrival("1.2.1.1"))
+    store.record_finding(result("1.2.1.1", Priority.URGENT, 0.8))
+    store.receive(arrival("1.2.1.2", at=minutes(1)))
+    store.record_finding(result("1.2.1.2", Priority.ROUTINE, 0.1))
+    assert store.due_outputs() == []
+    first = store.defer_outputs("1.2.1.1", minutes(10))
+    assert (first.status, first.outputs_attempts, first.outputs_due_at) == (InstanceStatus.OUTPUTS_PENDING, 1,
+                                                                            minutes(10))
+    store.defer_outputs("1.2.1.2", minutes(5))
+    store.close()
+
+    restarted = database.open()
+    assert [i.sop_uid for i in restarted.due_outputs()] == ["1.2.1.2", "1.2.1.1"]  # earliest due first
+    assert restarted.due_outputs(minutes(4)) == []
+    assert [i.sop_uid for i in restarted.due_outputs(minutes(5))] == ["1.2.1.2"]
+    study = restarted.study("1.2.1")
+    assert study is not None and study.status is StudyStatus.TRIAGED and study.priority is Priority.URGENT
+    assert {i.sop_uid: i.status for i in study.instances} == {"1.2.1.1": InstanceStatus.OUTPUTS_PENDING,
+                                                             "1.2.1.2": InstanceStatus.OUTPUTS_PENDING}
+    again = restarted.defer_outputs("1.2.1.1", minutes(30))
+    assert (again.outputs_attempts, again.outputs_due_at) == (2, minutes(30))
+    assert database.query("SELECT status FROM instances WHERE sop_uid = '1.2.1.1'") == [("done",)]
+
+    restarted.settle_outputs("1.2.1.1")
+    restarted.settle_outputs("1.2.1.2", "spool_missing")  # never to be made: said so, not hidden
+    made, lost = restarted.instance("1.2.1.1"), restarted.instance("1.2.1.2")
+    assert made is not None and (made.status, made.error_code, made.outputs_attempts, made.outputs_due_at) == (
+        InstanceStatus.DONE, None, 2, None)
+    assert lost is not None and (lost.status, lost.error_code) == (InstanceStatus.DONE, "spool_missing")
+    assert restarted.due_outputs() == []
+    assert restarted.finding("1.2.1.1") is not None  # the finding was never in question
+
+
+def test_only_a_triaged_instance_can_have_results_pending(store: ResultsStore) -> None:
+    store.receive(arrival("1.2.1.1"))
+    with pytest.raises(NotFoundError, match="no instance with SOP Instance UID '9.9'"):
+        store.defer_outputs("9.9", minutes(1))
+    with pytest.raises(StoreError, match="instance 1.2.1.1 is received: only a triaged"):
+        store.defer_outputs("1.2.1.1", minutes(1))
+    with pytest.raises(StoreError, match="instance 1.2.1.1 is received: only a triaged"):
+        store.settle_outputs("1.2.1.1")
+    with pytest.raises(ValueError, match="outputs_pending is set by defer_outputs"):
+        store.mark_instance("1.2.1.1", InstanceStatus.OUTPUTS_PENDING)
+    with pytest.raises(ValueError, match="due_at must be timezone-aware"):
+        store.defer_outputs("1.2.1.1", datetime(2026, 1, 1))
+    assert store.pending_instances()[0].status is InstanceStatus.RECEIVED  # nothing changed
+
+
+def test_a_version_2_database_gains_the_outputs_columns_with_its_rows_kept(database: Database) -> None:
+    store = database.open()
+    store.receive(arrival("1.2.1.1", sha256="ab" * 32))
+    store.record_finding(result("1.2.1.1", Priority.STAT, 0.95))
+    store.close()
+    database.opened.remove(store)
+    back_to_version_2(database)
+    upgraded = database.open()
+    assert database.query("SELECT MAX(version) FROM schema_migrations") == [(LATEST_VERSION,)]
+    old = upgraded.instance("1.2.1.1")
+    assert old is not None and (old.status, old.outputs_attempts, old.outputs_due_at, old.sha256) == (
+        InstanceStatus.DONE, 0, None, "ab" * 32)
+    assert upgraded.defer_outputs("1.2.1.1", minutes(1)).status is InstanceStatus.OUTPUTS_PENDING
+
+
+# --- the notification outbox (issue 14 §5) -----------------------------------------------------------------
+
+
+def back_to_version_3(database: Database) -> None:
+    """Undo migration 4 (the notifications table) as a database from before it would be."""
+    back_to_version_4(database)
+    database.query("DROP TABLE IF EXISTS notifications")
+    database.query("DELETE FROM schema_migrations WHERE version > 3")
+
+
+def test_a_notification_is_queued_once_per_study_priority_raise(database: Database, store: ResultsStore) -> None:
+    """add_notification adds a row only while the study is at that priority, once per channel and priority:
+    a repeat returns the same id, a lower priority than the study's adds nothing (None)."""
+    HL7, WEBHOOK = NotificationChannel.HL7, NotificationChannel.WEBHOOK
+    store.receive(arrival("1.2.1.1"))
+    assert store.add_notification("1.2.1", HL7, Priority.URGENT, "{}") is None, "no finding yet: no priority"
+    store.record_finding(result("1.2.1.1", Priority.URGENT, 0.8))
+    urgent = store.add_notification("1.2.1", HL7, Priority.URGENT, '{"n": 1}')
+    assert urgent is not None and store.add_notification("1.2.1", HL7, Priority.URGENT, '{"n": 2}') == urgent
+    assert store.add_notification("1.2.1", WEBHOOK, Priority.URGENT, "{}") not in (None, urgent)
+    assert store.add_notification("1.2.1", HL7, Priority.STAT, "{}") is None, "the study is not STAT"
+    store.receive(arrival("1.2.1.2"))
+    store.record_finding(result("1.2.1.2", Priority.STAT, 0.97))
+    stat = store.add_notification("1.2.1", HL7, Priority.STAT, "{}", max_attempts=3)
+    assert stat is not None and stat != urgent
+    assert store.add_notification("1.2.1", WEBHOOK, Priority.ROUTINE, "{}") is None
+    rows = store.notifications("1.2.1")
+    assert [(r.channel, r.priority, r.state, r.attempts) for r in rows] == [
+        (HL7, Priority.URGENT, NotificationState.PENDING, 0), (WEBHOOK, Priority.URGENT, NotificationState.PENDING, 0),
+        (HL7, Priority.STAT, NotificationState.PENDING, 0)]
+    assert rows[0].payload == '{"n": 1}' and rows[2].max_attempts == 3, "the first payload stays"
+    assert "payload" not in repr(rows[0]), "the payload (the film's identifiers) stays out of reprs"
+    assert database.query("SELECT COUNT(*) FROM notifications") == [(3,)]
+    with pytest.raises(NotFoundError, match="no study '9.9' to notify about"):
+        store.add_notification("9.9", HL7, Priority.STAT, "{}")
+    with pytest.raises(ValueError, match="'fax' is not a valid NotificationChannel"):
+        store.add_notification("1.2.1", "fax", Priority.STAT, "{}")  # type: ignore[arg-type]
+
+
+def test_notification_attempts_back_off_end_failed_and_can_be_retried(database: Database,
+                                                                     store: ResultsStore) -> None:
+    HL7, WEBHOOK = NotificationChannel.HL7, NotificationChannel.WEBHOOK
+    store.receive(arrival("1.2.1.1"))
+    store.record_finding(result("1.2.1.1", Priority.STAT, 0.95))
+    hl7 = store.add_notification("1.2.1", HL7, Priority.STAT, "{}", max_attempts=2)
+    hook = store.add_notification("1.2.1", WEBHOOK, Priority.STAT, "{}")
+    assert hl7 is not None and hook is not None
+    assert [n.id for n in store.due_notifications()] == [hl7, hook]
+    assert [n.id for n in store.due_notifications(channel="webhook")] == [hook]
+    assert [n.id for n in store.due_notifications(exclude=("hl7",))] == [hook]
+    first = store.notification_attempt(hl7, ok=False, error="hl7: no connection", next_attempt_at=minutes(1))
+    assert (first.state, first.attempts, first.next_attempt_at, first.last_error) == (
+        NotificationState.PENDING, 1, minutes(1), "hl7: no connection")
+    assert [n.id for n in store.due_notifications()] == [hook]
+    assert [n.id for n in store.due_notifications(now=minutes(1))] == [hook, hl7]  # earliest due first
+    sent = store.notification_attempt(hook, ok=True)
+    assert (sent.state, sent.sent_at, sent.next_attempt_at) == (NotificationState.SENT, T0, None)
+    last = store.notification_attempt(hl7, ok=False, error="hl7: AE", next_attempt_at=minutes(3))
+    assert (last.state, last.attempts, last.next_attempt_at) == (NotificationState.FAILED, 2, None)
+    assert store.due_notifications(now=minutes(60)) == []
+    assert store.notification_counts() == {NotificationState.PENDING: 0, NotificationState.SENT: 1,
+                                           NotificationState.FAILED: 1}
+    with pytest.raises(StoreError, match=f"notification {hl7} is already failed; only a pending"):
+        store.notification_attempt(hl7, ok=True)
+    with pytest.raises(StoreError, match=f"notification {hook} is sent; only a failed notification"):
+        store.retry_notification(hook)
+    with pytest.raises(NotFoundError, match="no notification with id 404"):
+        store.retry_notification(404)
+    with pytest.raises(ValueError, match="a failed attempt needs its error and next_attempt_at"):
+        store.notification_attempt(hl7, ok=False, error="x")
+    again = store.retry_notification(hl7)
+    assert (again.state, again.attempts, again.last_error) == (NotificationState.PENDING, 0, "hl7: AE")
+    assert [n.id for n in store.notifications(state=NotificationState.PENDING)] == [hl7]
+    assert [d.id for d in store.deliveries()] == [], "notifications are not deliveries"
+
+
+def test_a_version_3_database_gains_the_notifications_table_with_its_rows_kept(database: Database) -> None:
+    store = database.open()
+    store.receive(arrival("1.2.1.1"))
+    store.record_finding(result("1.2.1.1", Priority.STAT, 0.95))
+    store.close()
+    database.opened.remove(store)
+    back_to_version_3(database)
+    upgraded = database.open()
+    assert database.query("SELECT MAX(version) FROM schema_migrations") == [(LATEST_VERSION,)]
+    study = upgraded.study("1.2.1")
+    assert study is not None and study.priority is Priority.STAT
+    assert upgraded.add_notification("1.2.1", NotificationChannel.HL7, Priority.STAT, "{}") is not None
+
+
+# --- readers' verdicts (issue 14 §3) -----------------------------------------------------------------------
+
+
+def back_to_version_4(database: Database) -> None:
+    """Undo migration 5 (the feedback table, the studies_updated index) as a database from before it would be."""
+    back_to_version_5(database)
+    database.query("DROP TABLE IF EXISTS feedback")
+    database.query("DROP INDEX IF EXISTS studies_updated")
+    database.query("DELETE FROM schema_migrations WHERE version > 4")
+
+
+def test_a_verdict_goes_with_the_acknowledgement_or_later_and_never_covers_an_unseen_priority(
+        database: Database, store: ResultsStore) -> None:
+    """The reader saw ROUTINE; a STAT film raised the study since: their verdict with the acknowledgement is
+    refused (naming STAT), nothing is written. At STAT it is kept with the ack, naming the STAT finding; a
+    second reader's later verdict leaves the review alone; a changed verdict supersedes, the old one kept."""
+    clock = database.clock
+    store.receive(arrival("1.2.1.1"))
+    store.receive(arrival("1.2.1.2"))
+    store.record_finding(result("1.2.1.1", Priority.ROUTINE, 0.1))
+    with pytest.raises(StoreError, match="is triaged, not reviewed yet: a verdict is given with its acknowledgement"):
+        store.give_feedback("1.2.1", "dr.lee", Verdict.AGREE, seen=Priority.ROUTINE)
+    store.record_finding(result("1.2.1.2", Priority.STAT, 0.95))
+    with pytest.raises(StoreError, match="changed since it was seen at ROUTINE: its priority is now STAT"):
+        store.give_feedback("1.2.1", "dr.lee", Verdict.AGREE, seen=Priority.ROUTINE, acknowledge=True)
+    study = store.study("1.2.1")
+    assert (study.status, study.reviewed_by) == (StudyStatus.TRIAGED, None)
+    assert store.feedback() == [] and database.query("SELECT COUNT(*) FROM feedback") == [(0,)]
+
+    clock.advance(60)
+    first, new = store.give_feedback("1.2.1", "dr.lee", Verdict.DISAGREE, seen=Priority.STAT, acknowledge=True)
+    assert new and (first.sop_uid, first.score, first.priority, first.verdict, first.reader, first.created_at) == (
+        "1.2.1.2", 0.95, Priority.STAT, Verdict.DISAGREE, "dr.lee", minutes(1))
+    assert first.models == {"classifier": {"name": "c", "version": "1"}} and first.current
+    study = store.study("1.2.1")
+    assert (study.status, study.reviewed_by, study.reviewed_at) == (StudyStatus.REVIEWED, "dr.lee", minutes(1))
+    again, new = store.give_feedback("1.2.1", "dr.lee", Verdict.DISAGREE, seen=Priority.STAT)
+    assert not new and again == first, "the same verdict again (a resent form) adds nothing"
+
+    clock.advance(60)
+    second, new = store.give_feedback("1.2.1", "dr.kim", Verdict.AGREE, seen=Priority.STAT)
+    assert new and store.study("1.2.1").reviewed_by == "dr.lee", "a later verdict is not an acknowledgement"
+    clock.advance(60)
+    changed, new = store.give_feedback("1.2.1", "dr.lee", Verdict.UNCERTAIN, seen=Priority.STAT)
+    assert new and changed.id not in (first.id, second.id)
+    rows = store.feedback(study_uid="1.2.1")
+    assert [(r.reader, r.verdict, r.superseded_at) for r in rows] == [
+        ("dr.lee", Verdict.DISAGREE, minutes(3)), ("dr.kim", Verdict.AGREE, None), ("dr.lee", Verdict.UNCERTAIN, None)]
+    assert database.query("SELECT COUNT(*) FROM feedback WHERE superseded_at IS NULL") == [(2,)]
+
+    assert [r.id for r in store.feedback(since=minutes(2))] == [second.id, changed.id]
+    assert [r.id for r in store.feedback(after=first.id, limit=1)] == [second.id]
+    assert store.feedback(study_uid="9.9") == []
+    with pytest.raises(NotFoundError, match="no study 9.9"):
+        store.give_feedback("9.9", "dr.lee", Verdict.AGREE, seen=Priority.STAT, acknowledge=True)
+    with pytest.raises(ValueError, match="needs the reader's login"):
+        store.give_feedback("1.2.1", " ", Verdict.AGREE, seen=Priority.STAT)
+    with pytest.raises(ValueError, match="no result to judge"):
+        store.give_feedback("1.2.1", "dr.lee", Verdict.AGREE, seen=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'maybe' is not a valid Verdict"):
+        store.give_feedback("1.2.1", "dr.lee", "maybe", seen=Priority.STAT)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="limit must be in 1..10000"):
+        store.feedback(limit=0)
+
+
+def test_a_verdict_racing_a_stat_finding_never_covers_it(database: Database) -> None:
+    """As the acknowledgement's race: two stores, two threads released together, one records a STAT finding,
+    the other acknowledges with a DISAGREE on the ROUTINE it saw. The verdict is kept at ROUTINE (it won) or
+    refused naming STAT (the finding won); never a verdict at STAT, never a lost STAT."""
+    writer, reader = database.open(), database.open()
+    kept = refused = 0
+    for n in range(20):
+        study = f"1.4.{n}"
+        writer.receive(arrival(f"{study}.1", study=study))
+        writer.receive(arrival(f"{study}.2", study=study))
+        writer.record_finding(result(f"{study}.1", Priority.ROUTINE, 0.1))
+        barrier = threading.Barrier(2)
+        outcome: list[object] = []
+
+        def finding(study: str = study, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            writer.record_finding(result(f"{study}.2", Priority.STAT, 0.95))
+
+        def verdict(study: str = study, barrier: threading.Barrier = barrier, outcome: list = outcome) -> None:
+            barrier.wait()
+            try:
+                outcome.append(reader.give_feedback(study, "dr.who", Verdict.DISAGREE, seen=Priority.ROUTINE,
+                                                    acknowledge=True)[0])
+            except StoreError as exc:
+                outcome.append(exc)
+
+        threads = [threading.Thread(target=finding), threading.Thread(target=verdict)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        item, rows = writer.study(study), writer.feedback(study_uid=study)
+        assert (item.status, item.priority) == (StudyStatus.TRIAGED, Priority.STAT), (n, outcome)
+        if isinstance(outcome[0], StoreError):
+            assert "now STAT" in str(outcome[0]) and rows == [] and item.reviewed_by is None, (n, outcome)
+            refused += 1
+        else:
+            assert [(r.priority, r.sop_uid) for r in rows] == [(Priority.ROUTINE, f"{study}.1")], (n, rows)
+            kept += 1
+    assert kept + refused == 20
+
+
+def test_the_change_token_moves_with_every_change_a_worklist_row_shows(database: Database,
+                                                                       store: ResultsStore) -> None:
+    """latest_change: what the live pages compare before their page queries. A new study, a finding and an
+    acknowledgement move it; a read, a repeated C-STORE and a later verdict (no row shows it) do not."""
+    clock = database.clock
+    tokens = [store.latest_change()]
+
+    def moved() -> bool:
+        clock.advance(1)
+        tokens.append(store.latest_change())
+        return tokens[-1] != tokens[-2]
+
+    assert store.receive(arrival("1.2.1.1")) and moved()
+    assert store.receive(arrival("1.2.2.1", study="1.2.2", at=T0 - timedelta(hours=1))) and moved(), \
+        "a study stamped before the newest one (another clock) still moves it: the count"
+    assert not store.receive(arrival("1.2.1.1")) and not moved()
+    store.worklist()
+    assert not moved()
+    store.record_finding(result("1.2.1.1", Priority.URGENT, 0.7, at=clock.now))
+    assert moved()
+    store.acknowledge("1.2.1", by="dr.who", seen=Priority.URGENT)
+    assert moved()
+    store.give_feedback("1.2.1", "dr.kim", Verdict.AGREE, seen=Priority.URGENT)
+    assert not moved()
+
+
+def test_a_version_4_database_gains_the_feedback_table_with_its_rows_kept(database: Database) -> None:
+    store = database.open()
+    store.receive(arrival("1.2.1.1"))
+    store.record_finding(result("1.2.1.1", Priority.STAT, 0.95))
+    store.close()
+    database.opened.remove(store)
+    back_to_version_4(database)
+    upgraded = database.open()
+    assert database.query("SELECT MAX(version) FROM schema_migrations") == [(LATEST_VERSION,)]
+    assert upgraded.study("1.2.1").priority is Priority.STAT
+    record, new = upgraded.give_feedback("1.2.1", "dr.lee", Verdict.AGREE, seen=Priority.STAT, acknowledge=True)
+    assert new and record.sop_uid == "1.2.1.1"

@@ -11,8 +11,11 @@ from PIL import Image
 from service.cascade import rle
 from tests.dicom_factory import chest_like, dataset, to_bytes
 from training.data import (
+    HELD_OUT,
     DataError,
+    assign_folds,
     build_cache,
+    holdout_mask,
     index_folder,
     index_siim,
     make_folds,
@@ -104,7 +107,34 @@ def test_folds_are_stratified_grouped_and_seeded(tmp_path):
     assert (folds != make_folds(labels, groups, 5, seed=4)).any()
     write_folds(tmp_path / "folds.csv", [str(i) for i in range(1000)], folds, seed=3)
     lines = (tmp_path / "folds.csv").read_text().splitlines()
-    assert lines[0] == "# folds seed=3 k=5" and len(lines) == 1002
+    assert lines[0] == "# folds seed=3 k=5 held_out=0" and len(lines) == 1002
+
+
+def test_the_holdout_is_whole_patients_stratified_seeded_and_set_aside_before_the_folds(tmp_path):
+    rng = np.random.default_rng(1)
+    groups = [f"p{rng.integers(0, 300)}" for _ in range(1000)]
+    labels = (rng.random(1000) < 0.22).astype(np.uint8)
+    held = holdout_mask(labels, groups, 0.1, seed=3)
+    patients = {g for g in groups}
+    positive_patients = {g for g, y in zip(groups, labels) if y}
+    held_patients = {g for g, h in zip(groups, held) if h}
+    assert all(held[i] == (g in held_patients) for i, g in enumerate(groups)), "a patient split across the holdout"
+    assert len(held_patients & positive_patients) == round(0.1 * len(positive_patients))
+    assert len(held_patients - positive_patients) == round(0.1 * len(patients - positive_patients))
+    np.testing.assert_array_equal(held, holdout_mask(labels, groups, 0.1, seed=3))
+    assert (held != holdout_mask(labels, groups, 0.1, seed=4)).any()
+
+    five, two = assign_folds(labels, groups, 5, 3, holdout=0.1), assign_folds(labels, groups, 2, 3, holdout=0.1)
+    np.testing.assert_array_equal(five == HELD_OUT, held)  # the same films, whatever the number of folds
+    np.testing.assert_array_equal(two == HELD_OUT, held)
+    assert set(five[~held]) == set(range(5))
+    np.testing.assert_array_equal(assign_folds(labels, groups, 5, 3), make_folds(labels, groups, 5, 3))
+    write_folds(tmp_path / "folds.csv", [str(i) for i in range(1000)], five, seed=3)
+    lines = (tmp_path / "folds.csv").read_text().splitlines()
+    assert lines[0] == f"# folds seed=3 k=5 held_out={int(held.sum())}"
+    assert sum(line.endswith(",holdout") for line in lines) == int(held.sum())
+    with pytest.raises(ValueError, match=r"holdout share must be in \[0, 1\), got 1.0"):
+        holdout_mask(labels, groups, 1.0, seed=3)
 
 
 def test_patients_come_from_the_dicom_and_are_hashed(tmp_path):

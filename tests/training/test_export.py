@@ -1,11 +1,15 @@
-"""Export to the model repository: ONNX checked against PyTorch, FP16 variant, hashes, manifest; TensorRT stubs."""
+"""Export to the model repository: ONNX checked against PyTorch, FP16 and INT8 variants, hashes, manifest;
+TensorRT stubs."""
 
 from __future__ import annotations
 
+import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -14,7 +18,10 @@ import training.export as export_module
 from service.models.input_spec import InputSpec
 from service.models.manifest import load_manifest, sha256_file
 from service.models.networks import Classifier, UNet
+from service.models.ood import OodModel
 from training.export import ExportCheckError, export_model, export_onnx
+from training.ood import OodFilms
+from training.quantize import QuantizationCheckError, fingerprint, quantize_model_dir
 from training.tensorrt import (
     NOT_INSTALLED,
     TensorRTUnavailable,
@@ -66,13 +73,69 @@ def exported(request, tmp_path_factory):
     return task, model, manifest, out, real
 
 
+@pytest.fixture(scope="module", params=["classification", "segmentation"])
+def quantised(request, tmp_path_factory):
+    """An export with calibration inputs: the INT8 variant is written beside the others."""
+    task = request.param
+    out = tmp_path_factory.mktemp("models") / f"tiny-{task}" / "0.1"
+    calibration = np.random.default_rng(2).uniform(-2, 2, (16, 1, SIZE, SIZE)).astype(np.float32)
+    _, manifest = export(task, out, calibration_inputs=calibration, calibration_description="16 tiny training inputs")
+    return manifest, out, calibration
+
+
+def test_int8_variant_is_qdq_hashed_and_its_calibration_recorded(quantised) -> None:
+    manifest, out, calibration = quantised
+    assert load_manifest(out) == manifest
+    assert manifest.files["onnx_int8"] == "model.int8.onnx"
+    assert manifest.sha256["model.int8.onnx"] == sha256_file(out / "model.int8.onnx")
+    int8 = manifest.export.int8
+    assert (int8.quant_format, int8.calibration_method, int8.activation_type, int8.weight_type, int8.per_channel) == (
+        "QDQ", "MinMax", "QUInt8", "QInt8", True)
+    assert int8.calibration.model_dump() == {"description": "16 tiny training inputs", "films": 16,
+                                             "fingerprint": fingerprint(calibration)}
+    operators = Counter(node.op_type for node in onnx.load(str(out / "model.int8.onnx")).graph.node)
+    assert operators["QuantizeLinear"] > 0 and operators["DequantizeLinear"] > operators["Conv"] > 0
+    fp32 = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    int8_session = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    expected, actual = fp32.run(None, {"image": calibration})[0], int8_session.run(None, {"image": calibration})[0]
+    error = np.abs(1 / (1 + np.exp(-actual.astype(np.float64))) - 1 / (1 + np.exp(-expected.astype(np.float64))))
+    assert error.max() == pytest.approx(int8.max_abs_error, rel=1e-5) and 0 < int8.max_abs_error
+    assert int8.mean_abs_error <= int8.tolerance
+
+
+def test_an_int8_error_above_its_tolerance_is_refused(tmp_path: Path) -> None:
+    calibration = np.random.default_rng(3).uniform(-2, 2, (4, 1, SIZE, SIZE)).astype(np.float32)
+    out = tmp_path / "tiny" / "0.1"
+    with pytest.raises(QuantizationCheckError, match=r"model\.int8\.onnx: INT8 probabilities differ from FP32 by .* "
+                                                     r"over 4 calibration films; tolerance 0: refusing"):
+        export("classification", out, calibration_inputs=calibration, calibration_description="x",
+               int8_tolerance=0.0)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_int8_added_to_an_exported_folder_once(exported, tmp_path: Path) -> None:
+    """`quantize_model_dir`: for folders exported before INT8 (the bundled demo models)."""
+    _, _, manifest, out, real = exported
+    folder = tmp_path / "m"
+    shutil.copytree(out, folder)
+    updated = quantize_model_dir(folder, real, "4 real inputs")
+    assert updated.files == {**manifest.files, "onnx_int8": "model.int8.onnx"}
+    assert updated.export.model_copy(update={"int8": None}) == manifest.export  # the rest is untouched
+    assert sorted(path.name for path in folder.iterdir()) == sorted([*manifest.files.values(), "model.int8.onnx",
+                                                                      "manifest.json"])
+    with pytest.raises(ValueError, match="already lists 'model.int8.onnx': pass replace=True"):
+        quantize_model_dir(folder, real, "4 real inputs")
+    again = quantize_model_dir(folder, real[:2], "2 real inputs", replace=True)
+    assert again.export.int8.calibration.films == 2 and load_manifest(folder) == again
+
+
 def test_manifest_is_valid_and_hashes_match_files(exported) -> None:
     task, _, manifest, out, _ = exported
     assert load_manifest(out) == manifest
     assert set(manifest.files.values()) == {"model.onnx", "model.fp16.onnx", "model.pt"}
     for filename, digest in manifest.sha256.items():
         assert sha256_file(out / filename) == digest
-    assert manifest.outputs == (["logit"] if task == "classification" else ["mask_logits"])
+    assert manifest.outputs == (["logit", "features"] if task == "classification" else ["mask_logits"])
     assert manifest.export.real_inputs_checked == 4 and manifest.export.checked_batch_sizes == [1, 3]
     assert sorted(p.name for p in out.parent.iterdir()) == ["0.1"]  # no staging folder left behind
 
@@ -84,18 +147,39 @@ def test_onnx_matches_torch_at_batch_1_and_3(exported) -> None:
     for batch in (real[:1], real[:3]):
         with torch.no_grad():
             expected = model(torch.from_numpy(batch)).numpy()
-        (actual,) = session.run(None, {"image": batch})
+        actual = session.run(None, {"image": batch})[0]  # the logit first, then a classifier's features
         assert actual.shape == expected.shape
         assert np.max(np.abs(actual - expected)) <= 1e-4
     assert 0 < manifest.export.max_abs_error <= manifest.export.tolerance
     assert manifest.export.max_rel_error >= 0
 
 
+def test_classifier_features_match_torch_and_give_the_ood_description(tmp_path: Path) -> None:
+    """The second output is the network's pooled stages 1-3, and `ood_films` fits the manifest's `ood` on it."""
+    rng = np.random.default_rng(3)
+    films = OodFilms(rng.uniform(-2, 2, (40, 1, SIZE, SIZE)).astype(np.float32), "40 tiny training inputs",
+                     rng.uniform(-2, 2, (10, 1, SIZE, SIZE)).astype(np.float32), "10 tiny held-out inputs")
+    model, _ = export("classification", tmp_path / "tiny", ood_films=films)
+    session = ort.InferenceSession(str(tmp_path / "tiny" / "model.onnx"), providers=["CPUExecutionProvider"])
+    logit, features = session.run(["logit", "features"], {"image": films.held_out})
+    with torch.no_grad():
+        expected_logit, expected = model.forward_with_features(torch.from_numpy(films.held_out))
+    assert features.shape == (10, 8 + 16 + 32)
+    np.testing.assert_allclose(features, expected.numpy(), atol=1e-4)
+    np.testing.assert_allclose(logit, expected_logit.numpy(), atol=1e-4)
+    ood = load_manifest(tmp_path / "tiny").ood
+    assert ood is not None and (ood.films, ood.threshold_films, ood.dimensions) == (40, 10, 56)
+    assert ood.threshold == pytest.approx(np.quantile(OodModel.from_statistics(ood).distance(features), 0.99),
+                                          rel=1e-4)
+    with pytest.raises(ValueError, match="a segmenter has neither"):
+        export("segmentation", tmp_path / "seg", ood_films=films)
+
+
 def test_fp16_variant_runs_with_float32_io_and_its_error_is_recorded(exported) -> None:
     _, model, manifest, out, real = exported
     session = ort.InferenceSession(str(out / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
     assert [i.type for i in session.get_inputs()] == ["tensor(float)"]
-    (actual,) = session.run(None, {"image": real[:3]})
+    actual = session.run(None, {"image": real[:3]})[0]
     assert actual.dtype == np.float32
     with torch.no_grad():
         expected = torch.sigmoid(model(torch.from_numpy(real[:3]))).numpy()
@@ -143,6 +227,10 @@ def test_an_fp16_error_above_its_tolerance_is_refused(tmp_path: Path) -> None:
         ({"real_inputs": np.zeros((2, 1, 32, 32), np.float32)}, ValueError, r"real_inputs must be \(N >= 1, 1, 64"),
         ({"real_inputs": np.zeros((2, 1, SIZE, SIZE))}, ValueError, "finite float32"),
         ({"intended_use": ""}, ValueError, "intended_use must say"),
+        ({"calibration_inputs": np.zeros((2, 1, SIZE, SIZE), np.float32)}, ValueError,
+         "calibration_inputs and calibration_description go together"),
+        ({"calibration_inputs": np.zeros((2, 1, 32, 32), np.float32), "calibration_description": "x"}, ValueError,
+         r"calibration inputs must be \(N >= 1, 1, 64, 64\)"),
     ],
 )
 def test_bad_arguments_are_refused(tmp_path: Path, changes: dict, error: type, message: str) -> None:

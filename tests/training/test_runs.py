@@ -40,9 +40,9 @@ def synthetic_set(tmp_path, count: int = 18, size: int = 64) -> CachedSet:
                      (masks.reshape(count, -1).max(1) > 0).astype(np.uint8), [f"p{i}" for i in range(count)], size)
 
 
-def _folds(run) -> dict[str, int]:
+def _folds(run) -> dict[str, int | str]:
     lines = (run / "folds.csv").read_text().splitlines()[2:]
-    return {line.split(",")[0]: int(line.split(",")[1]) for line in lines}
+    return {image: (fold if fold == "holdout" else int(fold)) for image, fold in (line.split(",") for line in lines)}
 
 
 def test_two_folds_train_apart_on_their_own_films(tmp_path) -> None:
@@ -90,3 +90,36 @@ def test_a_later_stage_starts_from_the_earlier_run(tmp_path) -> None:
     assert run_dir(tmp_path / "work", later, cached) != stage
     trained = train_cascade(later, cached, run_dir(tmp_path / "work", later, cached), progress=False)
     assert trained.fits["classifier"].epochs == 2
+
+
+def test_held_out_films_are_in_no_fold_of_any_run(tmp_path) -> None:
+    from training.train import split
+
+    cached = synthetic_set(tmp_path, count=24)
+    held, validated = None, []
+    for fold in (0, 1, 2):
+        config = from_dict({**TINY, "data": {"folds": 3, "fold": fold, "holdout": 0.25}})
+        train, validation = split(config, cached, tmp_path)
+        folds = _folds(tmp_path)
+        films = {image for image, k in folds.items() if k == "holdout"}
+        assert held is None or films == held, "every fold holds out the same films"
+        held = films
+        used = {cached.image_ids[i] for i in np.concatenate([train, validation])}
+        assert len(held) == 6 and not used & held
+        assert len(used) == 18
+        validated.append({cached.image_ids[i] for i in validation})
+    assert set().union(*validated) == set(cached.image_ids) - held
+    with pytest.raises(ValueError, match=r"data.holdout must be a share in \[0, 0.5\), got 0.5"):
+        from_dict({**TINY, "data": {"holdout": 0.5}})
+
+
+def test_a_run_starts_from_the_same_weights_whatever_came_before_it_in_the_process(tmp_path) -> None:
+    cached = synthetic_set(tmp_path)
+    config = from_dict({**TINY, "segmenter": {**TINY["segmenter"], "optim": {"epochs": 1, "batch_size": 4}}})
+    trained = []
+    for noise in (123, 456):  # whatever drew from PyTorch's generator before this run (PyTorch seeds it at random)
+        torch.manual_seed(noise)
+        trained.append(train_cascade(config, cached, tmp_path / f"run{noise}", progress=False))
+    for role in ("classifier", "segmenter"):
+        first, second = (getattr(run, role).state_dict() for run in trained)
+        assert all(torch.equal(first[key], second[key]) for key in first), role

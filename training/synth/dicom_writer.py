@@ -123,6 +123,11 @@ def uid_for(seed: int, index: int, what: str) -> UID:
     return generate_uid(entropy_srcs=["ptx-synth", str(seed), str(index), what])
 
 
+def patient_id(seed: int, index: int) -> str:
+    """The synthetic patient of image `index`: one patient per image (the folds group by patient)."""
+    return f"SYN-{seed}-{index:06d}"
+
+
 def build_dataset(stored: np.ndarray, fmt: FileFormat, seed: int, index: int, rng: np.random.Generator) -> Dataset:
     """A complete dataset with fake patient attributes (so privacy checks have something to find)."""
     ds = Dataset()
@@ -140,7 +145,7 @@ def build_dataset(stored: np.ndarray, fmt: FileFormat, seed: int, index: int, rn
     ds.Manufacturer = "ptx-triage synthetic"
     ds.SeriesDescription = f"view: {fmt.view}"
     ds.PatientName = f"Synthetic^{index:04d}"
-    ds.PatientID = f"SYN-{seed}-{index:06d}"
+    ds.PatientID = patient_id(seed, index)
     ds.PatientBirthDate = f"{int(rng.integers(1930, 2005))}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
     ds.PatientSex = str(rng.choice(["M", "F"]))
     ds.BodyPartExamined = "CHEST"

@@ -66,12 +66,26 @@ def load_shape_source(config: SynthConfig) -> ShapeBank | ProceduralShapes:
     return ShapeBank.from_csv(config.shapes) if config.shapes else ProceduralShapes()
 
 
+def _streams(config: SynthConfig, index: int) -> list[np.random.Generator]:
+    """Image `index`'s independent streams: anatomy, lesions, file format, noise, patient."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence([config.seed, index]).spawn(5)]
+
+
+def _draws_positive(lesion_rng: np.random.Generator, prevalence: float) -> bool:
+    return bool(lesion_rng.random() < prevalence)
+
+
+def case_positive(config: SynthConfig, index: int) -> bool:
+    """Whether image `index` has a lesion, known without rendering it (the first draw of its lesion stream):
+    the labels of a whole run, hence its folds, for the price of a few random draws (training/demo_split.py)."""
+    return _draws_positive(_streams(config, index)[1], config.prevalence)
+
+
 def render_case(config: SynthConfig, index: int, source: ShapeBank | ProceduralShapes) -> Case:
     """Render image `index` of the run: a pure function of (config options, index, shape source)."""
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence([config.seed, index]).spawn(5)]
-    anatomy_rng, lesion_rng, format_rng, noise_rng, patient_rng = streams
+    anatomy_rng, lesion_rng, format_rng, noise_rng, patient_rng = _streams(config, index)
     anatomy = render_anatomy(anatomy_rng, config.size)
-    positive = lesion_rng.random() < config.prevalence
+    positive = _draws_positive(lesion_rng, config.prevalence)
     count = (2 if lesion_rng.random() < TWO_INSTANCE_RATE else 1) if positive else 0
     placed = lesions.place_lesions(lesion_rng, anatomy, source, count, config.difficulty) if count else []
     sigma = noise_rng.uniform(0.006, 0.016)

@@ -9,7 +9,9 @@ beside it:
 * `service.models.backends.onnxruntime_cpu`: `OnnxRuntimeCPU`, the same pinned to the CPU (training's evaluation);
 * `service.models.backends.torch_backend`: `TorchBackend`, the network rebuilt from the manifest and its
   checkpoint, CUDA FP16 channels-last (needs torch, which the serving install does not have);
-* `service.models.backends.factory`: `load_backend`, which picks one for a model folder and its manifest.
+* `service.models.backends.factory`: `load_backend`, which picks one for a model folder and its manifest
+  (and, by PTX_PRECISION, which of its files: `service.models.precision`);
+* `service.models.backends.hardware_probe`: which GPU and TensorRT this machine has (no onnxruntime needed).
 """
 
 from __future__ import annotations
@@ -40,3 +42,10 @@ class Backend(Protocol):
     provider: str
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class FeatureBackend(Backend, Protocol):
+    """A classifier's backend that also returns the pooled encoder features (N, D), the ONNX output `features`
+    that the out-of-distribution distance reads (service/models/ood.py); both engines implement it."""
+
+    def run_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...

@@ -8,6 +8,9 @@
    the usual case of a GPU machine whose onnxruntime is the CPU build;
 3. ONNX Runtime on the CPU, which warns loudly if a GPU is visible but unused.
 
+PTX_PRECISION=int8 always means ONNX Runtime (the INT8 file is a QDQ ONNX graph; torch has no path for it):
+"auto" picks it, and an explicit "torch" is refused at start. fp32 / fp16 set the torch backend's FP16 flag.
+
 Which engine each kind needs is declared here in one place; the engines live in their own modules.
 """
 
@@ -18,9 +21,10 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from service.models.backends import Backend
+from service.models.backends import Backend, BackendUnavailable
 from service.models.backends.onnxruntime import CUDA, TENSORRT, OnnxRuntimeBackend
 from service.models.manifest import Manifest
+from service.models.precision import SETTING, variant_path
 
 LOG = logging.getLogger("ptx.backends")
 KINDS = ("auto", "onnxruntime", "torch")
@@ -62,21 +66,28 @@ def load_backend(
     spinning: bool = False,
     inter_op_threads: int = 1,
     cache_dir: Path | None = None,
+    precision: str = "auto",
 ) -> Backend:
     """The backend for `model_dir` (whose `manifest` was loaded, and its files verified, by `load_manifest`).
 
     `kind`: "auto", "onnxruntime" (best ONNX Runtime provider, CPU if none) or "torch" (CUDA FP16 if torch
     sees a GPU, else the CPU in FP32). `cache_dir` is the root of the TensorRT engine cache (default
-    `onnxruntime.default_cache_dir()`).
+    `onnxruntime.default_cache_dir()`). `precision`: PTX_PRECISION (see `service.models.precision`).
     """
     import onnxruntime as ort
 
     model_dir = Path(model_dir)
-    chosen = choose_kind(kind, ort.get_available_providers(), torch_cuda_available, "checkpoint" in manifest.files)
+    int8_path = variant_path(model_dir, manifest, precision) if precision == "int8" else None
+    if int8_path is not None and kind == "torch":
+        raise BackendUnavailable(f"{SETTING}=int8 runs the manifest's QDQ INT8 ONNX file through ONNX Runtime; "
+                                 "PTX_BACKEND=torch cannot: set PTX_BACKEND=auto or onnxruntime")
+    chosen = "onnxruntime" if int8_path is not None else choose_kind(
+        kind, ort.get_available_providers(), torch_cuda_available, "checkpoint" in manifest.files)
     if chosen == "torch":
         from service.models.backends.torch_backend import TorchBackend
 
-        backend: Backend = TorchBackend(model_dir, manifest, threads=intra_op_threads)
+        half = {"fp32": False, "fp16": True}.get(precision)  # None: torch's own default (FP16 on CUDA)
+        backend: Backend = TorchBackend(model_dir, manifest, threads=intra_op_threads, fp16=half)
     else:
         fp16 = manifest.files.get("onnx_fp16")
         backend = OnnxRuntimeBackend(
@@ -87,6 +98,9 @@ def load_backend(
             trt_cache_dir=None if cache_dir is None else Path(cache_dir),
             fp16_model_path=None if fp16 is None else model_dir / fp16,
             model_input=manifest.input,
+            precision=precision,
+            int8_model_path=int8_path,
         )
-    LOG.info("%s %s: backend %s (kind %r)", manifest.name, manifest.version, backend.name, kind)
+    LOG.info("%s %s: backend %s (kind %r, precision %r)", manifest.name, manifest.version, backend.name, kind,
+             precision)
     return backend

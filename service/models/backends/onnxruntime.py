@@ -22,6 +22,12 @@ What the plan decides, and why:
 * CUDA: the FP16 ONNX file where there is one (float32 input and output, FP16 weights and arithmetic).
 * CPU: always the FP32 file (FP16 on a CPU is slower and less exact). If a GPU provider was planned but the
   session came up on the CPU (CUDA or cuDNN libraries missing), the session is re-made from the FP32 file.
+* `precision` (PTX_PRECISION, see `service.models.precision`): "auto" is the above; "fp32" the FP32 file on
+  every provider (TensorRT without FP16); "fp16" the FP16 file, refused when only the CPU would run it;
+  "int8" the QDQ INT8 file on the CPU provider only, GPU providers left out with a note. Why: INT8 was
+  quantised for and measured on ONNX Runtime's CPU kernels (uint8 activations, the VNNI operand pair);
+  TensorRT takes only symmetric INT8 activations (zero point 0), and the CUDA provider has few INT8
+  kernels, so on a GPU the file would run half-emulated. FP16 on the GPU is the faster choice there.
 
 A GPU that is visible but unused is logged as a WARNING on "ptx.backends": a triage service running 20-50x
 slower than it could is a deployment error (usually `onnxruntime` installed instead of `onnxruntime-gpu`),
@@ -36,13 +42,9 @@ the CPU path (the manifest's FP32 ONNX file) before trusting it.
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import logging
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +53,16 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from service.models.backends import BackendUnavailable
+from service.models.backends.hardware_probe import (
+    TRT_LIBRARIES,
+    UNKNOWN_GPU,
+    probe_gpu,
+    probe_tensorrt_version,
+)
 from service.models.manifest import ModelInput, sha256_file
+from service.models.ood import FEATURES_OUTPUT
+from service.models.precision import SETTING, check_precision
 
 LOG = logging.getLogger("ptx.backends")
 
@@ -62,8 +73,6 @@ CPU = "CPUExecutionProvider"
 PROVIDERS: dict[str, str] = {TENSORRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}
 TRT_BATCH_PROFILE = (1, 8, 32)  # min, opt, max of the dynamic batch axis
 TRT_WORKSPACE_BYTES = 2 << 30
-_TRT_LIBRARIES = ("libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so")
-_UNKNOWN_GPU = "unknown NVIDIA GPU"
 
 GpuProbe = Callable[[], "str | None"]
 Providers = Literal["auto"] | Sequence[str]
@@ -94,28 +103,40 @@ def plan_session(
     model_input: ModelInput | None = None,
     file_digest: Callable[[Path], str] = sha256_file,
     device_id: int = 0,
+    precision: str = "auto",
+    int8_model_path: Path | None = None,
 ) -> SessionPlan:
     """Choose providers, model file and options (see the module docstring). Pure apart from `file_digest`.
 
     `providers` is "auto" (every known provider in `available`, best first) or an explicit list of ONNX
     Runtime provider names, each of which must be available. `trt_version` None means TensorRT cannot be
-    loaded, which leaves the TensorRT provider out with a note.
+    loaded, which leaves the TensorRT provider out with a note. `precision`: see the module docstring.
     """
     wanted = _wanted(providers, available)
+    if check_precision(precision) == "int8":
+        return _int8_plan(wanted, int8_model_path)
     notes = []
     if TENSORRT in wanted and trt_version is None:
         wanted.remove(TENSORRT)
         notes.append(
             f"{TENSORRT} is listed by onnxruntime but TensorRT itself cannot be loaded (no `tensorrt` package, "
-            f"none of {', '.join(_TRT_LIBRARIES)} loadable): leaving it out"
+            f"none of {', '.join(TRT_LIBRARIES)} loadable): leaving it out"
         )
     if not wanted:
         raise ValueError(f"no usable execution provider among {providers!r} (available: {list(available)})")
-    trt_fp16 = TENSORRT in wanted and major_version(trt_version or "") < 11
+    trt_fp16 = TENSORRT in wanted and major_version(trt_version or "") < 11 and precision != "fp32"
+    needs_file = not (wanted[0] == TENSORRT and trt_fp16)  # TensorRT < 11 makes FP16 from the FP32 graph
+    if precision == "fp16" and (wanted[0] == CPU or (needs_file and fp16_model_path is None)):
+        raise BackendUnavailable(
+            f"{SETTING}=fp16 needs a GPU provider and the manifest's FP16 file (providers {wanted}, FP16 file "
+            f"{'given' if fp16_model_path else 'none'}); on the CPU FP16 is slower and less exact than FP32: "
+            f"set {SETTING}=auto, fp32 or int8"
+        )
     chosen = Path(model_path)
-    if fp16_model_path is not None and (wanted[0] == CUDA or (wanted[0] == TENSORRT and not trt_fp16)):
+    fp16_file = fp16_model_path is not None and precision != "fp32"
+    if fp16_file and (wanted[0] == CUDA or (wanted[0] == TENSORRT and not trt_fp16)):
         chosen = Path(fp16_model_path)
-    elif wanted[0] == TENSORRT and not trt_fp16:
+    elif wanted[0] == TENSORRT and not trt_fp16 and precision != "fp32":
         notes.append(f"TensorRT {trt_version} needs the FP16 ONNX file for FP16 and none was given: FP32 engine")
     options: list[tuple[str, dict[str, object]]] = []
     for name in wanted:
@@ -129,6 +150,19 @@ def plan_session(
         else:
             options.append((name, {}))
     return SessionPlan(chosen, tuple(options), tuple(notes))
+
+
+def _int8_plan(wanted: list[str], int8_model_path: Path | None) -> SessionPlan:
+    """The INT8 file on the CPU provider (see the module docstring for why never on a GPU provider)."""
+    if int8_model_path is None:
+        raise ValueError(f"{SETTING}=int8 needs int8_model_path (the manifest's 'onnx_int8' file)")
+    if CPU not in wanted:
+        raise ValueError(f"{SETTING}=int8 runs on {CPU} only, which the providers asked for ({wanted}) leave out")
+    gpu = [name for name in wanted if name != CPU]
+    note = (f"{SETTING}=int8: the QDQ INT8 file runs on {CPU}, where it was quantised and measured; {gpu} left "
+            f"unused (TensorRT needs symmetric INT8 activations, CUDA has few INT8 kernels): set {SETTING}=auto "
+            "for FP16 on the GPU")
+    return SessionPlan(Path(int8_model_path), ((CPU, {}),), (note,) if gpu else ())
 
 
 def _wanted(providers: Providers, available: Sequence[str]) -> list[str]:
@@ -157,8 +191,8 @@ def major_version(version: str) -> int:
 
 def gpu_slug(gpu_name: str | None) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (a folder name)."""
-    slug = re.sub(r"[^a-z0-9.]+", "-", (gpu_name or _UNKNOWN_GPU).strip().lower()).strip("-.")
-    return slug or re.sub(r"\s+", "-", _UNKNOWN_GPU)
+    slug = re.sub(r"[^a-z0-9.]+", "-", (gpu_name or UNKNOWN_GPU).strip().lower()).strip("-.")
+    return slug or re.sub(r"\s+", "-", UNKNOWN_GPU)
 
 
 def tensorrt_cache_dir(root: Path, gpu_name: str | None, trt_version: str, model_path: Path, digest: str) -> Path:
@@ -197,67 +231,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "ptx-triage" / "tensorrt"
 
 
-def probe_gpu() -> str | None:
-    """The name of a visible NVIDIA GPU, or None. Tries nvidia-smi, then torch (if installed), then /dev/nvidia0."""
-    name = _nvidia_smi_gpu_name() or _torch_gpu_name()
-    if name is None and Path("/dev/nvidia0").exists():
-        return _UNKNOWN_GPU
-    return name
-
-
-def _nvidia_smi_gpu_name() -> str | None:
-    executable = shutil.which("nvidia-smi")
-    if executable is None:
-        return None
-    try:
-        result = subprocess.run([executable, "--query-gpu=name", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    names = [line.strip() for line in result.stdout.splitlines() if line.strip()]
-    return names[0] if result.returncode == 0 and names else None
-
-
-def _torch_gpu_name() -> str | None:
-    if importlib.util.find_spec("torch") is None:
-        return None
-    try:
-        import torch
-    except (ImportError, OSError):  # OSError: a torch wheel whose CUDA libraries are broken
-        return None
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
-
-def probe_tensorrt_version() -> str | None:
-    """TensorRT's version from the `tensorrt` package or from libnvinfer itself; None if neither loads.
-
-    UNVERIFIED (no TensorRT here): the libnvinfer fall-back reads `getInferLibVersion()`.
-    """
-    try:
-        import tensorrt
-
-        return str(tensorrt.__version__)
-    except (ImportError, OSError):
-        pass
-    for library in _TRT_LIBRARIES:
-        try:
-            function = ctypes.CDLL(library).getInferLibVersion
-        except (OSError, AttributeError):
-            continue
-        function.restype = ctypes.c_int32
-        return decode_tensorrt_version(int(function()))
-    return None
-
-
-def decode_tensorrt_version(code: int) -> str:
-    """`getInferLibVersion()` -> "major.minor.patch": major*10000 + ... from TensorRT 10 on, major*1000 + ... before."""
-    if code <= 0:
-        raise ValueError(f"TensorRT version code must be positive, got {code}")
-    major, rest = divmod(code, 10000 if code >= 100000 else 1000)
-    minor, patch = divmod(rest, 100)
-    return f"{major}.{minor}.{patch}"
-
-
 def session_options(intra_op_threads: int, inter_op_threads: int, spinning: bool = False) -> ort.SessionOptions:
     """Explicit threads (2-core boxes oversubscribe easily; 0 = ONNX Runtime's default), all graph optimisations.
 
@@ -285,6 +258,7 @@ class OnnxRuntimeBackend:
         spinning: let idle pool threads spin-wait (see `session_options`).
         trt_cache_dir: root of the TensorRT engine cache (default `default_cache_dir()`).
         fp16_model_path: the FP16-weights ONNX file (the manifest's "onnx_fp16" role), used on CUDA.
+        precision, int8_model_path: PTX_PRECISION and the manifest's "onnx_int8" file (see `plan_session`).
         model_input: the manifest's input description, for TensorRT's batch profile.
         gpu_probe: name of a visible GPU or None (for the TensorRT cache key and the idle-GPU warning).
         tensorrt_probe: TensorRT's version or None. available_providers: defaults to onnxruntime's list.
@@ -305,10 +279,13 @@ class OnnxRuntimeBackend:
         gpu_probe: GpuProbe = probe_gpu,
         tensorrt_probe: Callable[[], str | None] = probe_tensorrt_version,
         available_providers: Sequence[str] | None = None,
+        precision: str = "auto",
+        int8_model_path: Path | None = None,
     ) -> None:
         model_path = Path(model_path)
         available = list(ort.get_available_providers() if available_providers is None else available_providers)
-        trt_possible = TENSORRT in available and (providers == "auto" or TENSORRT in providers)
+        trt_possible = (TENSORRT in available and (providers == "auto" or TENSORRT in providers)
+                        and precision != "int8")
         self.plan = plan_session(
             model_path,
             providers=providers,
@@ -318,6 +295,8 @@ class OnnxRuntimeBackend:
             gpu_name=gpu_probe() if trt_possible else None,
             trt_version=tensorrt_probe() if trt_possible else None,
             model_input=model_input,
+            precision=precision,
+            int8_model_path=int8_model_path,
         )
         for note in self.plan.notes:
             LOG.warning("%s: %s", model_path, note)
@@ -329,19 +308,23 @@ class OnnxRuntimeBackend:
         self.session = ort.InferenceSession(os.fspath(self.model_path), self._options,
                                             providers=list(self.plan.providers))
         used = self.session.get_providers()[0]
-        if used == CPU and self.model_path != model_path:  # a GPU provider failed to start: FP32 on the CPU
+        if used == CPU and self.plan.names[0] != CPU:  # a GPU provider failed to start: FP32 on the CPU
+            if precision == "fp16":
+                raise BackendUnavailable(f"{SETTING}=fp16: no GPU provider of {self.plan.names} started for "
+                                         f"{model_path} (see onnxruntime's log above); FP16 is not run on the CPU")
             self.model_path = model_path
             self.session = ort.InferenceSession(os.fspath(model_path), self._options, providers=[CPU])
         # A GPU failure in the middle of a run must raise, not silently continue on the CPU under a GPU name.
         self.session.disable_fallback()
         self.provider = PROVIDERS.get(used, used)
-        self.name = f"onnxruntime-{self.provider}"
+        self.name = f"onnxruntime-{self.provider}" + ("-int8" if precision == "int8" else "")
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [output.name for output in self.session.get_outputs()]
         self.max_batch = TRT_BATCH_PROFILE[-1] if used == TENSORRT and model_input is not None else None
         LOG.info("%s: ONNX Runtime on %s (planned %s, file %s)", model_path, used, self.plan.names,
                  self.model_path.name)
-        if used == CPU:
+        if used == CPU and precision != "int8":  # int8 leaves a GPU unused on purpose, and the plan's note says so
             self._warn_if_gpu_idle(model_path, providers, available, gpu_probe)
 
     def _warn_if_gpu_idle(self, model_path: Path, providers: Providers, available: list[str],
@@ -366,9 +349,20 @@ class OnnxRuntimeBackend:
             )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._run([self.output_name], batch)[0]
+
+    def run_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The first output and a classifier's pooled `features` (see `FeatureBackend`)."""
+        if FEATURES_OUTPUT not in self.output_names:
+            raise ValueError(f"{self.model_path.name} has no {FEATURES_OUTPUT!r} output (outputs {self.output_names}): "
+                             "a classifier exported before issue 16; its manifest must not list `ood`")
+        logits, features = self._run([self.output_name, FEATURES_OUTPUT], batch)
+        return logits, features
+
+    def _run(self, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if self.max_batch is not None and len(batch) > self.max_batch:  # beyond the TensorRT profile
-            return np.concatenate([self.run(batch[start:start + self.max_batch])
-                                   for start in range(0, len(batch), self.max_batch)])
-        output = self.session.run([self.output_name], {self.input_name: batch})[0]
-        return np.asarray(output, dtype=np.float32)
+            parts = [self._run(names, batch[start:start + self.max_batch])
+                     for start in range(0, len(batch), self.max_batch)]
+            return [np.concatenate(outputs) for outputs in zip(*parts)]
+        return [np.asarray(output, dtype=np.float32) for output in self.session.run(names, {self.input_name: batch})]

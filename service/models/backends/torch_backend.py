@@ -13,7 +13,8 @@ checked against the manifest.
 The serving install has neither torch nor the `training` package that defines the networks: both are
 imported when a `TorchBackend` is created, and their absence is a `BackendUnavailable` that says so.
 
-Outputs match ONNX Runtime's: float32 classifier logits (N,) or segmenter logits (N, 1, S, S).
+Outputs match ONNX Runtime's: float32 classifier logits (N,) or segmenter logits (N, 1, S, S), and with
+`run_with_features` a classifier's pooled features (N, D) beside its logits.
 
 UNVERIFIED on CUDA: this module has run on the CPU only (FP32, tested against ONNX Runtime); the CUDA FP16,
 channels-last, compile and CUDA-graph paths have not run (no GPU was lent while it was written).
@@ -21,6 +22,7 @@ channels-last, compile and CUDA-graph paths have not run (no GPU was lent while 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from collections.abc import Mapping
@@ -32,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from service.models.backends import BackendUnavailable
-from service.models.manifest import Manifest, ManifestError
+from service.models.manifest import Manifest, ManifestError, read_members
 
 Device = Literal["auto", "cpu", "cuda"]
 _SECTIONS = {"classification": "classifier", "segmentation": "segmenter"}
@@ -61,6 +63,8 @@ class NetworkSpec:
     scse: bool = False
     aux_segmentation: bool = False
     decoder_blocks: int = 5
+    encoder: str = "resnet"  # or "seresnext" (service/models/networks/encoder.py)
+    members: int = 0  # an ensemble of this many such networks (training/cv.py), 0: a single network
 
 
 def network_spec(manifest: Manifest) -> NetworkSpec:
@@ -87,24 +91,34 @@ def spec_from_config(task: str, network: Mapping[str, Any], in_channels: int) ->
         scse=bool(network.get("scse", False)),
         aux_segmentation=bool(network.get("aux_segmentation", False)),
         decoder_blocks=int(network.get("decoder_blocks", 5)),
+        encoder=str(network.get("encoder", "resnet")),
     )
 
 
 def build_network(spec: NetworkSpec) -> Any:
-    """A randomly initialised `Classifier` or `UNet` (from service.models.networks) for `spec`."""
+    """A randomly initialised `Classifier` or `UNet` (from service.models.networks) for `spec`; with
+    `spec.members`, an ensemble of them averaging probabilities (service/models/networks/ensemble.py)."""
     import_torch()
     try:
         from service.models.networks import Classifier, UNet
+        from service.models.networks.ensemble import ClassifierEnsemble, UNetEnsemble
     except ImportError as error:
         raise BackendUnavailable(
             "the torch backend needs the `training` package (training/networks) beside `service`; "
             "the serving bundle ships service/ only: use the onnxruntime backend there"
         ) from error
-    if spec.task == "classification":
-        return Classifier(encoder_depth=spec.encoder_depth, in_channels=spec.in_channels, width=spec.width,
-                          aux_segmentation=spec.aux_segmentation)
-    return UNet(encoder_depth=spec.encoder_depth, in_channels=spec.in_channels, width=spec.width, scse=spec.scse,
-                decoder_blocks=spec.decoder_blocks)
+
+    def one() -> Any:
+        if spec.task == "classification":
+            return Classifier(encoder_depth=spec.encoder_depth, in_channels=spec.in_channels, width=spec.width,
+                              aux_segmentation=spec.aux_segmentation, encoder_kind=spec.encoder)
+        return UNet(encoder_depth=spec.encoder_depth, in_channels=spec.in_channels, width=spec.width,
+                    scse=spec.scse, decoder_blocks=spec.decoder_blocks, encoder_kind=spec.encoder)
+
+    if spec.members:
+        ensemble = ClassifierEnsemble if spec.task == "classification" else UNetEnsemble
+        return ensemble([one() for _ in range(spec.members)])
+    return one()
 
 
 def load_network(model_dir: Path, manifest: Manifest) -> Any:
@@ -124,10 +138,12 @@ def load_network(model_dir: Path, manifest: Manifest) -> Any:
     if digest != manifest.sha256[filename]:
         raise ManifestError(f"{path}: sha256 is {digest[:12]}…, manifest says {manifest.sha256[filename][:12]}…: "
                             "refusing a checkpoint that differs from its manifest")
-    network = build_network(network_spec(manifest))
+    members = len(read_members(Path(model_dir), manifest))
+    network = build_network(dataclasses.replace(network_spec(manifest), members=members))
     network.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))  # strict
-    if getattr(network, "aux_head", None) is not None:
-        network.aux_head = None  # trained with it, never used at inference: free its memory
+    for part in getattr(network, "members", [network]):
+        if getattr(part, "aux_head", None) is not None:
+            part.aux_head = None  # trained with it, never used at inference: free its memory
     return network.eval()
 
 
@@ -207,14 +223,29 @@ class TorchBackend:
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         network = network.eval().to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
         self.compiled = bool(compile)
+        # A classifier's logits with its pooled features (the OOD distance's input), compiled like `forward`.
+        self.with_features = getattr(network, "forward_with_features", None)
         if compile:
-            network = torch.compile(network, mode="reduce-overhead" if cuda_graphs else "default", dynamic=False)
+            mode = "reduce-overhead" if cuda_graphs else "default"
+            if self.with_features is not None:
+                self.with_features = torch.compile(self.with_features, mode=mode, dynamic=False)
+            network = torch.compile(network, mode=mode, dynamic=False)
         self.network = network
         self.input_shape = input_shape
         self.provider = self.device
         self.name = f"torch-{self.device}" + ("-fp16" if self.fp16 else "")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch, features=False)[0]
+
+    def run_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A classifier's logits and pooled encoder features (float32), as the ONNX file's two outputs."""
+        if self.with_features is None:
+            raise ValueError("this network has no pooled features: only a classifier has")
+        logits, features = self._run(batch, features=True)
+        return logits, features
+
+    def _run(self, batch: np.ndarray, features: bool) -> list[np.ndarray]:
         torch = self._torch
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or (self.input_shape is not None and batch.shape[1:] != self.input_shape):
@@ -226,8 +257,8 @@ class TorchBackend:
             batch = np.concatenate([batch, np.zeros((padded - count, *batch.shape[1:]), np.float32)])
         with torch.inference_mode():
             images = torch.from_numpy(batch).to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
-            output = self.network(images)[:count].float().cpu().numpy()
-        return np.ascontiguousarray(output, dtype=np.float32)
+            outputs = self.with_features(images) if features else (self.network(images),)
+            return [np.ascontiguousarray(output[:count].float().cpu().numpy(), dtype=np.float32) for output in outputs]
 
 
 def resolve_device(torch: ModuleType, device: str) -> str:

@@ -49,10 +49,17 @@ class Classifier(nn.Module):
     * ``forward(image)`` returns the logit, shape (N,), for inference and ONNX export.
     * ``forward_with_mask(image)`` returns ``(logit (N,), mask_logits (N, 1, H, W))`` for multi-task
       training; it requires ``aux_segmentation=True``.
+    * ``forward_with_features(image)`` returns ``(logit (N,), features (N, C1 + C2 + C3))``: the encoder's
+      stages 1-3, each averaged over the image, side by side -- what the out-of-distribution distance measures
+      (service/models/ood.py). Why not the last stage, which the head reads: it is shaped by the label, so a
+      large pneumothorax lies as far from the training films there as a film of another kind does (on the demo,
+      real chest films fell below the threshold a large synthetic lesion set); stages 1-3 describe the film's
+      appearance (texture, exposure, anatomy), and set every real chest film at 1.5x the threshold or more.
 
     Args:
         encoder_depth: 18, 34 or 50.
         in_channels: 1 for radiographs.
+        encoder_kind: "resnet" or "seresnext" (depth 50), see `ResNetEncoder`.
         width: encoder base width (64 = torchvision-compatible).
         aux_segmentation: build the auxiliary segmentation head (see the module docstring).
         dropout: dropout before the linear head.
@@ -65,11 +72,12 @@ class Classifier(nn.Module):
         width: int = IMAGENET_WIDTH,
         aux_segmentation: bool = False,
         dropout: float = 0.0,
+        encoder_kind: str = "resnet",
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.encoder = ResNetEncoder(encoder_depth, in_channels, width)
+        self.encoder = ResNetEncoder(encoder_depth, in_channels, width, encoder_kind)
         self.aux_segmentation = bool(aux_segmentation)
         channels = self.encoder.out_channels
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -85,6 +93,12 @@ class Classifier(nn.Module):
     def forward(self, image: Tensor) -> Tensor:
         check_input_size(image)
         return self._logit(self.encoder(image)[4])
+
+    def forward_with_features(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        check_input_size(image)
+        stages = self.encoder(image)
+        features = torch.cat([torch.flatten(self.pool(stage), 1) for stage in stages[1:4]], dim=1)
+        return self._logit(stages[4]), features
 
     def forward_with_mask(self, image: Tensor) -> tuple[Tensor, Tensor]:
         if self.aux_head is None:

@@ -78,13 +78,14 @@ def default_decoder_channels(width: int) -> tuple[int, int, int, int, int]:
 
 
 class UNet(nn.Module):
-    """ResNet-18/34/50 U-Net: image (N, in_channels, H, W) -> mask logits (N, 1, H, W).
+    """ResNet-18/34/50 or SE-ResNeXt-50 U-Net: image (N, in_channels, H, W) -> mask logits (N, 1, H, W).
 
     H and W must be multiples of 32. The output are logits (apply a sigmoid for probabilities) so that the
     losses can use the numerically stable `*_with_logits` forms.
 
     Args:
         encoder_depth: 18, 34 (BasicBlock) or 50 (Bottleneck), as torchvision builds them.
+        encoder_kind: "resnet", or "seresnext" for timm's SE-ResNeXt-50 32x4d (depth 50).
         in_channels: 1 for radiographs; 3-channel ImageNet weights are adapted by `load_encoder_weights`.
         width: encoder base width; 64 is torchvision-compatible, smaller values give a demo-sized model.
         decoder_channels: five output widths of the decoder blocks, coarse to fine; default scales
@@ -103,11 +104,12 @@ class UNet(nn.Module):
         decoder_channels: Sequence[int] | None = None,
         scse: bool = False,
         decoder_blocks: int = 5,
+        encoder_kind: str = "resnet",
     ) -> None:
         super().__init__()
         if decoder_blocks not in (3, 4, 5):
             raise ValueError(f"decoder_blocks must be 3, 4 or 5, got {decoder_blocks!r}")
-        self.encoder = ResNetEncoder(encoder_depth, in_channels, width)
+        self.encoder = ResNetEncoder(encoder_depth, in_channels, width, encoder_kind)
         channels = tuple(decoder_channels) if decoder_channels is not None else default_decoder_channels(width)
         if len(channels) != 5:
             raise ValueError(f"decoder_channels must have 5 entries (one per decoder block), got {channels!r}")

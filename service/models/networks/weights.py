@@ -4,10 +4,14 @@ Nothing is ever downloaded: `network.encoder_weights` names a file on disk. What
 
 * **torchvision** ImageNet state dicts (`resnet18-f37072fd.pth`, `resnet34-b627a593.pth`,
   `resnet50-0676ba61.pth`): our encoder has exactly their parameter names.
-* **timm** ResNet-18/34/50 weights: timm's `ResNet` uses torchvision's parameter names too (`conv1`, `bn1`,
-  `layerN.M.convK`, `downsample.0/1`, head `fc`), so what differs is the packaging: `model.safetensors` from
-  the Hugging Face hub, or a timm training checkpoint (`{"state_dict": ..., "state_dict_ema": ..., "epoch",
-  "arch", ...}`), often with `module.` prefixes from DataParallel/DDP.
+* **timm** ResNet-18/34/50 and `seresnext50_32x4d` weights: timm's `ResNet` uses torchvision's parameter
+  names too (`conv1`, `bn1`, `layerN.M.convK`, `downsample.0/1`, head `fc`; SE-ResNeXt adds `layerN.M.se.fc1`
+  / `se.fc2`), so what differs is the packaging: `model.safetensors` from the Hugging Face hub, or a timm
+  training checkpoint (`{"state_dict": ..., "state_dict_ema": ..., "epoch", "arch", ...}`), often with
+  `module.` prefixes from DataParallel/DDP.
+* **pretrainedmodels** (Cadene) `se_resnext50_32x4d`, the layout the SIIM-ACR 2019 leaders loaded through
+  segmentation_models_pytorch: stem under `layer0.`, SE under `se_module.`, head `last_linear`; renamed to
+  timm's names. (Its stem max-pool rounds up where timm's pads: same tensors, one-pixel shift of the grid.)
 * **wrapped** checkpoints of any trainer: a `state_dict` / `model` / `model_state_dict` / `state_dict_ema`
   entry, `module.` and `_orig_mod.` (torch.compile) prefixes, and a whole model's state dict whose encoder
   sits under `encoder.` or `backbone.` (segmentation_models_pytorch U-Nets, our own `cascade.pt`).
@@ -36,6 +40,11 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "state_dict_em
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: Where the encoder sits inside a whole segmentation or classification model's state dict.
 ENCODER_PREFIXES = ("encoder.", "backbone.")
+#: pretrainedmodels' SE-ResNeXt names → timm's (ours): the stem lives under `layer0.`, SE under `se_module.`.
+CADENE_STEM = (("layer0.conv1.", "conv1."), ("layer0.bn1.", "bn1."))
+CADENE_SE = (".se_module.", ".se.")
+#: BatchNorm's update counter: absent from older published files, filled with 0 as BatchNorm itself does.
+COUNTER_SUFFIX = ".num_batches_tracked"
 #: ImageNet classification heads: present in published encoder weights, never used here.
 HEAD_PREFIXES = ("fc.", "head.fc.", "classifier.", "last_linear.")
 
@@ -53,7 +62,9 @@ def read_state_file(path: str | os.PathLike[str]) -> Mapping[str, object]:
         return load_file(os.fspath(path), device="cpu")
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(loaded, Mapping):
-        raise ValueError(f"{os.fspath(path)!r} does not hold a state dict (got {type(loaded).__name__})")
+        # ValueError like every other unusable file: the training CLI reports those as one line.
+        raise ValueError(  # noqa: TRY004
+            f"{os.fspath(path)!r} does not hold a state dict (got {type(loaded).__name__})")
     return loaded
 
 
@@ -70,12 +81,24 @@ def unwrap_state(loaded: Mapping[str, object], path: str = "") -> dict[str, Tens
     for prefix in WRAPPER_PREFIXES:
         if tensors and all(key.startswith(prefix) for key in tensors):
             tensors = {key.removeprefix(prefix): value for key, value in tensors.items()}
-    if "conv1.weight" not in tensors:
+    stems = ("conv1.weight", "layer0.conv1.weight")
+    if not any(stem in tensors for stem in stems):
         for prefix in ENCODER_PREFIXES:
             inner = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
-            if "conv1.weight" in inner:
-                return inner
+            if any(stem in inner for stem in stems):
+                tensors = inner
+                break
+    if "layer0.conv1.weight" in tensors:
+        tensors = {_cadene_to_timm(key): value for key, value in tensors.items()}
     return {key: value for key, value in tensors.items() if not key.startswith(HEAD_PREFIXES)}
+
+
+def _cadene_to_timm(key: str) -> str:
+    """A pretrainedmodels SE-ResNeXt key under timm's name (`layer0.conv1.weight` -> `conv1.weight`)."""
+    for old, new in CADENE_STEM:
+        if key.startswith(old):
+            key = new + key.removeprefix(old)
+    return key.replace(*CADENE_SE)
 
 
 def _short(keys: set[str], limit: int = 8) -> str:
@@ -112,11 +135,14 @@ def load_encoder_weights(encoder: ResNetEncoder, path: str | os.PathLike[str]) -
         )
     state = adapt_first_conv(unwrap_state(read_state_file(path), os.fspath(path)), encoder.in_channels)
     expected = encoder.state_dict()
+    for key in set(expected) - set(state):
+        if key.endswith(COUNTER_SUFFIX):  # a counter, not a learned tensor: what BatchNorm does for old files
+            state[key] = torch.zeros_like(expected[key])
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
     if missing or unexpected:
         raise ValueError(
-            f"{os.fspath(path)!r} does not match a torchvision ResNet-{encoder.depth}: "
+            f"{os.fspath(path)!r} does not match a {encoder.description}: "
             f"missing keys [{_short(missing)}]; unexpected keys [{_short(unexpected)}]"
         )
     wrong_shape = {

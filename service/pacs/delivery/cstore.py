@@ -1,4 +1,9 @@
-"""Sending by C-STORE (pynetdicom): one association per object, statuses judged per PS3.4 Annex B."""
+"""Sending by C-STORE (pynetdicom): one association per object, statuses judged per PS3.4 Annex B.
+
+A failure is stored and logged as its status code and our words for it, never the receiver's Error
+Comment (0000,0902): that is the peer's free text and may quote the object's values, patient name
+included (issue 13 §11a). Library messages about our own object are left out for the same reason.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ class CStoreSender:
         try:
             dataset = pydicom.dcmread(io.BytesIO(data))
         except (InvalidDicomError, OSError, ValueError, EOFError) as error:
-            raise DeliveryError(f"cannot read {path} as DICOM: {error}", retryable=False) from None
+            raise DeliveryError(f"cannot read {path} as DICOM ({type(error).__name__})", retryable=False) from None
         try:
             sop_class = UID(dataset.SOPClassUID)
             syntax = UID(dataset.file_meta.TransferSyntaxUID)
@@ -91,8 +96,9 @@ class CStoreSender:
                 raise self._association_error(assoc, sop_class, syntax, connected.is_set())
             status = assoc.send_c_store(dataset)
             code = int(status.Status) if "Status" in status else None
-        except ValueError as error:  # pynetdicom: no usable accepted context, or the dataset cannot be encoded
-            raise DeliveryError(f"{name}: cannot send {sop_class.name}: {error}", retryable=False) from None
+        except ValueError:  # pynetdicom: no usable accepted context, or the dataset cannot be encoded
+            raise DeliveryError(f"{name}: cannot send {sop_class.name} in any accepted presentation context "
+                                "(ValueError from pynetdicom)", retryable=False) from None
         finally:
             if assoc.is_established:  # otherwise pynetdicom has already closed it
                 assoc.release()
@@ -106,9 +112,8 @@ class CStoreSender:
                         "duplicate SOP instance, already stored" if code == _DUPLICATE_SOP_INSTANCE
                         else "warning: coercion or elements discarded")
             return
-        comment = status.get("ErrorComment")
-        raise DeliveryError(f"{name}: C-STORE failed with status 0x{code:04X} ({_status_name(code)})"
-                            + (f": {comment}" if comment else ""), retryable=_status_retryable(code))
+        raise DeliveryError(f"{name}: C-STORE failed with status 0x{code:04X} ({_status_name(code)})",
+                            retryable=_status_retryable(code))  # the Error Comment is the peer's text: left out
 
     def _association_error(self, assoc: object, sop_class: object, syntax: object, connected: bool) -> DeliveryError:
         name = self.destination.name

@@ -1,4 +1,10 @@
-"""The dispatcher: deliveries queued in the store, sent by one thread per destination with backoff."""
+"""The dispatcher: deliveries queued in the store, sent by one thread per destination with backoff.
+
+Several dispatchers (threads, processes, replicas) may drain one store: each round *claims* its rows for a
+lease (service/store/claims.py: row locks with SKIP LOCKED on PostgreSQL), so no row is sent by two at once,
+and rows a dispatcher did not get to, or left behind by dying, are due again when it releases them or when
+the lease runs out.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +18,24 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+from service.log_safety import describe_exception
 from service.pacs.delivery.cstore import CStoreSender
 from service.pacs.delivery.destinations import DEFAULT_CALLING_AE, Destination
 from service.pacs.delivery.sender import DeliveryError, Sender
 from service.pacs.delivery.stow import StowSender
 from service.store import (
+    DEFAULT_LEASE_S,
     DEFAULT_MAX_ATTEMPTS,
+    Claim,
     DeliveryKind,
-    DeliveryRecord,
     DeliveryState,
     ResultsStore,
     StoreError,
 )
 from service.store.base import require_utc, utc_now
+from service.store.claims import check_lease
 
 LOG = logging.getLogger("service.pacs.delivery")
 
@@ -88,12 +98,20 @@ class Dispatcher:
     visible and ends failed rather than lingering or being dropped.
 
     `on_attempt(destination, ok)` is called after each recorded attempt (a metrics counter); `counts()` is the
-    store's count per state (a gauge). Use either `run_once` yourself or `start()`, not both at once.
+    store's count per state (a gauge). Each round claims its rows for `lease_s` and sends from the claim for
+    half of it at most (then the rest go back, due): any number of dispatchers, `run_once` callers and
+    `start()`ed threads may share a store.
+
+    The outbox it drains is the store's deliveries; a subclass drains another outbox with the same threads,
+    backoff and bookkeeping by overriding `_due`, `_release`, `_deliver`, `_store_attempt`, `_reported` and
+    `noun` (the pushed notifications, service/pacs/notify/outbox.py).
     """
+
+    noun = "delivery"  # what the log lines call one row of the outbox
 
     def __init__(self, store: ResultsStore, senders: Mapping[str, Sender], *, backoff: Backoff | None = None,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, batch_size: int = 32, poll_interval_s: float = 5.0,
-                 clock: Callable[[], datetime] = utc_now,
+                 clock: Callable[[], datetime] = utc_now, lease_s: float = DEFAULT_LEASE_S,
                  on_attempt: Callable[[str, bool], None] | None = None, rng: random.Random | None = None) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
@@ -107,6 +125,7 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
+        self.lease_s = check_lease(lease_s)
         self.clock = clock
         self.on_attempt = on_attempt
         self._rng = rng or random.Random()
@@ -134,6 +153,13 @@ class Dispatcher:
             self._wakes[name].set()
         return ids
 
+    def wake(self, names: Iterable[str]) -> None:
+        """Start these destinations' next rounds now (rows were added to the outbox by someone else)."""
+        for name in names:
+            wake = self._wakes.get(name)
+            if wake is not None:
+                wake.set()
+
     async def enqueue_async(self, study_uid: str, object_uid: str, kind: DeliveryKind | str,
                             path: str | Path) -> dict[str, int]:
         """`enqueue` off the event loop (the store write is blocking I/O)."""
@@ -152,26 +178,65 @@ class Dispatcher:
         sender timeout per destination when destinations are down (see the module's notes). `destination`:
         only its deliveries; `exclude`: none of those destinations' (the background loops use both)."""
         at = require_utc(now, "now") if now is not None else self.clock()
-        due = self.store.due_deliveries(limit=self.batch_size, now=at, destination=destination, exclude=exclude)
-        if not due:
+        claim = self._due(at, destination, exclude)
+        if not claim.rows:
             return 0
-        groups: dict[str, list[DeliveryRecord]] = {}
-        for record in due:
+        # Past half the lease a row might be claimed again elsewhere once its lease ends: stop sending from it.
+        deadline = time.monotonic() + self.lease_s / 2
+        groups: dict[str, list[Any]] = {}
+        for record in claim.rows:
             groups.setdefault(record.destination, []).append(record)
-        if len(groups) == 1:
-            return self._run_destination(*next(iter(groups.items())), at)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(groups),
-                                                   thread_name_prefix="ptx-delivery-send") as pool:
-            futures = [pool.submit(self._run_destination, name, records, at) for name, records in groups.items()]
-            return sum(future.result() for future in futures)
+        try:
+            if len(groups) == 1:
+                return self._run_destination(*next(iter(groups.items())), at, claim.token, deadline)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=len(groups),
+                                                       thread_name_prefix="ptx-delivery-send") as pool:
+                futures = [pool.submit(self._run_destination, name, records, at, claim.token, deadline)
+                           for name, records in groups.items()]
+                return sum(future.result() for future in futures)
+        finally:
+            self._give_back(claim.token, at)
 
-    def _run_destination(self, name: str, records: list[DeliveryRecord], now: datetime) -> int:
+    # -- what differs between outboxes (overridden for notifications) ---------------------------------
+
+    def _due(self, at: datetime, destination: str | None, exclude: Collection[str]) -> Claim[Any]:
+        """The rows due at `at` (at most a batch), of one destination or of all but `exclude`, claimed."""
+        return self.store.claim_deliveries(self.batch_size, self.lease_s, now=at, destination=destination,
+                                           exclude=exclude)
+
+    def _release(self, token: str, at: datetime) -> int:
+        """The claim's rows not attempted, due again at `at`."""
+        return self.store.release_deliveries(token, at)
+
+    def _deliver(self, sender: Any, record: Any) -> None:
+        """Send one row; raises DeliveryError."""
+        sender.send(record.path)
+
+    def _store_attempt(self, record: Any, ok: bool, error: str | None, next_at: datetime | None,
+                       claim: str | None) -> Any:
+        """Record one attempt under `claim`; returns the row as it is now (`state`, `attempts`, `max_attempts`)."""
+        return self.store.delivery_attempt(record.id, ok, error=error, next_attempt_at=next_at, claim=claim)
+
+    def _reported(self, record: Any, updated: Any, ok: bool) -> None:
+        """After an attempt is recorded: the metrics hook."""
+        if self.on_attempt is not None:
+            self.on_attempt(record.destination, ok)
+
+    @staticmethod
+    def _what(record: Any) -> str:
+        """The row in a log line, beside its id: no UID, no patient attribute."""
+        return str(record.kind.value)
+
+    # -- sending -------------------------------------------------------------------------------------------
+
+    def _run_destination(self, name: str, records: list[Any], now: datetime, claim: str | None = None,
+                         deadline: float = float("inf")) -> int:
         sender = self.senders.get(name)
         down: DeliveryError | None = None
         recorded = 0
         for record in records:
-            if self._stopping.is_set():
-                break  # left due: sent after the next start
+            if self._stopping.is_set() or time.monotonic() > deadline:
+                break  # given back at the end of the round: due again, for the next round or another dispatcher
             if sender is None:
                 error: DeliveryError | None = DeliveryError(
                     f"destination {name!r} is not configured (any more); configure it again to deliver",
@@ -183,23 +248,32 @@ class Dispatcher:
                 error = self._send(sender, record)
                 if error is not None and error.destination_down:
                     down = error
-            recorded += self._record(record, error, now)
+            recorded += self._record(record, error, now, claim)
         return recorded
 
-    def _send(self, sender: Sender, record: DeliveryRecord) -> DeliveryError | None:
+    def _send(self, sender: Any, record: Any) -> DeliveryError | None:
         started = time.monotonic()
         try:
-            sender.send(record.path)
+            self._deliver(sender, record)
         except DeliveryError as error:
             return error
-        except Exception as error:  # a sender bug must not kill the round; keep it visible and retried
-            LOG.exception("delivery %d to %s: the sender raised", record.id, record.destination)
-            return DeliveryError(f"internal error in the sender: {type(error).__name__}: {error}", retryable=True)
-        LOG.info("delivery %d (%s) to %s: delivered in %.2f s", record.id, record.kind.value, record.destination,
-                 time.monotonic() - started)
+        except Exception as error:  # noqa: BLE001 -- a sender bug must not kill the round; kept visible, retried
+            # Type and frames only: the message may quote a library's reading of the object or the peer.
+            LOG.error("%s %d to %s: the sender raised %s", self.noun, record.id, record.destination,
+                      describe_exception(error, depth=12))
+            return DeliveryError(f"internal error in the sender ({type(error).__name__})", retryable=True)
+        LOG.info("%s %d (%s) to %s: ok, delivered in %.2f s", self.noun, record.id, self._what(record),
+                 record.destination, time.monotonic() - started)
         return None
 
-    def _record(self, record: DeliveryRecord, error: DeliveryError | None, now: datetime) -> int:
+    def _give_back(self, token: str, at: datetime) -> None:
+        """Release what the round claimed but did not attempt; if the store is unreachable the lease ends it."""
+        try:
+            self._release(token, at)
+        except Exception:  # the round's outcome stands; the rows come back when their lease runs out
+            LOG.exception("%s round could not give back its unsent rows; they are due when the lease ends", self.noun)
+
+    def _record(self, record: Any, error: DeliveryError | None, now: datetime, claim: str | None = None) -> int:
         next_at = None
         if error is not None:
             attempts = record.attempts + 1
@@ -209,27 +283,25 @@ class Dispatcher:
                 delay = min(self.backoff.max_s, max(delay, error.retry_after_s))
             next_at = now + timedelta(seconds=delay)
         try:
-            updated = self.store.delivery_attempt(record.id, error is None,
-                                                  error=None if error is None else error.message[:2000],
-                                                  next_attempt_at=next_at)
-        except StoreError as store_error:  # e.g. another dispatcher recorded it first; the row says what happened
-            LOG.error("delivery %d to %s: could not record the attempt: %s", record.id, record.destination,
+            updated = self._store_attempt(record, error is None, None if error is None else error.message[:2000],
+                                          next_at, claim)
+        except StoreError as store_error:  # e.g. our lease ran out and another claim holds it; the row says which
+            LOG.error("%s %d to %s: could not record the attempt: %s", self.noun, record.id, record.destination,
                       store_error)
             return 0
         if error is not None:
-            if updated.state is DeliveryState.FAILED:
-                LOG.error("delivery %d (%s) to %s failed for good after %d attempts: %s", record.id,
-                          record.kind.value, record.destination, updated.attempts, error.message)
+            if updated.state.value == DeliveryState.FAILED.value:
+                LOG.error("%s %d (%s) to %s failed for good after %d attempts: %s", self.noun, record.id,
+                          self._what(record), record.destination, updated.attempts, error.message)
             else:
-                LOG.warning("delivery %d (%s) to %s: attempt %d of %d failed (%s), next at %s: %s", record.id,
-                            record.kind.value, record.destination, updated.attempts, updated.max_attempts,
+                LOG.warning("%s %d (%s) to %s: attempt %d of %d failed (%s), next at %s: %s", self.noun, record.id,
+                            self._what(record), record.destination, updated.attempts, updated.max_attempts,
                             "retryable" if error.retryable else "rejected", next_at and next_at.isoformat(),
                             error.message)
-        if self.on_attempt is not None:
-            try:
-                self.on_attempt(record.destination, error is None)
-            except Exception:
-                LOG.exception("delivery metrics hook failed")
+        try:
+            self._reported(record, updated, error is None)
+        except Exception:
+            LOG.exception("%s metrics hook failed", self.noun)
         return 1
 
     # -- background ----------------------------------------------------------------------------------------
@@ -270,11 +342,11 @@ class Dispatcher:
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the thread and close the senders (their HTTP connection pools)."""
         self.stop(timeout_s)
-        for sender in self.senders.values():
+        for name, sender in self.senders.items():
             try:
                 sender.close()
             except Exception:
-                LOG.exception("closing the sender for %s failed", sender.destination.name)
+                LOG.exception("closing the sender for %s failed", name)
 
     @property
     def running(self) -> bool:
@@ -290,7 +362,7 @@ class Dispatcher:
                 sent = self.run_once(destination=name) if name is not None else self.run_once(exclude=configured)
                 busy = sent >= self.batch_size
             except Exception:  # the store unreachable, say: keep the thread, try again after the interval
-                LOG.exception("delivery round for %s failed", name or "unconfigured destinations")
+                LOG.exception("%s round for %s failed", self.noun, name or "unconfigured destinations")
                 busy = False
             if not busy:
                 wake.wait(self.poll_interval_s)

@@ -1,15 +1,24 @@
-"""Sending by DICOMweb STOW-RS (httpx): HTTP statuses and the failed-SOP reasons of the answer judged."""
+"""Sending by DICOMweb STOW-RS (httpx): HTTP statuses and the failed-SOP reasons of the answer judged.
+
+A failure is stored and logged as the HTTP status with its standard phrase (RFC 9110, not the server's
+reason phrase), the failure reason codes and our own words: never the response body, the server's reason
+phrase or a protocol error's quote of what the server sent, which are the peer's free text and may carry
+the object's values (issue 13 §11a). httpx's own INFO line for each request ends with the server's reason
+phrase; a filter on its logger puts the standard phrase there instead (httpcore's DEBUG traces, off in
+service, show the raw response).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import uuid
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
+from xml.etree import ElementTree
 
 from service.pacs.delivery.cstore import (
     _DUPLICATE_SOP_INSTANCE,
@@ -57,6 +66,7 @@ class StowSender:
             if destination.base_url and destination.base_url.startswith("http://"):
                 LOG.warning("delivery to %s: credentials over plain http are readable on the network",
                             destination.name)
+        _keep_reason_phrases_out_of_httpx_logs()
         self._client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s), auth=auth,
                                     headers=dict(headers or {}), follow_redirects=False, verify=verify)
 
@@ -77,14 +87,14 @@ class StowSender:
         except httpx.TimeoutException as error:
             raise DeliveryError(f"{name}: no answer within the timeout ({type(error).__name__})", retryable=True,
                                 destination_down=True) from None
-        except httpx.HTTPError as error:  # connection refused, reset, TLS, protocol errors
-            raise DeliveryError(f"{name}: {type(error).__name__}: {error}", retryable=True,
+        except httpx.HTTPError as error:  # connection refused, reset, TLS, protocol errors (which quote the peer)
+            raise DeliveryError(f"{name}: {type(error).__name__} (no STOW-RS answer)", retryable=True,
                                 destination_down=True) from None
         self._judge(response)
 
     def _judge(self, response: httpx.Response) -> None:
         name, code = self.destination.name, response.status_code
-        what = f"{name}: STOW-RS answered {code} {response.reason_phrase}".rstrip()
+        what = f"{name}: STOW-RS answered {code} {_phrase(code)}".rstrip()
         failures, warnings = _stow_reasons(response)
         if code in (200, 202):
             if not failures or all(reason == _DUPLICATE_SOP_INSTANCE for reason in failures):
@@ -114,6 +124,32 @@ class StowSender:
 
     def close(self) -> None:
         self._client.close()
+
+
+class _StandardPhrase(logging.Filter):
+    """Rewrites httpx's 'HTTP Request: METHOD URL "VERSION CODE PHRASE"' record with the standard phrase."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if str(record.msg).startswith("HTTP Request:") and isinstance(args, tuple) and len(args) == 5 \
+                and isinstance(args[3], int):
+            record.args = (*args[:4], _phrase(args[3]))
+        return True
+
+
+def _keep_reason_phrases_out_of_httpx_logs() -> None:
+    """Attach `_StandardPhrase` to the httpx logger, once per process."""
+    httpx_log = logging.getLogger("httpx")
+    if not any(isinstance(f, _StandardPhrase) for f in httpx_log.filters):
+        httpx_log.addFilter(_StandardPhrase())
+
+
+def _phrase(code: int) -> str:
+    """The standard phrase of an HTTP status (empty for a code without one), never the server's own."""
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return ""
 
 
 def _reasons(codes: list[int]) -> str:
