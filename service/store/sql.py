@@ -17,7 +17,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Any, NoReturn, Protocol
+from enum import Enum
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from service.cascade.finding import Priority
 from service.store.base import (
@@ -51,6 +52,7 @@ from service.store.notifications import (
     NotificationState,
 )
 
+StateT = TypeVar("StateT", bound=Enum)  # an outbox's state enum (DeliveryState, NotificationState)
 Row = Mapping[str, Any]
 
 
@@ -565,6 +567,15 @@ class SqlResultsStore(SqlFeedback, ResultsStore):
             return _updated_delivery(tx, delivery_id, row, "is {state}; only a failed delivery can be retried")
 
     def deliveries(self, study_uid: str | None = None, state: DeliveryState | None = None) -> list[DeliveryRecord]:
+        rows = self._listed("deliveries", DELIVERY_COLUMNS, study_uid,
+                            None if state is None else DeliveryState(state).value)
+        return [_delivery(row) for row in rows]
+
+    def delivery_counts(self) -> dict[DeliveryState, int]:
+        return self._counts("deliveries", DeliveryState)
+
+    def _listed(self, table: str, columns: str, study_uid: str | None, state: str | None) -> list[Any]:
+        """An outbox's rows (`deliveries` or `notifications`), of one study and/or in one state, oldest first."""
         where: list[str] = []
         params: list[Any] = []
         if study_uid is not None:
@@ -572,17 +583,17 @@ class SqlResultsStore(SqlFeedback, ResultsStore):
             params.append(study_uid)
         if state is not None:
             where.append("state = ?")
-            params.append(DeliveryState(state).value)
-        sql = (f"SELECT {DELIVERY_COLUMNS} FROM deliveries"
-               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id")
+            params.append(state)
+        sql = (f"SELECT {columns} FROM {table}" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id")
         with self._transaction(write=False) as tx:
-            return [_delivery(row) for row in tx.all(sql, params)]
+            return list(tx.all(sql, params))
 
-    def delivery_counts(self) -> dict[DeliveryState, int]:
+    def _counts(self, table: str, states: type[StateT]) -> dict[StateT, int]:
+        """How many rows of an outbox are in each state, every state present."""
         with self._transaction(write=False) as tx:
-            rows = tx.all("SELECT state, COUNT(*) AS n FROM deliveries GROUP BY state")
-        counts = dict.fromkeys(DeliveryState, 0)
-        counts.update({DeliveryState(row["state"]): int(row["n"]) for row in rows})
+            rows = tx.all(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
+        counts = dict.fromkeys(states, 0)
+        counts.update({states(row["state"]): int(row["n"]) for row in rows})
         return counts
 
     # --- notifications (notifications.py) -------------------------------------------------------------------
@@ -640,25 +651,12 @@ class SqlResultsStore(SqlFeedback, ResultsStore):
 
     def notifications(self, study_uid: str | None = None,
                       state: NotificationState | None = None) -> list[NotificationRecord]:
-        where: list[str] = []
-        params: list[Any] = []
-        if study_uid is not None:
-            where.append("study_uid = ?")
-            params.append(study_uid)
-        if state is not None:
-            where.append("state = ?")
-            params.append(NotificationState(state).value)
-        sql = (f"SELECT {NOTIFICATION_COLUMNS} FROM notifications"
-               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id")
-        with self._transaction(write=False) as tx:
-            return [_notification(row) for row in tx.all(sql, params)]
+        rows = self._listed("notifications", NOTIFICATION_COLUMNS, study_uid,
+                            None if state is None else NotificationState(state).value)
+        return [_notification(row) for row in rows]
 
     def notification_counts(self) -> dict[NotificationState, int]:
-        with self._transaction(write=False) as tx:
-            rows = tx.all("SELECT state, COUNT(*) AS n FROM notifications GROUP BY state")
-        counts = dict.fromkeys(NotificationState, 0)
-        counts.update({NotificationState(row["state"]): int(row["n"]) for row in rows})
-        return counts
+        return self._counts("notifications", NotificationState)
 
     def close(self) -> None:
         self._pool.close()
@@ -709,17 +707,23 @@ def _finding(row: Row) -> FindingRecord:
 
 def _updated_delivery(tx: Transaction, delivery_id: int, row: Row | None, conflict: str,
                       claimed: bool = False) -> DeliveryRecord:
-    """The delivery an `UPDATE ... WHERE id = ? AND state = ? RETURNING` gave; where it gave none, why:
+    return _delivery(_updated_row(tx, "deliveries", "delivery", delivery_id, row, conflict, claimed))
+
+
+def _updated_row(tx: Transaction, table: str, noun: str, row_id: int, row: Row | None, conflict: str,
+                 claimed: bool) -> Row:
+    """The outbox row an `UPDATE ... WHERE id = ? AND state = ? RETURNING` gave; where it gave none, why:
     NotFoundError for an unknown id, StoreError saying the claim ran out for a `claimed` attempt on a row
-    still pending, else StoreError saying `conflict` with the state it is in."""
+    still pending, else StoreError saying `conflict` with the state it is in. Both outboxes name their
+    pending state 'pending'."""
     if row is None:
-        existing = tx.one("SELECT state FROM deliveries WHERE id = ?", (delivery_id,))
+        existing = tx.one(f"SELECT state FROM {table} WHERE id = ?", (row_id,))
         if existing is None:
-            raise NotFoundError(f"no delivery with id {delivery_id}")
-        if claimed and existing["state"] == DeliveryState.PENDING.value:
-            raise StoreError(f"delivery {delivery_id} {CLAIMED_ANEW}")
-        raise StoreError(f"delivery {delivery_id} {conflict.format(state=existing['state'])}")
-    return _delivery(row)
+            raise NotFoundError(f"no {noun} with id {row_id}")
+        if claimed and existing["state"] == "pending":
+            raise StoreError(f"{noun} {row_id} {CLAIMED_ANEW}")
+        raise StoreError(f"{noun} {row_id} {conflict.format(state=existing['state'])}")
+    return row
 
 
 def _delivery(row: Row) -> DeliveryRecord:
@@ -749,15 +753,7 @@ def _attempt_sql(table: str, done: str, columns: str, claimed: bool) -> str:
 
 def _updated_notification(tx: Transaction, notification_id: int, row: Row | None,
                           conflict: str, claimed: bool = False) -> NotificationRecord:
-    """As `_updated_delivery`, for a notification."""
-    if row is None:
-        existing = tx.one("SELECT state FROM notifications WHERE id = ?", (notification_id,))
-        if existing is None:
-            raise NotFoundError(f"no notification with id {notification_id}")
-        if claimed and existing["state"] == NotificationState.PENDING.value:
-            raise StoreError(f"notification {notification_id} {CLAIMED_ANEW}")
-        raise StoreError(f"notification {notification_id} {conflict.format(state=existing['state'])}")
-    return _notification(row)
+    return _notification(_updated_row(tx, "notifications", "notification", notification_id, row, conflict, claimed))
 
 
 def _notification(row: Row) -> NotificationRecord:
