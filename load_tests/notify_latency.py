@@ -16,45 +16,24 @@ after the service's start), not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pydicom
 
+from load_tests.pacs_latency import api, percentile, send
 from tests.pacs.test_notifications import Ris
 from tests.servers import bento_server, free_port, wait_port
 from training.__main__ import main as training_main
 
 TOKEN = "notify-latency-" + "9c3d" * 8
-STORESCU = "/usr/bin/storescu"
 STUDY_UID_OBX = "|110180^Study Instance UID^DCM||"
-
-
-def api(base: str, path: str) -> dict:
-    request = urllib.request.Request(f"{base}{path}", headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
-
-
-def send(dicom_port: int, path: Path) -> None:
-    sent = subprocess.run([STORESCU, "-aet", "LOADTEST", "-aec", "PTXTRIAGE", "127.0.0.1", str(dicom_port), str(path)],
-                          check=False, capture_output=True, text=True, timeout=60)
-    if sent.returncode != 0:
-        raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
 
 
 def acked_studies(ris: Ris) -> dict[str, float]:
@@ -80,7 +59,7 @@ def measure(base: str, dicom_port: int, ris: Ris, films: list[Path], gap_s: floa
             time.sleep(0.02)
         if study not in acked:
             raise RuntimeError(f"no HL7 message for study …{study[-12:]} acknowledged within 60 s")
-        record = api(base, f"/v1/studies/{study}")
+        record = api(base, f"/v1/studies/{study}", TOKEN)
         received = datetime.fromisoformat(record["instances"][0]["received_at"]).timestamp()
         created = datetime.fromisoformat(record["findings"][0]["created_at"]).timestamp()
         results.append((acked[study] - received, created - received))

@@ -19,26 +19,23 @@ work from the page's. A slow command by design (about `films × (gap + 1 s)`), n
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from load_tests.pacs_latency import api, percentile, send
 from tests.browser.chromium import chromium, sign_in, wait_live
 from tests.servers import bento_server, free_port, wait_port
 from training.__main__ import main as training_main
 
 TOKEN = "worklist-live-" + "5e1f" * 8
-STORESCU = "/usr/bin/storescu"
 SHOT_FILMS = 8  # sent first, for the screenshots, when asked for (not measured)
 OBSERVER = """
 window.__seen = window.__seen || {};
@@ -52,28 +49,10 @@ note();
 """
 
 
-def api(base: str, path: str, method: str = "GET") -> dict:
-    request = urllib.request.Request(f"{base}{path}", method=method, headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
 def study_uid_of(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
-
-
-def send(dicom_port: int, path: Path) -> None:
-    sent = subprocess.run([STORESCU, "-aet", "LOADTEST", "-aec", "PTXTRIAGE", "127.0.0.1", str(dicom_port), str(path)],
-                          check=False, capture_output=True, text=True, timeout=60)
-    if sent.returncode != 0:
-        raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
 
 
 def screenshots(driver: WebDriver, base: str, dicom_port: int, films: list[Path], folder: Path) -> None:
@@ -84,7 +63,7 @@ def screenshots(driver: WebDriver, base: str, dicom_port: int, films: list[Path]
     studies = {study_uid_of(path) for path in films}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        items = api(base, "/v1/worklist?limit=100")["items"]
+        items = api(base, "/v1/worklist?limit=100", TOKEN)["items"]
         if sum(i["status"] == "triaged" for i in items) == len(studies):
             break
         time.sleep(0.5)
@@ -97,7 +76,7 @@ def screenshots(driver: WebDriver, base: str, dicom_port: int, films: list[Path]
     time.sleep(1.0)
     driver.save_screenshot(str(folder / "study.png"))
     for item in items:
-        api(base, f"/v1/studies/{item['study_uid']}/ack?by=load-test&priority={item['priority']}", method="POST")
+        api(base, f"/v1/studies/{item['study_uid']}/ack?by=load-test&priority={item['priority']}", TOKEN, method="POST")
 
 
 def measure(base: str, dicom_port: int, films: list[Path], gap_s: float, work: Path,
@@ -122,12 +101,12 @@ def measure(base: str, dicom_port: int, films: list[Path], gap_s: float, work: P
                     time.sleep(0.02)
             if seen_ms is None:
                 raise RuntimeError(f"study …{study[-12:]} never appeared on the page within 30 s")
-            record = api(base, f"/v1/studies/{study}")
+            record = api(base, f"/v1/studies/{study}", TOKEN)
             received = datetime.fromisoformat(record["instances"][0]["received_at"]).timestamp()
             created = datetime.fromisoformat(record["findings"][0]["created_at"]).timestamp()
             seen_after.append(seen_ms / 1000 - received)
             triage_after.append(created - received)
-            api(base, f"/v1/studies/{study}/ack?by=load-test&priority={record['priority']}", method="POST")
+            api(base, f"/v1/studies/{study}/ack?by=load-test&priority={record['priority']}", TOKEN, method="POST")
             time.sleep(gap_s * random.uniform(0.5, 1.5))  # no fixed phase against the page's poll
     return seen_after, triage_after
 
