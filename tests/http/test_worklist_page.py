@@ -503,3 +503,24 @@ def test_a_sigterm_ends_open_streams_and_reaches_the_previous_handler(room) -> N
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert chunks == [b"retry: 1000\n\n"] and seen == [signal.SIGTERM] and hub.open_streams == 0
+
+
+def test_the_study_view_lists_its_notifications_and_their_states(room) -> None:
+    """Issue 14 §1: the study view shows the pushed notifications (channel, priority, state, attempts, error),
+    never what the message said."""
+    from service.store import NotificationChannel, utc_now
+
+    client = room.client
+    sign_in(client)
+    assert "Nothing pushed" in client.get("/worklist/studies/1.2.2").text
+    payload = '{"sop_uid": "1.2.2.1", "text": "SECRET-PAYLOAD"}'
+    sent = room.store.add_notification("1.2.2", NotificationChannel.HL7, Priority.STAT, payload)
+    failing = room.store.add_notification("1.2.2", NotificationChannel.WEBHOOK, Priority.STAT, payload,
+                                          max_attempts=3)
+    room.store.notification_attempt(sent, ok=True)
+    room.store.notification_attempt(failing, ok=False, error="HTTP 503 Service Unavailable", next_attempt_at=utc_now())
+    view = client.get("/worklist/studies/1.2.2").text
+    section = view[view.index('id="notifications-h"'):view.index('id="instances-h"')]
+    assert "<td>HL7</td>" in section and "<td>Sent</td>" in section
+    assert "<td>Webhook</td>" in section and "<td>Pending</td>" in section and "1 of 3" in section
+    assert "HTTP 503 Service Unavailable" in section and "SECRET-PAYLOAD" not in view

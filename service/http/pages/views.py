@@ -198,6 +198,7 @@ def _study_view(service: Any, study_uid: str) -> dict[str, Any] | None:
     if study is None:
         return None
     deliveries = service.store.deliveries(study_uid=study_uid)
+    notifications = service.store.notifications(study_uid=study_uid)  # states only: the payload is not shown
     has_overlay = _has_overlay(service.results, study_uid)
     findings = []
     for record in sorted(study.findings, key=lambda f: (f.priority.rank, -f.score)):
@@ -211,7 +212,7 @@ def _study_view(service: Any, study_uid: str) -> dict[str, Any] | None:
     best = priority_finding(study.findings)
     given = service.store.feedback(study_uid=study_uid)
     current = verdicts.current_by_reader(given)
-    return {"study": study, "row": row, "findings": findings, "deliveries": deliveries,
+    return {"study": study, "row": row, "findings": findings, "deliveries": deliveries, "notifications": notifications,
             "seen": "none" if study.priority is None else study.priority.value,
             "main_sop": None if best is None else best.sop_uid, "verdicts": current,
             "history": len(given) - len(current), "verdict_choices": list(Verdict),
