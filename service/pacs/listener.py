@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import logging
 import os
 import signal
@@ -106,6 +105,7 @@ from service.store import (
     InstanceStatus,
     ReceivedInstance,
     ResultsStore,
+    file_dataset_sha256,
     utc_now,
 )
 
@@ -113,7 +113,7 @@ log = logging.getLogger("ptx.dicom")
 
 DEFAULT_AE_TITLE = "PTXTRIAGE"
 DEFAULT_MAX_PDU = 256 * 1024  # bytes; larger PDUs mean fewer round trips for multi-megabyte films
-DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024  # bytes of one C-STORE dataset, as PTX_MAX_FILE_BYTES for HTTP uploads
+DEFAULT_MAX_MESSAGE = 96 * 1024 * 1024  # bytes of one C-STORE dataset: PTX_MAX_FILE_BYTES's default
 
 STORAGE_SOP_CLASSES: tuple[UID, ...] = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE)
 CANDIDATE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
@@ -157,29 +157,6 @@ def decodable_transfer_syntaxes(candidates: Iterable[UID] = CANDIDATE_TRANSFER_S
         else:
             log.warning("not offering %s (%s): no pixel decoder installed", syntax.name, syntax)
     return usable
-
-
-_META_HEAD = 128 + 4 + 12  # preamble, "DICM", then (0002,0000) UL 4 <length>, always first in a Part 10 file
-
-
-def _dataset_offset(head: bytes) -> int:
-    """Where the dataset starts in a Part 10 file (as pynetdicom and the spool write it), from its first
-    `_META_HEAD` bytes: past the file meta group, whose length its first element gives."""
-    if len(head) < _META_HEAD or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
-        raise ValueError("not a Part 10 file with a file meta group length")
-    return _META_HEAD + int.from_bytes(head[140:144], "little")
-
-
-def _file_sha256(path: Path) -> str:
-    """SHA-256 of the dataset in a received or spooled Part 10 file, in 1 MiB reads, the file meta group
-    skipped (it is ours and names the sender, so one film from two senders would otherwise differ);
-    FileNotFoundError when the file is gone."""
-    with path.open("rb") as handle:
-        handle.seek(_dataset_offset(handle.read(_META_HEAD)))
-        digest = hashlib.sha256()
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _receive_into(folder: Path) -> None:
@@ -453,7 +430,7 @@ class DicomListener:
             log.warning("C-STORE from %s refused (0x%04X): %s", calling_ae, CANNOT_UNDERSTAND, exc)
             return _status(CANNOT_UNDERSTAND, str(exc)), REFUSED
         try:
-            digest = _file_sha256(received)
+            digest = file_dataset_sha256(received)
             known = self._known(keys)
             if known is not None:
                 return self._repeat(known, keys, digest, calling_ae)
@@ -467,7 +444,7 @@ class DicomListener:
                 if known is not None:
                     return self._repeat(known, keys, digest, calling_ae)
                 path = self.spool.path(sop_uid)
-                if _file_sha256(path) != digest:
+                if file_dataset_sha256(path) != digest:
                     return self._conflict(keys, calling_ae, "other content")
                 wrote = False  # the same bytes are on disk already: record them
             received = ReceivedInstance(sop_uid=keys.sop_uid, study_uid=keys.study_uid, series_uid=keys.series_uid,
@@ -518,7 +495,7 @@ class DicomListener:
         expected = known.sha256
         if expected is None:
             try:
-                expected = _file_sha256(self.spool.path(keys.sop_uid))
+                expected = file_dataset_sha256(self.spool.path(keys.sop_uid))
             except FileNotFoundError:
                 expected = None
         if expected is not None and expected != digest:

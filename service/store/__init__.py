@@ -34,10 +34,10 @@ from service.store.base import (
     StudyRecord,
     StudyStatus,
     WorklistItem,
-    dataset_sha256,
     utc_now,
 )
 from service.store.claims import DEFAULT_LEASE_S, Claim
+from service.store.digests import dataset_sha256, file_dataset_sha256
 from service.store.feedback import FeedbackRecord, Verdict
 from service.store.migrations import LATEST_VERSION
 from service.store.notifications import (
@@ -90,5 +90,5 @@ __all__ = [
     "SPOOL_MISSING", "Claim", "DeliveryKind", "DeliveryRecord", "DeliveryState", "FeedbackRecord", "FindingRecord",
     "InstanceRecord", "InstanceStatus", "NotFoundError", "NotificationChannel", "NotificationRecord",
     "NotificationState", "ReceivedInstance", "ResultsStore", "SchemaTooNewError", "StoreError", "StudyRecord",
-    "StudyStatus", "Verdict", "WorklistItem", "dataset_sha256", "dialect_for", "open_store",
+    "StudyStatus", "Verdict", "WorklistItem", "dataset_sha256", "dialect_for", "file_dataset_sha256", "open_store",
 ]

@@ -26,8 +26,6 @@ All timestamps are timezone-aware UTC; a naive datetime is refused rather than g
 
 from __future__ import annotations
 
-import hashlib
-import io
 from abc import abstractmethod
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -35,8 +33,6 @@ from datetime import UTC, datetime
 from enum import Enum
 from types import TracebackType
 from typing import Any, Self
-
-from pydicom.filereader import data_element_generator, read_preamble
 
 from service.cascade.finding import Finding, Priority
 from service.errors import ServiceError
@@ -121,25 +117,6 @@ def read_timestamp(value: datetime | str | None) -> datetime | None:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
     return require_utc(value, "stored timestamp")
-
-
-def dataset_sha256(data: bytes) -> str:
-    """SHA-256 (hex) of the data set in DICOM bytes, without the preamble and file meta group: what
-    `ReceivedInstance.sha256` holds, so that one film sent by two senders, or over C-STORE and over HTTP,
-    has one digest (the file meta group names the sender and is rewritten on receipt; the data set is what
-    the sender encoded). Bytes without a preamble are hashed from their first element of another group."""
-    return hashlib.sha256(memoryview(data)[_dataset_offset(data):]).hexdigest()
-
-
-def _dataset_offset(data: bytes) -> int:
-    """Where the data set starts: the file meta group walked with pydicom (its group length may be absent)."""
-    stream = io.BytesIO(data)
-    read_preamble(stream, force=True)  # past "DICM", or back at 0 when there is no preamble
-    if stream.tell() == 0 and data[:2] != b"\x02\x00":
-        return 0  # no file meta group at all: a bare data set
-    for _ in data_element_generator(stream, False, True, stop_when=lambda tag, vr, length: tag.group != 2):
-        pass  # the generator stops before, and rewinds to, the first element after group 0002
-    return stream.tell()
 
 
 def _require_uid(value: str, name: str) -> None:

@@ -15,11 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore
 
-from service.pacs.listener import _META_HEAD, CONFLICT, DUPLICATE, RECEIVED, UID_CONFLICT, _dataset_offset
+from service.pacs.listener import CONFLICT, DUPLICATE, RECEIVED, UID_CONFLICT
 from tests.pacs.test_dicom_listener import SENTINELS, receiver, scu, small_film
 
 
@@ -102,7 +106,9 @@ def test_an_identical_repeat_is_a_success_with_one_record(tmp_path: Path, outcom
         assert spooled.stat().st_mtime_ns == written
         instances = rx.instances()
         assert list(instances) == [film.SOPInstanceUID] and instances[film.SOPInstanceUID].source == "dicom:SENDER"
-        dataset_bytes = rx.spool.read(film.SOPInstanceUID)[_dataset_offset(spooled.read_bytes()[:_META_HEAD]):]
+        stored = rx.spool.read(film.SOPInstanceUID)
+        # the data set after the file meta group: preamble, "DICM", (0002,0000) UL 4 <its length>, then the group
+        dataset_bytes = stored[128 + 4 + 12 + int.from_bytes(stored[140:144], "little"):]
         assert instances[film.SOPInstanceUID].sha256 == hashlib.sha256(dataset_bytes).hexdigest()  # kept at receipt
         assert rx.received == [film.SOPInstanceUID]
     assert outcomes == [RECEIVED, DUPLICATE, DUPLICATE, DUPLICATE]
