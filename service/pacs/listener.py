@@ -36,10 +36,11 @@ Datasets are received to disk, not memory: pynetdicom's `_config.STORE_RECV_CHUN
 C-STORE dataset to a temporary Part 10 file as its PDUs arrive (in the spool's `receiving` folder: see
 `_receive_into`), and the handler reads three tags and the SHA-256 from that file and links it into the spool
 (no copy; a copy in 1 MiB pieces only if the file came from another file system). Ten concurrent 60 MB
-C-STOREs then need a few MB of memory, not a gigabyte (tests/pacs/test_cstore_memory.py). The flag is module-global and `start` sets
-it for the whole process; that is acceptable because this listener is the process's only C-STORE SCP (our
-delivery side sends, which the flag does not touch), and a handler elsewhere that reads `event.dataset`
-still works (pynetdicom reads it from the file); only `event.encoded_dataset()` would not.
+C-STOREs then need a few MB of memory, not a gigabyte (tests/pacs/test_cstore_memory.py). The flag is
+module-global and `start` sets it for the whole process; that is acceptable because this listener is the
+process's only C-STORE SCP (our delivery side sends, which the flag does not touch), and a handler elsewhere
+that reads `event.dataset` still works (pynetdicom reads it from the file); only `event.encoded_dataset()`
+would not.
 
 Slow or stalled peers cannot hold association slots (service/pacs/connection_guard.py: read deadlines from
 PTX_DICOM_ACSE_TIMEOUT_S and PTX_DICOM_NETWORK_TIMEOUT_S, TCP keepalive, the allowlist's addresses at
