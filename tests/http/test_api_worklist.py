@@ -100,25 +100,12 @@ def test_study_finding_and_review(fed):
 def api_on_store(tmp_path, monkeypatch):
     """The worklist API's router on a real SQLite store, the edge around it stubbed (these tests are about
     how store outcomes map to answers; the real service runs the retries elsewhere): (client, store)."""
-    import asyncio
-    import types
-
-    from fastapi import FastAPI
-    from starlette.testclient import TestClient
-
-    from service.http import worklist as api_worklist
     from service.store import open_store
     from service.store.results_files import ResultsFolder
-
-    async def in_thread(function, *args):
-        return await asyncio.to_thread(function, *args)
+    from tests.http.worklist_router import router_client
 
     with open_store(None, tmp_path) as store:
-        monkeypatch.setattr(api_worklist, "_service", lambda: types.SimpleNamespace(
-            store=store, in_thread=in_thread, results=ResultsFolder(tmp_path / "results")))
-        app = FastAPI()
-        app.include_router(api_worklist.router, prefix="/v1")
-        yield TestClient(app), store
+        yield router_client(monkeypatch, store, ResultsFolder(tmp_path / "results")), store
 
 
 def test_retrying_a_delivery_answers_its_state_or_names_the_conflict(api_on_store):

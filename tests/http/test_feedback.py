@@ -7,20 +7,16 @@ tests/test_observability.py has Prometheus scrape its count.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
 from service.cascade.finding import Priority
-from service.http import worklist as api_worklist
 from service.http.pages import verdicts
 from service.store import (
     FeedbackRecord,
@@ -31,6 +27,7 @@ from service.store import (
     utc_now,
 )
 from service.store.results_files import ResultsFolder
+from tests.http.worklist_router import router_client
 
 MODELS = {"classifier": {"name": "ptx-classifier-demo", "version": "0.1.0", "backend": "onnxruntime-cpu"}}
 
@@ -51,17 +48,11 @@ def counted(priority: str, verdict: str) -> float:
 
 @pytest.fixture
 def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient, ResultsStore]]:
-    async def in_thread(function, *args):
-        return await asyncio.to_thread(function, *args)
-
     with open_store(None, tmp_path) as store:
-        monkeypatch.setattr(api_worklist, "_service", lambda: types.SimpleNamespace(
-            store=store, in_thread=in_thread, results=ResultsFolder(tmp_path / "results")))
-        app = FastAPI()
-        app.include_router(api_worklist.router, prefix="/v1")
+        client = router_client(monkeypatch, store, ResultsFolder(tmp_path / "results"))
         receive(store, "1.2.3", "1.2.3.1")
         found(store, "1.2.3.1", Priority.URGENT, 0.7)
-        yield TestClient(app), store
+        yield client, store
 
 
 def test_a_verdict_goes_with_the_ack_is_counted_once_and_never_covers_a_raised_priority(api) -> None:

@@ -195,21 +195,9 @@ def study_answer(monkeypatch: pytest.MonkeyPatch, store: ResultsStore, results: 
                  study_uid: str) -> dict:
     """GET /v1/studies/{study_uid} from the worklist API's own router on this store (as
     tests/http/test_api_worklist.py's `api_on_store` serves it)."""
-    import types
+    from tests.http.worklist_router import router_client
 
-    from fastapi import FastAPI
-    from starlette.testclient import TestClient
-
-    from service.http import worklist as api_worklist
-
-    async def in_thread(function: Callable[..., object], *args: object) -> object:
-        return await asyncio.to_thread(function, *args)
-
-    monkeypatch.setattr(api_worklist, "_service", lambda: types.SimpleNamespace(
-        store=store, in_thread=in_thread, results=results))
-    app = FastAPI()
-    app.include_router(api_worklist.router, prefix="/v1")
-    answer = TestClient(app).get(f"/v1/studies/{study_uid}")
+    answer = router_client(monkeypatch, store, results).get(f"/v1/studies/{study_uid}")
     assert answer.status_code == 200, answer.text
     return answer.json()
 
