@@ -59,6 +59,7 @@ class Metrics:
     reader_feedback: Any  # Counter{priority, verdict}: readers' verdicts on our findings (agree, disagree, uncertain)
     decode_fallbacks: Any  # Counter{reason}: reduced-resolution decodes that fell back to a full decode
     notifications: Any  # Counter{channel, outcome}: pushed notification attempts (hl7, webhook; ok, failed, given_up)
+    remote_triage: Any  # Counter{outcome}: the intake's triage calls over HTTP (ok, busy, rejected, failed)
 
 
 @functools.cache
@@ -116,6 +117,8 @@ def metrics() -> Metrics:
                                  "full decode, by reason", ["reason"]),
         notifications=Counter("ptx_notifications", "Pushed notification attempts by channel and outcome",
                               ["channel", "outcome"]),
+        remote_triage=Counter("ptx_remote_triage", "The intake's triage calls to PTX_TRIAGE_URL, by outcome "
+                              "(busy: a 503 waited out, not a failure)", ["outcome"]),
         outputs_pending=Gauge("ptx_outputs_pending", "Findings whose SEG/SR/SC are not written yet (retried)",
                               multiprocess_mode="livemax"),
     )

@@ -117,6 +117,15 @@ class Settings(BaseSettings):
     notify_hl7_patient_ids: bool = False  # PID-3/PID-5 from the film in the HL7 message (only there, never logged)
     notify_webhook: str = ""  # http(s)://... receiving a signed JSON POST; empty: none
     notify_webhook_secret: SecretStr | None = None  # HMAC-SHA256 key for X-PTX-Signature; required with a webhook
+    # Beyond one machine (issue 17). A listener owns its spool and its instances: recovery, retention and the
+    # outputs retries touch only rows with its name (a StatefulSet pod's name is a good one).
+    listener_name: str = Field(default="listener", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    triage_url: str | None = None  # http(s)://host:port of the triage replicas; None: triage in this process
+    triage_token: SecretStr | None = None  # bearer token sent to triage_url (its PTX_API_TOKEN)
+    triage_timeout_s: float = Field(default=120.0, gt=0)  # one film's triage over HTTP, body to answer
+    # Result objects (SEG/SR/SC/overlay PNG) also kept in the database, so any replica serves them (issue 17 §4).
+    results_in_database: bool = False
+    results_database_max_bytes: int = Field(default=16 * 1024 * 1024, ge=0)  # larger objects stay in files only
 
     @field_validator("dicom_allowed_aes")
     @classmethod

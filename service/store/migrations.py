@@ -1,10 +1,10 @@
 """The schema, as numbered migrations shared by SQLite and PostgreSQL.
 
 A migration is a list of statements, applied in one transaction and recorded in `schema_migrations`; a
-released migration is never edited, only followed by a new one. The text is common SQL; the two types the
+released migration is never edited, only followed by a new one. The text is common SQL; the three types the
 dialects spell differently are written `{timestamp}` (TEXT holding ISO 8601 UTC in SQLite, TIMESTAMPTZ in
-PostgreSQL) and `{id_pk}` (an auto-numbered primary key). JSON is kept as TEXT in both: the store is the
-only reader that needs its structure.
+PostgreSQL), `{id_pk}` (an auto-numbered primary key) and `{blob}` (BLOB, BYTEA). JSON is kept as TEXT in both: the
+store is the only reader that needs its structure.
 """
 
 from __future__ import annotations
@@ -157,6 +157,28 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "deliveries.claim, notifications.claim: the dispatcher's lease token", (
         "ALTER TABLE deliveries ADD COLUMN claim TEXT",
         "ALTER TABLE notifications ADD COLUMN claim TEXT",
+    )),
+    # Issue 17 §1: several listeners on one store. Each instance received over DICOM names the listener that
+    # holds its spool file; recovery, retention and outputs retries touch only their own. NULL: received over
+    # HTTP, or before this migration (then the listener named by the default setting adopts it).
+    Migration(7, "instances.listener: the DICOM listener that owns the instance's spool file", (
+        "ALTER TABLE instances ADD COLUMN listener TEXT",
+        "CREATE INDEX instances_listener ON instances (listener, status)",
+    )),
+    # Issue 17 §4: result objects readable from any replica. A copy of each result file (SEG, SR, SC, overlay
+    # PNG) up to PTX_RESULTS_DATABASE_MAX_BYTES; the local folder stays the writer's copy and the default.
+    Migration(8, "result_objects: result files kept in the database", (
+        """
+        CREATE TABLE result_objects (
+            study_uid TEXT NOT NULL,
+            sop_uid TEXT NOT NULL,
+            name TEXT NOT NULL,
+            data {blob} NOT NULL,
+            size INTEGER NOT NULL,
+            created_at {timestamp} NOT NULL,
+            PRIMARY KEY (study_uid, sop_uid, name)
+        )""",
+        "CREATE INDEX result_objects_created ON result_objects (created_at)",
     )),
 )
 

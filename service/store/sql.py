@@ -73,7 +73,7 @@ class Connection(Protocol):
 class Dialect(ABC):
     """Everything that differs between the databases, in one place."""
 
-    types: Mapping[str, str]  # fills the migrations' {timestamp} and {id_pk}
+    types: Mapping[str, str]  # fills the migrations' {timestamp}, {id_pk} and {blob}
     begin_write = "BEGIN"
     begin_read = "BEGIN"
     migration_lock: str | None = None  # taken first in the migration transaction, where BEGIN alone is not enough

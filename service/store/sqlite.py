@@ -21,7 +21,7 @@ from service.store.sql import Connection, Dialect
 
 
 class SqliteDialect(Dialect):
-    types: ClassVar[Mapping[str, str]] = {"timestamp": "TEXT", "id_pk": "INTEGER PRIMARY KEY"}
+    types: ClassVar[Mapping[str, str]] = {"timestamp": "TEXT", "id_pk": "INTEGER PRIMARY KEY", "blob": "BLOB"}
     begin_write = "BEGIN IMMEDIATE"
 
     def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:

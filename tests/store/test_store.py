@@ -517,7 +517,11 @@ def test_a_version_5_database_gains_the_claim_columns_with_its_rows_kept(databas
 
 
 def back_to_version_5(database: Database) -> None:
-    """Undo migration 6 (the outboxes' claim columns) as a database from before it would be."""
+    """Undo migrations 6-8 (the outboxes' claim columns, instances.listener, result_objects) as a database from
+    before them would be."""
+    database.query("DROP TABLE result_objects")
+    database.query("DROP INDEX instances_listener")
+    database.query("ALTER TABLE instances DROP COLUMN listener")
     database.query("ALTER TABLE deliveries DROP COLUMN claim")
     database.query("ALTER TABLE notifications DROP COLUMN claim")
     database.query("DELETE FROM schema_migrations WHERE version > 5")
