@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     triage_token: SecretStr | None = None  # bearer token sent to triage_url (its PTX_API_TOKEN)
     triage_timeout_s: float = Field(default=120.0, gt=0)  # one film's triage over HTTP, body to answer
     # Result objects (SEG/SR/SC/overlay PNG) also kept in the database, so any replica serves them (issue 17 §4).
-    results_in_database: bool = False
+    results_in_database: bool | None = None  # None: yes with PostgreSQL (replicas share it), no with SQLite
     results_database_max_bytes: int = Field(default=16 * 1024 * 1024, ge=0)  # larger objects stay in files only
 
     @field_validator("dicom_allowed_aes")
