@@ -30,7 +30,7 @@ from service.models.manifest import ManifestError
 from service.models.model_set import ModelSet, resolve
 from service.models.runner import ModelRunner, observed_by
 from service.models.worker_client import ModelClient
-from service.pacs import notify
+from service.pacs import notify, remote_triage
 from service.pacs.side import Pacs
 from service.settings import load_settings
 from service.store import open_store
@@ -47,8 +47,9 @@ try:
     exposure.guard(SETTINGS, AUTH)  # not loopback and no token: refused unless PTX_ALLOW_ANONYMOUS
     viewer.check_template(SETTINGS.viewer_url)  # PTX_VIEWER_URL: {study_uid} in an http(s) URL (http/pages/viewer.py)
     notify.check_settings(SETTINGS)  # PTX_NOTIFY_*: e.g. a webhook without its secret (service/pacs/notify)
+    remote_triage.check_settings(SETTINGS)  # PTX_TRIAGE_URL: http(s)://host[:port] (service/pacs/remote_triage.py)
 except (ManifestError, auth.TokenError, exposure.ExposureError, viewer.ViewerUrlError,
-        notify.NotifySettingsError) as exc:  # each names its setting, never a token
+        notify.NotifySettingsError, remote_triage.TriageUrlError) as exc:  # each names its setting, never a token
     raise SystemExit(f"ptx-triage cannot start: {exc}") from None
 DRAIN = drain.Drain(SETTINGS.drain_timeout_s, SETTINGS.retry_after_s)  # this edge worker's SIGTERM drain
 BATCHING = batching.api_options(SETTINGS)  # greedy dispatch where PTX_GREEDY_BATCHING (service/models/batching.py)
@@ -103,7 +104,7 @@ class Triage:
             shared_pool(SETTINGS.decode_timeout_s, SETTINGS.decode_memory_mb, SETTINGS.decode_threads,
                         decode_here).prestart()
         self.store = open_store(SETTINGS.database_url, SETTINGS.data_dir)  # migrates; SQLite by default
-        self.results = ResultsFolder(SETTINGS.data_dir / "results")
+        self.results = ResultsFolder.from_settings(SETTINGS, self.store)
         self.in_thread = self.cascade.in_thread  # the worklist API's CPU and store work, same bound
         self.private = deidentify.answer_filter(deidentify.from_settings(SETTINGS))  # what answers carry of UIDs
         DRAIN.install(lambda: self.cascade.in_flight, self.cascade.stop_admitting)  # SIGTERM: drain first

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 from service.cascade.finding import Finding
 from service.cascade.served import count_rejection
 from service.http import bodies
-from service.http.answers import as_service_error, error_answer
+from service.http.answers import ApiError, as_service_error, error_answer
 from service.http.recording import record_http
 from service.http.schemas import (
     BATCH_BODY,
@@ -41,6 +41,9 @@ http.include_router(worklist_router)
 
 MASK_QUERY = Query(None, description="mask in the answer: png (base64 PNG + RLE), rle (RLE only) or none; "
                                       "default from PTX_MASK_DEFAULT (png)")
+RECORD_QUERY = Query(None, description="put the film on the worklist: default PTX_RECORD_HTTP; false for a caller "
+                                       "that records it itself (a DICOM listener's intake, PTX_TRIAGE_URL); true "
+                                       "only where PTX_RECORD_HTTP is on")
 
 
 def _edge() -> Any:
@@ -66,20 +69,34 @@ async def inspect(request: Request) -> JSONResponse:
 
 @http.post("/triage", response_model=TriageOut, openapi_extra={"requestBody": DICOM_BODY}, responses=ERRORS,
            summary="Triage one chest radiograph")
-async def triage(request: Request, mask: str | None = MASK_QUERY) -> JSONResponse:
+async def triage(request: Request, mask: str | None = MASK_QUERY, record: bool | None = RECORD_QUERY) -> JSONResponse:
     """Body: one DICOM file (application/dicom), a PNG, or a multipart `file` field. Answer: triage score,
-    label at the operating point, priority, mask, SIIM RLE, instances with boxes in px and mm, timings."""
+    label at the operating point, priority, mask, SIIM RLE, instances with boxes in px and mm, timings.
+
+    `record` (default PTX_RECORD_HTTP) puts the film on the worklist. A listener that triages over HTTP
+    (PTX_TRIAGE_URL) sends `record=false`: it records the film itself, with its listener and spool file, and a
+    replica recording HTTP films must not record it a second time. It can only turn recording off: `true` on a
+    replica without PTX_RECORD_HTTP is a 400 (an operator chose not to put HTTP films on this worklist)."""
     edge = _edge()
     try:
         mask_format = bodies.mask_format(mask, edge.settings)
+        recording = _recording(record, edge.settings.record_http)
         with edge.cascade.admitted():
             (_, payload), = await bodies.payloads(request, edge.settings, many=False)
             finding = await edge.cascade.triage(payload, admit=False)
-        if edge.settings.record_http:
+        if recording:
             await edge.cascade.in_thread(record_http, edge.store, finding, payload)  # 409 on a reused SOP UID
     except Exception as exc:  # noqa: BLE001 -- a bug must not take the service down or leak a traceback
         return error_answer(as_service_error(exc, "triage", "the film could not be triaged (internal error, logged)"))
     return JSONResponse(edge.private(finding.to_json(mask_format)))
+
+
+def _recording(record: bool | None, record_http: bool) -> bool:
+    """Whether to record this film: PTX_RECORD_HTTP unless the query turns it off; ApiError for turning it on."""
+    if record and not record_http:
+        raise ApiError(400, "invalid_parameter", "record=true needs PTX_RECORD_HTTP on this service; leave record "
+                                                 "out or set it to false")
+    return record_http if record is None else record
 
 
 @http.post("/triage/batch", response_model=BatchOut, openapi_extra={"requestBody": BATCH_BODY}, responses=ERRORS,

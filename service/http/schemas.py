@@ -48,7 +48,7 @@ class _Out(BaseModel):
 class ErrorDetail(_Out):
     code: str = Field(description="stable machine code, e.g. not_dicom, too_large, not_chest, multi_frame, colour, "
                                   "corrupt_pixel_data, degenerate_image, unsupported_media_type, invalid_parameter, "
-                                  "sop_uid_conflict, overloaded, shutting_down")
+                                  "sop_uid_conflict, overloaded, shutting_down, not_found, not_on_this_replica")
     message: str = Field(description="what was wrong: which tag or which limit (never patient data)")
 
 

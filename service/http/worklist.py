@@ -11,7 +11,9 @@
     GET  /v1/results/{study_uid}/{sop_uid}/{name}                 SEG.dcm, SR.dcm, SC.dcm, overlay.png
 
 Reads go to the results store (`service.store`) and the results folder (`service.store.results_files`), both
-owned by the service instance; nothing here decides priorities (the store upgrades only).
+owned by the service instance; nothing here decides priorities (the store upgrades only). A result object
+made by another replica is read from the database's copy (PTX_RESULTS_IN_DATABASE), so a study's links work
+whichever replica answers.
 
 Who gives a verdict: an API token carries a role, not a person, so `by` names the reader and is required with
 a verdict (one current verdict per reader and study); the pages take the signed-in login instead. The export
@@ -22,7 +24,7 @@ what a read-only token is for (it can acknowledge nothing and give no verdict).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path as FilePath
 from typing import Any
@@ -49,7 +51,7 @@ from service.store.base import (
     WorklistItem,
 )
 from service.store.feedback import MAX_EXPORT, Verdict, check_reader
-from service.store.results_files import RESULT_FILES, ResultsFolder
+from service.store.results_files import RESULT_FILES, NotShared, ResultsFolder
 
 router = APIRouter()
 MAX_PAGE = 500
@@ -95,9 +97,15 @@ def _viewer_url(service: Any) -> str | None:
     return None if settings is None else settings.viewer_url
 
 
-def _finding(record: FindingRecord, results: ResultsFolder, study_uid: str) -> dict[str, Any]:
+def _present(results: ResultsFolder, study_uid: str, findings: Iterable[FindingRecord]) -> dict[str, list[str]]:
+    """Each finding's result objects, here or in the database (blocking: run it in a thread)."""
+    return {f.sop_uid: results.present(study_uid, f.sop_uid) for f in findings}
+
+
+def _finding(record: FindingRecord, present: list[str], study_uid: str) -> dict[str, Any]:
+    """A finding as the API shows it; `present`: its result objects, linked (any replica serves them)."""
     links = {"finding": f"/v1/findings/{record.sop_uid}"}
-    for name in results.present(study_uid, record.sop_uid):
+    for name in present:
         links[RESULT_FILES[name]] = f"/v1/results/{study_uid}/{record.sop_uid}/{name}"
     return {"sop_uid": record.sop_uid, "score": record.score, "label": record.label,
             "priority": record.priority.value, "threshold": record.threshold, "instances": record.instances,
@@ -155,16 +163,16 @@ async def study(study_uid: str) -> Response:
     record = await service.in_thread(service.store.study, study_uid)
     if record is None:
         return error("not_found", f"no study {study_uid} on the worklist", 404)
-    store = service.store
-    deliveries, notifications, feedback = await service.in_thread(lambda: (
+    store, results = service.store, service.results
+    deliveries, notifications, feedback, present = await service.in_thread(lambda: (
         store.deliveries(study_uid=study_uid), store.notifications(study_uid=study_uid),
-        store.feedback(study_uid=study_uid)))  # one trip to a thread for the three reads
+        store.feedback(study_uid=study_uid), _present(results, study_uid, record.findings)))  # one trip, four reads
     body = _item(record, _viewer_url(service))
     body["instances"] = [{"sop_uid": i.sop_uid, "series_uid": i.series_uid, "status": i.status.value,
                           "error_code": i.error_code, "source": i.source, "received_at": _iso(i.received_at),
                           "outputs_attempts": i.outputs_attempts, "outputs_due_at": _iso(i.outputs_due_at)}
                          for i in record.instances]
-    body["findings"] = [_finding(f, service.results, study_uid) for f in record.findings]
+    body["findings"] = [_finding(f, present[f.sop_uid], study_uid) for f in record.findings]
     body["deliveries"] = [_delivery(d) for d in deliveries]
     body["notifications"] = [_notification(n) for n in notifications]
     body["feedback"] = [verdicts.as_json(f) for f in feedback]  # history included: `superseded_at` set
@@ -299,7 +307,9 @@ async def retry_instance(sop_uid: str) -> Response:
     record = await _retried(lambda: service.store.retry_instance(sop_uid), f"no instance {sop_uid} was received")
     if isinstance(record, Response):
         return record
-    if record.spool_path is None or not await service.in_thread(FilePath(record.spool_path).exists):
+    # Another listener's file is not on this replica: its own intake fails a truly missing one (issue 17 §1).
+    if record.spool_path is None or (record.listener in (None, service.settings.listener_name)
+                                     and not await service.in_thread(FilePath(record.spool_path).exists)):
         await service.in_thread(lambda: service.store.mark_instance(sop_uid, InstanceStatus.FAILED, SPOOL_MISSING))
         return error("conflict", f"instance {sop_uid}: its spooled bytes are gone (retention, PTX_RETENTION_DAYS, "
                                  "or removed by hand); send it again from the PACS", 409)
@@ -346,7 +356,8 @@ async def finding(sop_uid: str) -> Response:
     if found is None:
         return error("not_found", f"no finding for instance {sop_uid}", 404)
     study_uid, record = found
-    body = _finding(record, service.results, study_uid)
+    present = await service.in_thread(_present, service.results, study_uid, [record])
+    body = _finding(record, present[record.sop_uid], study_uid)
     body["rle"] = record.rle
     body["study_uid"] = study_uid
     return JSONResponse(body)
@@ -354,11 +365,21 @@ async def finding(sop_uid: str) -> Response:
 
 @router.get("/results/{study_uid}/{sop_uid}/{name}", summary="A result object: SEG.dcm, SR.dcm, SC.dcm or overlay.png")
 async def result_file(study_uid: str, sop_uid: str, name: str) -> Response:
+    """This replica's file, else the database's copy (another replica made it: PTX_RESULTS_IN_DATABASE).
+    404 `not_on_this_replica` for an object too large for the database that another replica made."""
+    service = _service()
+    results: ResultsFolder = service.results
     try:
-        path = _service().results.path(study_uid, sop_uid, name)
+        path = results.path(study_uid, sop_uid, name)
     except ValueError as exc:
         return error("invalid_parameter", str(exc), 400)
-    if not path.is_file():
-        return error("not_found", f"no {name} for instance {sop_uid}", 404)
     media = "image/png" if name.endswith(".png") else "application/dicom"
-    return FileResponse(path, media_type=media)
+    if path.is_file():
+        return FileResponse(path, media_type=media)
+    try:
+        data = await service.in_thread(results.read, study_uid, sop_uid, name)
+    except NotShared as exc:
+        return error("not_on_this_replica", str(exc), 404)
+    except FileNotFoundError:
+        return error("not_found", f"no {name} for instance {sop_uid}", 404)
+    return Response(data, media_type=media)

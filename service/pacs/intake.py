@@ -30,7 +30,11 @@ done instance with its file: the next start makes it outputs_pending. Objects ma
 `on_finding` no objects are made; retries waiting for their time do not hold up `wait_idle`.
 
 Exactly one intake drains a spool (one process): two would triage the same instances twice. Start the intake
-before the listener, so that its start-up scan does not race the listener's first writes.
+before the listener, so that its start-up scan does not race the listener's first writes. Several listeners
+(each its spool, its PTX_LISTENER_NAME) may share one store: an intake given its listener's `listener` name
+resumes, polls and retries only the instances that listener recorded, so a restart never fails another's
+films for a spool file it cannot see. Rows from before listener names (store migration 7) are adopted by the
+intake whose spool holds their file, and left alone by the others.
 Logs carry SOP Instance UIDs, codes and exception types, never exception messages from decoders (they may
 quote attribute values) nor patient attributes.
 """
@@ -73,7 +77,8 @@ class Intake:
 
     `observe_notification(seconds)`: time from C-STORE receipt (the store's `received_at`) to the finding
     being recorded, for a histogram. `poll_interval_s`: how often the store is checked for instances whose
-    notification was missed (or that another process received) and for outputs retries come due.
+    notification was missed (or that another process received) and for outputs retries come due. `listener`:
+    the name the listener filling this spool records (PTX_LISTENER_NAME); None takes every spooled instance.
     """
 
     def __init__(self, spool: Spool, store: ResultsStore, triage: TriageCall, *, workers: int = 2,
@@ -81,7 +86,7 @@ class Intake:
                  outputs_retry_s: float = 30.0, max_outputs_retry_s: float = 3600.0,
                  poll_interval_s: float = 10.0, on_finding: FindingHook | None = None,
                  observe_notification: Callable[[float], None] | None = None,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now, listener: str | None = None) -> None:
         if workers < 1 or max_attempts < 1:
             raise ValueError(f"workers and max_attempts must be at least 1, got {workers} and {max_attempts}")
         if not 0 < outputs_retry_s <= max_outputs_retry_s:
@@ -94,6 +99,7 @@ class Intake:
         self.poll_interval_s = poll_interval_s
         self.on_finding, self.observe_notification = on_finding, observe_notification
         self.clock = clock
+        self.listener = listener  # None: every spooled instance in the store is this intake's (one listener)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._tracked: set[str] = set()  # queued, in progress or waiting for a retry
@@ -167,11 +173,18 @@ class Intake:
         """Runs in a thread at start: what to resume, instances without bytes failed, orphan files adopted,
         outputs_pending instances tried at once (with `on_finding`)."""
         resumable = []
-        outputs = self.store.due_outputs()
+        listed = self.store.due_outputs(listener=self.listener)
+        outputs = self._mine(listed)
         if self.on_finding is not None:
             self._outputs_only.update(r.sop_uid for r in outputs)
             resumable.extend(outputs)
-        records = [r for r in self.store.pending_instances() if r.spool_path is not None]  # None: HTTP's own
+        pending = [r for r in self.store.pending_instances(listener=self.listener)
+                   if r.spool_path is not None]  # None: HTTP's own
+        records = self._mine(pending)
+        elsewhere = len(pending) + len(listed) - len(records) - len(outputs)
+        if elsewhere:
+            log.info("%d instance(s) received before listener names have their spool file elsewhere: left for "
+                     "the listener that holds it", elsewhere)
         for record in records:
             if not self.spool.exists(record.sop_uid):
                 log.error("instance %s is pending but its spool file is gone; marked failed (%s)",
@@ -179,13 +192,37 @@ class Intake:
                 self.store.mark_instance(record.sop_uid, InstanceStatus.FAILED, SPOOL_MISSING)
             else:
                 resumable.append(record)
-        known = {r.sop_uid for r in (*records, *outputs)}  # an outputs_pending instance keeps its file
+        known = {r.sop_uid for r in (*pending, *listed)}  # an outputs_pending instance keeps its file
         for sop_uid in self.spool.pending():
             if sop_uid not in known:
                 adopted = self._adopt(sop_uid)
                 if adopted is not None:
                     resumable.append(adopted)
         return resumable
+
+    def _mine(self, records: list[InstanceRecord]) -> list[InstanceRecord]:
+        """Of spooled instances read from the store (a thread), those this intake may take: its listener's,
+        and unowned ones (from before store migration 7) whose file is in this spool, adopted now. Another
+        listener's, or an unowned one whose file is not here, stays as it is: its file is in another spool,
+        and failing it for spool_missing would lose a film that listener acknowledged. Without a `listener`
+        name, all of them (one listener on the store)."""
+        if self.listener is None:
+            return records
+        mine = []
+        for record in records:
+            if record.listener == self.listener:
+                mine.append(record)
+            elif record.listener is None and self.spool.exists(record.sop_uid):
+                adopted = self.store.adopt_instance(record.sop_uid, self.listener)
+                if adopted is not None:
+                    log.info("instance %s (received before listener names) adopted: its file is in this spool",
+                             record.sop_uid)
+                    mine.append(adopted)
+        return mine
+
+    def _foreign(self, record: InstanceRecord) -> bool:
+        """Whether another listener recorded this instance (so its own spool holds the film)."""
+        return None not in (self.listener, record.listener) and record.listener != self.listener
 
     def _adopt(self, sop_uid: str) -> InstanceRecord | None:
         """A spool file the store does not list as pending: a crash between spooling and recording its
@@ -197,7 +234,8 @@ class Intake:
             sop_class_uid = str(dataset.get("SOPClassUID", "") or "") or None
             received = ReceivedInstance(sop_uid=sop_uid, study_uid=study_uid, series_uid=series_uid,
                                         sop_class_uid=sop_class_uid, source=RECOVERED_SOURCE,
-                                        spool_path=str(self.spool.path(sop_uid)), received_at=self.clock())
+                                        spool_path=str(self.spool.path(sop_uid)), received_at=self.clock(),
+                                        listener=self.listener)
         except Exception as exc:  # noqa: BLE001 -- unreadable, and never acknowledged: nothing to keep
             log.warning("spool file %s is unreadable (%s) and was never recorded; removed", sop_uid,
                         describe_exception(exc))
@@ -208,6 +246,13 @@ class Intake:
             return InstanceRecord(**vars(received), status=InstanceStatus.RECEIVED, error_code=None, attempts=0,
                                   updated_at=received.received_at)
         record = self.store.instance(sop_uid)
+        if record is not None and self._foreign(record):
+            # The same film reached two listeners at once (both spooled it, the other recorded it first), or
+            # a crash here before recording: the other listener triages its own copy; this one was never
+            # acknowledged as ours.
+            log.info("spool file %s is a copy of an instance another listener holds; removed", sop_uid)
+            self.spool.remove(sop_uid)
+            return None
         if record is not None and record.status is InstanceStatus.DONE and self.on_finding is not None:
             # Recorded, then the process died before the file was removed, which comes after the results:
             # some may be missing. Make them again (same UIDs: idempotent, see ResultIdentity.uid).
@@ -267,14 +312,18 @@ class Intake:
             await asyncio.sleep(self.poll_interval_s)
             self._finished_since_poll = set()
             try:
-                records = await asyncio.to_thread(self.store.pending_instances)
-                due = [] if self.on_finding is None else await asyncio.to_thread(self.store.due_outputs, self.clock())
+                records = await asyncio.to_thread(self.store.pending_instances, None, self.listener)
+                due = [] if self.on_finding is None else await asyncio.to_thread(self.store.due_outputs,
+                                                                                self.clock(), self.listener)
+                skip = self._tracked | self._finished_since_poll | self._outputs_timers.keys()
+                mine = await asyncio.to_thread(
+                    self._mine, [r for r in [*records, *due] if r.spool_path is not None and r.sop_uid not in skip])
             except Exception as exc:  # noqa: BLE001 -- the database may be briefly unavailable
                 log.warning("intake poll failed (%s); retrying in %.0f s", describe_exception(exc),
                             self.poll_interval_s)
                 continue
-            skip = self._tracked | self._finished_since_poll | self._outputs_timers.keys()
-            for record in (r for r in [*records, *due] if r.spool_path is not None and r.sop_uid not in skip):
+            skip = self._tracked | self._finished_since_poll | self._outputs_timers.keys()  # changed meanwhile
+            for record in (r for r in mine if r.sop_uid not in skip):
                 if record.status is InstanceStatus.OUTPUTS_PENDING:
                     self._outputs_only.add(record.sop_uid)
                 self._track(record)

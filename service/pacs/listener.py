@@ -220,7 +220,9 @@ class DicomListener:
     is refused with 0xA700 (outcome "no_space") while the spool's file system has less free (0: no floor).
     `on_received(sop_uid)` is called after a new instance is durably received (the intake's wake-up; it must
     not block). `on_outcome(outcome)` is called once per C-STORE answered, with one of `OUTCOMES` (a metrics
-    counter: the C-STORE rate by outcome). `port=0` binds a free port (see `port` after `start`).
+    counter: the C-STORE rate by outcome). `port=0` binds a free port (see `port` after `start`). `name`:
+    PTX_LISTENER_NAME, recorded with each instance (its spool is this listener's: several listeners may share
+    one store, each with its own spool; service/pacs/intake.py).
     """
 
     def __init__(self, spool: Spool, store: ResultsStore, *, port: int, host: str = "0.0.0.0",
@@ -230,7 +232,8 @@ class DicomListener:
                  max_message_bytes: int | None = DEFAULT_MAX_MESSAGE,
                  on_received: Callable[[str], None] | None = None, acse_timeout_s: float = 10.0,
                  network_timeout_s: float = 30.0, spool_min_free_mb: int = 0,
-                 clock: Callable[[], datetime] = utc_now, on_outcome: Callable[[str], None] | None = None) -> None:
+                 clock: Callable[[], datetime] = utc_now, on_outcome: Callable[[str], None] | None = None,
+                 name: str | None = None) -> None:
         if max_associations < 1:
             raise ValueError(f"max_associations must be at least 1, got {max_associations}")
         if spool_min_free_mb < 0:
@@ -247,6 +250,7 @@ class DicomListener:
         self.on_received = on_received
         self.on_outcome = on_outcome
         self.clock = clock
+        self.name = name
         self.ae = self._build_ae(max_associations, max_pdu)
         self._server: GuardedServer | None = None
 
@@ -267,7 +271,8 @@ class DicomListener:
                    max_associations=settings.dicom_max_associations, max_pdu=settings.dicom_max_pdu,
                    max_message_bytes=settings.max_file_bytes, acse_timeout_s=settings.dicom_acse_timeout_s,
                    network_timeout_s=settings.dicom_network_timeout_s,
-                   spool_min_free_mb=settings.spool_min_free_mb, on_received=on_received, on_outcome=on_outcome)
+                   spool_min_free_mb=settings.spool_min_free_mb, on_received=on_received, on_outcome=on_outcome,
+                   name=settings.listener_name)
 
     def _build_ae(self, max_associations: int, max_pdu: int) -> AE:
         ae = AE(ae_title=self.ae_title)
@@ -450,7 +455,8 @@ class DicomListener:
                 wrote = False  # the same bytes are on disk already: record them
             received = ReceivedInstance(sop_uid=keys.sop_uid, study_uid=keys.study_uid, series_uid=keys.series_uid,
                                         sop_class_uid=keys.sop_class_uid, source=f"dicom:{calling_ae}",
-                                        spool_path=str(path), received_at=self.clock(), sha256=digest)
+                                        spool_path=str(path), received_at=self.clock(), sha256=digest,
+                                        listener=self.name)
             new = self.store.receive(received)
             if not new:  # recorded concurrently between our lookup and our write
                 known = self._known(keys)
@@ -519,9 +525,11 @@ class DicomListener:
 
     def _discard_our_copy(self, known: InstanceRecord, keys: _Keys, outcome: str) -> None:
         """We spooled a file for a UID another C-STORE recorded meanwhile (its own file already removed). Keep
-        it only where it is an identical copy still waiting for triage; a finished instance's would linger,
-        and a conflicting one must never be read as the recorded instance's bytes."""
-        if outcome == DUPLICATE and known.status in (InstanceStatus.RECEIVED, InstanceStatus.PROCESSING):
+        it only where it is an identical copy still waiting for triage here; a finished instance's would
+        linger, a conflicting one must never be read as the recorded instance's bytes, and one another
+        listener recorded is triaged from that listener's own spool."""
+        if (outcome == DUPLICATE and known.status in (InstanceStatus.RECEIVED, InstanceStatus.PROCESSING)
+                and known.listener in (None, self.name)):
             return
         try:
             self.spool.remove(keys.sop_uid)
@@ -564,6 +572,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ae-title", default=DEFAULT_AE_TITLE)
     parser.add_argument("--max-associations", type=int, default=10)
     parser.add_argument("--allow", action="append", default=None, help="allowed calling AE title (repeatable)")
+    parser.add_argument("--name", default="listener", help="the name recorded with its instances "
+                        "(PTX_LISTENER_NAME of the service that drains this spool)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -573,7 +583,7 @@ def main(argv: list[str] | None = None) -> None:
     with open_store(args.database_url, args.data_dir) as store:
         listener = DicomListener(Spool(args.data_dir / "spool"), store, port=args.port, host=args.host,
                                  ae_title=args.ae_title, allowed_calling_aes=args.allow,
-                                 max_associations=args.max_associations)
+                                 max_associations=args.max_associations, name=args.name)
         with listener:
             print(f"listening on {args.host}:{listener.port}", flush=True)
             stopped.wait()

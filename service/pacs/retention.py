@@ -14,10 +14,13 @@ What is swept and why:
   file goes when older than the limit. A file whose instance is pending (received, processing) is never
   touched, nor one whose instance is outputs_pending (its SEG/SR/SC are still to be made from it, however
   long the fault lasts: the ptx_outputs_pending gauge alerts), nor one the store does not know (a crash
-  between spooling and recording: the intake adopts it at its next start).
-* The database keeps its rows (studies, instances, findings, deliveries): they hold UIDs, scores, masks as
-  RLE, states and times, no patient attributes (docs/security.md), and they are the audit trail of what the
-  service told the readers. Removing old rows is an operator's SQL statement, shown in docs/security.md.
+  between spooling and recording: the intake adopts it at its next start). Each listener sweeps its own
+  spool and reads only its own pending instances (PTX_LISTENER_NAME): another listener's files are not here.
+* Result objects' database copies (PTX_RESULTS_IN_DATABASE, issue 17 §4) go with their folder, and on their
+  own once older than the limit (the folder may have gone with another replica's volume).
+* The database keeps its other rows (studies, instances, findings, deliveries): they hold UIDs, scores, masks
+  as RLE, states and times, no patient attributes (docs/security.md), and they are the audit trail of what
+  the service told the readers. Removing old rows is an operator's SQL statement, shown in docs/security.md.
 
 Ages come from file modification times (a folder's newest file), compared with an injected clock, so the
 tests run on a real store with real files and old mtimes rather than waiting.
@@ -27,15 +30,20 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from service.imaging.uids import is_dicom_uid
 from service.pacs.spool import Spool
-from service.store import DeliveryState, InstanceStatus, NotificationState, ResultsStore, utc_now
+from service.store import (
+    DeliveryState,
+    InstanceStatus,
+    NotificationState,
+    ResultsStore,
+    utc_now,
+)
 from service.store.results_files import ResultsFolder
 
 log = logging.getLogger("ptx.retention")
@@ -55,12 +63,13 @@ class Retention:
     """One sweep over the results folder and the spool (`sweep`), for a limit of `days` (> 0)."""
 
     def __init__(self, store: ResultsStore, results: ResultsFolder, spool: Spool, days: float,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now, listener: str | None = None) -> None:
         if not days > 0:
             raise ValueError(f"retention must be a positive number of days, got {days} (0 means: no sweep)")
         self.store, self.results, self.spool = store, results, spool
         self.limit = timedelta(days=days)
         self.clock = clock
+        self.listener = listener  # PTX_LISTENER_NAME: only its pending instances are read (its spool's)
 
     def sweep(self) -> SweepReport:
         cutoff = (self.clock() - self.limit).timestamp()
@@ -74,11 +83,13 @@ class Retention:
 
     def _sweep_results(self, cutoff: float) -> tuple[int, int]:
         root = self.results.root
-        if not root.is_dir():
-            return 0, 0
         pending = {Path(d.path).parent.resolve() for d in self.store.deliveries(state=DeliveryState.PENDING)}
         pending |= self._notifying()
         removed = kept = 0
+        if self.results.objects is not None:
+            removed += self._sweep_database(cutoff, pending)
+        if not root.is_dir():
+            return removed, kept
         for study in root.iterdir():
             if not (study.is_dir() and is_dicom_uid(study.name)):
                 continue
@@ -91,13 +102,24 @@ class Retention:
                 if instance.resolve() in pending:
                     kept += 1
                     continue
-                shutil.rmtree(instance, ignore_errors=True)
+                self.results.remove(study.name, instance.name)  # the folder and its database copies
                 removed += 1
             try:
                 study.rmdir()  # only when empty
             except OSError:
                 pass
         return removed, kept
+
+    def _sweep_database(self, cutoff: float, pending: set[Path]) -> int:
+        """Database copies (PTX_RESULTS_IN_DATABASE) older than the limit whose writer's folder may be gone with
+        its volume (a replica scaled away); kept while a delivery or notification of the instance is pending."""
+        waiting = {(folder.parent.name, folder.name) for folder in pending}
+        removed = 0
+        for study_uid, sop_uid in self.results.stale_in_database(datetime.fromtimestamp(cutoff, UTC)):
+            if (study_uid, sop_uid) not in waiting:
+                self.results.remove(study_uid, sop_uid)
+                removed += 1
+        return removed
 
     def _notifying(self) -> set[Path]:
         """Instance folders whose notification is still being pushed: their `notification.json` holds the
@@ -112,7 +134,7 @@ class Retention:
         return folders
 
     def _sweep_spool(self, cutoff: float) -> tuple[int, int]:
-        active = {r.sop_uid for r in self.store.pending_instances()}
+        active = {r.sop_uid for r in self.store.pending_instances(listener=self.listener)}
         removed = kept = 0
         for sop_uid in self.spool.pending():
             path = self.spool.path(sop_uid)

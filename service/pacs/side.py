@@ -9,6 +9,10 @@
 Started by the HTTP edge when `PTX_DICOM_PORT` is set (one edge worker owns it: one intake per spool), on
 the edge's event loop, after the model worker is ready. Why here and not in a separate service: the intake
 triages through the edge's own coroutine, so films from the PACS join the same adaptive batches as HTTP.
+With PTX_TRIAGE_URL the intake triages over HTTP instead (`remote_triage.RemoteTriage`): listener replicas
+and triage replicas scale apart, and the films still join the triage replicas' batches. Several listeners
+may share one store: each records its PTX_LISTENER_NAME with its instances, and its intake, retention and
+gauges read only its own (service/pacs/intake.py).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from service.pacs.delivery import Backoff, Dispatcher, make_senders, parse_desti
 from service.pacs.intake import Intake
 from service.pacs.listener import DicomListener
 from service.pacs.notify import NOTIFY_OUTCOMES, Notifier
+from service.pacs.remote_triage import OUTCOMES as REMOTE_OUTCOMES
+from service.pacs.remote_triage import RemoteTriage
 from service.pacs.results import build_results
 from service.pacs.retention import SWEEP_EVERY_S, Retention
 from service.pacs.spool import Spool
@@ -50,33 +56,43 @@ def overlay_png(pixels: np.ndarray) -> bytes:
 
 
 class Pacs:
-    """Owns the listener, the intake and the dispatcher; `start()` / `stop()` on the edge's event loop."""
+    """Owns the listener, the intake and the dispatcher; `start()` / `stop()` on the edge's event loop.
+
+    `triage` is the in-process call (`ServedCascade.triage_spooled`); with PTX_TRIAGE_URL set, a
+    `RemoteTriage` to that URL is used instead (checked here: TriageUrlError names the setting)."""
 
     def __init__(self, settings: Settings, store: ResultsStore, results: ResultsFolder,
                  triage: Callable[[bytes], Awaitable[Finding]],
                  observe_notification: Callable[[float], None] | None = None,
                  on_attempt: Callable[[str, bool], None] | None = None,
                  on_dicom_outcome: Callable[[str], None] | None = None,
-                 on_notification: Callable[[str, str], None] | None = None) -> None:
+                 on_notification: Callable[[str, str], None] | None = None,
+                 on_remote_outcome: Callable[[str], None] | None = None) -> None:
+        self.remote = None if not settings.triage_url else RemoteTriage(
+            settings.triage_url, None if settings.triage_token is None else settings.triage_token.get_secret_value(),
+            settings.triage_timeout_s, default_wait_s=settings.retry_after_s, on_outcome=on_remote_outcome)
+        triage = triage if self.remote is None else self.remote
         self.settings, self.store, self.results, self.triage = settings, store, results, triage
         # PTX_NOTIFY_*: checked here, so a webhook without its secret (or any bad value) stops the PACS side.
         self.notifier = Notifier.from_settings(settings, store, results, on_outcome=on_notification)
         self.spool = Spool(settings.data_dir / "spool")
         self._gauges: asyncio.Task[None] | None = None
         self._sweeps: asyncio.Task[None] | None = None
-        self.retention = (Retention(store, results, self.spool, settings.retention_days)
-                          if settings.retention_days > 0 else None)
+        self.retention = (Retention(store, results, self.spool, settings.retention_days,
+                                    listener=settings.listener_name) if settings.retention_days > 0 else None)
         destinations = parse_destinations(settings.destinations)
         self.dispatcher = None
         if destinations:
             senders = make_senders(destinations, calling_ae=settings.dicom_ae_title)
             self.dispatcher = Dispatcher(store, senders, backoff=Backoff(settings.delivery_backoff_s, 2.0,
                                                                          settings.delivery_backoff_max_s),
-                                         max_attempts=settings.delivery_max_attempts, on_attempt=on_attempt)
+                                         max_attempts=settings.delivery_max_attempts, on_attempt=on_attempt,
+                                         results=results)  # another replica's objects from the database
         self.intake = Intake(self.spool, store, triage, workers=settings.intake_workers,
                              outputs_retry_s=settings.outputs_retry_s,
                              max_outputs_retry_s=max(OUTPUTS_RETRY_MAX_S, settings.outputs_retry_s),
-                             on_finding=self._on_finding, observe_notification=observe_notification)
+                             on_finding=self._on_finding, observe_notification=observe_notification,
+                             listener=settings.listener_name)
         self.listener = DicomListener.from_settings(settings, self.spool, store, on_received=self.intake.notify,
                                                     on_outcome=on_dicom_outcome)
 
@@ -84,9 +100,10 @@ class Pacs:
     def observed(cls, settings: Settings, store: ResultsStore, results: ResultsFolder,
                  triage: Callable[[bytes], Awaitable[Finding]]) -> Pacs:
         """The PACS side with its metrics: time to notification, delivery attempts, C-STORE outcomes, pushed
-        notification attempts."""
+        notification attempts, triage calls over HTTP."""
         registry = metrics()
         pacs = cls(settings, store, results, triage, observe_notification=registry.notification_seconds.observe,
+                   on_remote_outcome=lambda outcome: child(registry.remote_triage, outcome=outcome).inc(),
                    on_attempt=lambda destination, ok: child(registry.deliveries, destination=destination,
                                                             outcome="ok" if ok else "failed").inc(),
                    on_dicom_outcome=lambda outcome: child(registry.dicom_received, outcome=outcome).inc(),
@@ -95,6 +112,8 @@ class Pacs:
         for channel in () if pacs.notifier is None else pacs.notifier.senders:
             for outcome in NOTIFY_OUTCOMES:  # every series at 0 from the start: increase() sees the first one
                 child(registry.notifications, channel=channel, outcome=outcome)
+        for outcome in () if pacs.remote is None else REMOTE_OUTCOMES:
+            child(registry.remote_triage, outcome=outcome)
         return pacs
 
     async def start(self) -> None:
@@ -108,22 +127,27 @@ class Pacs:
         self._gauges = asyncio.get_running_loop().create_task(self._watch())
         if self.retention is not None:
             self._sweeps = asyncio.get_running_loop().create_task(self._sweep())
-        log.info("DICOM listener %s on port %s; %s destination(s); notifications: %s", self.settings.dicom_ae_title,
-                 self.listener.port, 0 if self.dispatcher is None else len(self.dispatcher.senders),
+        log.info("DICOM listener %s (%s) on port %s; triage %s; %s destination(s); notifications: %s",
+                 self.settings.dicom_ae_title, self.settings.listener_name, self.listener.port,
+                 "in this process" if self.remote is None else f"over HTTP at {self.remote.base}",
+                 0 if self.dispatcher is None else len(self.dispatcher.senders),
                  "none" if self.notifier is None else ", ".join(self.notifier.senders))
 
     async def _watch(self, every_s: float = 5.0) -> None:
         """Spool depth, findings whose results are not made yet (outputs_pending, alerted on) and delivery
-        states as gauges (queries, so on a timer, not per scrape)."""
+        states as gauges (queries, so on a timer, not per scrape). Spool depth and outputs pending are this
+        listener's (its PTX_LISTENER_NAME): another listener reports its own."""
         registry = metrics()
+        name = self.settings.listener_name
         while True:
             try:
                 # Received over DICOM and not yet triaged, from the store: the spool also holds the files of
                 # instances failed with internal_error, kept for a retry, which wait for nobody.
                 depth = await asyncio.to_thread(
-                    lambda: sum(1 for r in self.store.pending_instances() if r.spool_path is not None))
+                    lambda: sum(1 for r in self.store.pending_instances(listener=name) if r.listener == name))
                 counts = await asyncio.to_thread(self.store.delivery_counts)
-                outputs = await asyncio.to_thread(lambda: len(self.store.due_outputs()))
+                outputs = await asyncio.to_thread(
+                    lambda: sum(1 for r in self.store.due_outputs(listener=name) if r.listener == name))
                 registry.spool_depth.set(depth)
                 registry.outputs_pending.set(outputs)
                 for state, count in counts.items():
@@ -149,6 +173,8 @@ class Pacs:
                 task.cancel()
         await asyncio.to_thread(self.listener.stop)
         await self.intake.stop(grace_s)
+        if self.remote is not None:
+            await self.remote.aclose()
         if self.dispatcher is not None:
             await asyncio.to_thread(self.dispatcher.close)
         if self.notifier is not None:

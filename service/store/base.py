@@ -129,7 +129,10 @@ class ReceivedInstance:
     """One instance as it arrived: `source` says how ("dicom:<calling AE>", "http"); `spool_path` is where
     its bytes wait for processing (None when they were processed in the request, as over HTTP); `sha256` the
     hex digest of the dataset bytes as received (None where unknown), so that a later C-STORE reusing the SOP
-    Instance UID with other content can be told from an identical resend."""
+    Instance UID with other content can be told from an identical resend. `listener` names the DICOM listener
+    whose spool holds the file (PTX_LISTENER_NAME): several listeners share one store, and each resumes,
+    retries and sweeps only its own. None over HTTP (no file), and for rows received before store migration 7
+    (the listener whose spool holds the file adopts them: `adopt_instance`)."""
 
     sop_uid: str
     study_uid: str
@@ -140,6 +143,7 @@ class ReceivedInstance:
     received_at: datetime
     # keyword-only with a default, so existing callers and the subclass's own fields are unaffected
     sha256: str | None = field(default=None, kw_only=True)
+    listener: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         _require_uid(self.sop_uid, "sop_uid")
@@ -260,8 +264,15 @@ class ResultsStore(NotificationOutbox, FeedbackLog, OutboxClaims):
         known: nothing changes (a repeated C-STORE is a no-op, and the first arrival's study wins)."""
 
     @abstractmethod
-    def pending_instances(self, limit: int | None = None) -> list[InstanceRecord]:
-        """Instances received or processing but not finished, oldest first: what resumes after a restart."""
+    def pending_instances(self, limit: int | None = None, listener: str | None = None) -> list[InstanceRecord]:
+        """Instances received or processing but not finished, oldest first: what resumes after a restart.
+        With `listener`: that listener's, and the spooled ones no listener owns yet (received before store
+        migration 7: only the listener whose spool holds the file may take them, `adopt_instance`)."""
+
+    @abstractmethod
+    def adopt_instance(self, sop_uid: str, listener: str) -> InstanceRecord | None:
+        """A spooled instance no listener owns (received before store migration 7) now `listener`'s, whose
+        spool holds its file; None, changing nothing, when it has an owner already (or no spool file)."""
 
     @abstractmethod
     def mark_instance(self, sop_uid: str, status: InstanceStatus, error_code: str | None = None) -> None:
@@ -340,8 +351,9 @@ class ResultsStore(NotificationOutbox, FeedbackLog, OutboxClaims):
         a finding."""
 
     @abstractmethod
-    def due_outputs(self, now: datetime | None = None) -> list[InstanceRecord]:
-        """The outputs_pending instances, earliest due first; only those due at `now` where given."""
+    def due_outputs(self, now: datetime | None = None, listener: str | None = None) -> list[InstanceRecord]:
+        """The outputs_pending instances, earliest due first; only those due at `now` where given, and only
+        `listener`'s (with the unowned spooled ones, as `pending_instances`) where given."""
 
     @abstractmethod
     def retry_delivery(self, delivery_id: int) -> DeliveryRecord:

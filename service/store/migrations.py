@@ -160,7 +160,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     )),
     # Issue 17 §1: several listeners on one store. Each instance received over DICOM names the listener that
     # holds its spool file; recovery, retention and outputs retries touch only their own. NULL: received over
-    # HTTP, or before this migration (then the listener named by the default setting adopts it).
+    # HTTP, or before this migration (then the listener whose spool holds the file adopts it).
     Migration(7, "instances.listener: the DICOM listener that owns the instance's spool file", (
         "ALTER TABLE instances ADD COLUMN listener TEXT",
         "CREATE INDEX instances_listener ON instances (listener, status)",

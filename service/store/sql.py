@@ -184,7 +184,7 @@ class _Duplicate(Exception):
 RANK = "CASE priority WHEN 'STAT' THEN 0 WHEN 'URGENT' THEN 1 ELSE 2 END"  # NULL (pending) sorts as ROUTINE
 STUDY_COLUMNS = "study_uid, status, priority, score, received_at, updated_at, reviewed_at, reviewed_by"
 INSTANCE_COLUMNS = ("sop_uid, study_uid, series_uid, sop_class_uid, source, spool_path, status, error_code, "
-                    "attempts, received_at, updated_at, sha256, outputs_attempts, outputs_due_at")
+                    "attempts, received_at, updated_at, sha256, outputs_attempts, outputs_due_at, listener")
 FINDING_COLUMNS = "sop_uid, score, label, priority, threshold, rle, instances_json, models_json, created_at"
 CLAIMED_ANEW = ("was claimed again after this claim's lease ran out: its attempt is the new holder's to "
                 "record (claims.py)")
@@ -260,21 +260,21 @@ class SqlResultsStore(SqlFeedback, ResultsStore):
                            (instance.study_uid, StudyStatus.PENDING.value, received, received))
                 inserted = tx.execute(
                     "INSERT INTO instances (sop_uid, study_uid, series_uid, sop_class_uid, source, spool_path, "
-                    "status, received_at, updated_at, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "status, received_at, updated_at, sha256, listener) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (sop_uid) DO NOTHING",
                     (instance.sop_uid, instance.study_uid, instance.series_uid, instance.sop_class_uid,
                      instance.source, instance.spool_path, InstanceStatus.RECEIVED.value, received, received,
-                     instance.sha256))
+                     instance.sha256, instance.listener))
                 if inserted.rowcount == 0:
                     raise _Duplicate  # roll back: no study row for a repeat that named another study
         except _Duplicate:
             return False
         return True
 
-    def pending_instances(self, limit: int | None = None) -> list[InstanceRecord]:
-        sql = (f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE status IN (?, ?) "
-               "ORDER BY received_at, sop_uid")
+    def pending_instances(self, limit: int | None = None, listener: str | None = None) -> list[InstanceRecord]:
         params: list[Any] = [InstanceStatus.RECEIVED.value, InstanceStatus.PROCESSING.value]
+        sql = (f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE status IN (?, ?)" + _owned_by(listener, params)
+               + " ORDER BY received_at, sop_uid")
         if limit is not None:
             _check_limit(limit)
             sql += " LIMIT ?"
@@ -340,9 +340,18 @@ class SqlResultsStore(SqlFeedback, ResultsStore):
             if updated.rowcount == 0:
                 _no_finding(tx, sop_uid)
 
-    def due_outputs(self, now: datetime | None = None) -> list[InstanceRecord]:
-        sql = f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE status = ? AND outputs_due_at IS NOT NULL"
+    def adopt_instance(self, sop_uid: str, listener: str) -> InstanceRecord | None:
+        if not listener:
+            raise ValueError("listener must name the listener taking the instance (PTX_LISTENER_NAME)")
+        with self._transaction(write=True) as tx:
+            row = tx.one(f"UPDATE instances SET listener = ? WHERE sop_uid = ? AND listener IS NULL "
+                         f"AND spool_path IS NOT NULL RETURNING {INSTANCE_COLUMNS}", (listener, sop_uid))
+        return None if row is None else _instance(row)
+
+    def due_outputs(self, now: datetime | None = None, listener: str | None = None) -> list[InstanceRecord]:
         params: list[Any] = [InstanceStatus.DONE.value]
+        sql = (f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE status = ? AND outputs_due_at IS NOT NULL"
+               + _owned_by(listener, params))
         if now is not None:
             sql += " AND outputs_due_at <= ?"
             params.append(self._dialect.timestamp(require_utc(now, "now")))
@@ -662,6 +671,15 @@ class SqlResultsStore(SqlFeedback, ResultsStore):
         self._pool.close()
 
 
+def _owned_by(listener: str | None, params: list[Any]) -> str:
+    """The WHERE clause's tail keeping one listener's instances (and the spooled ones nobody owns yet, which
+    predate store migration 7), its parameter appended to `params`; nothing without `listener`."""
+    if listener is None:
+        return ""
+    params.append(listener)
+    return " AND (listener = ? OR (listener IS NULL AND spool_path IS NOT NULL))"
+
+
 def _check_limit(limit: int) -> None:
     if not 1 <= limit <= 1000:
         raise ValueError(f"limit must be in 1..1000, got {limit}")
@@ -686,7 +704,7 @@ def _instance(row: Row) -> InstanceRecord:
         sop_class_uid=row["sop_class_uid"], source=row["source"], spool_path=row["spool_path"],
         received_at=_ts(row["received_at"]), status=status, error_code=row["error_code"],
         attempts=int(row["attempts"]), updated_at=_ts(row["updated_at"]), sha256=row["sha256"],
-        outputs_attempts=int(row["outputs_attempts"]), outputs_due_at=due)
+        outputs_attempts=int(row["outputs_attempts"]), outputs_due_at=due, listener=row["listener"])
 
 
 def _no_finding(tx: Transaction, sop_uid: str) -> NoReturn:

@@ -674,8 +674,8 @@ class StaleReads:
         self.store, self.spool = store, spool
         self.armed, self.served_stale, self.read = False, False, threading.Event()
 
-    def pending_instances(self, limit: int | None = None) -> list[InstanceRecord]:
-        records = self.store.pending_instances(limit)
+    def pending_instances(self, limit: int | None = None, listener: str | None = None) -> list[InstanceRecord]:
+        records = self.store.pending_instances(limit, listener)
         if self.armed and records:
             self.armed = False
             self.read.set()  # lets the triage finish

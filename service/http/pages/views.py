@@ -52,7 +52,7 @@ from service.http.pages.thumbnails import thumbnail
 from service.http.pages.viewer import viewer_link
 from service.store import NotFoundError, StoreError, StudyStatus, Verdict, utc_now
 from service.store.base import ResultsStore, WorklistItem
-from service.store.results_files import RESULT_FILES, ResultsFolder
+from service.store.results_files import RESULT_FILES, NotShared, ResultsFolder
 
 router = APIRouter()
 templates = Jinja2Templates(directory=Path(__file__).with_name("templates"))
@@ -97,9 +97,10 @@ def _page_items(store: ResultsStore, query: ListQuery) -> list[WorklistItem]:
 
 
 def _has_overlay(results: ResultsFolder, study_uid: str) -> Callable[[str], bool]:
+    """Whether an instance has its overlay PNG here or in the database (blocking: called in `_in_thread`)."""
     def has(sop_uid: str) -> bool:
         try:
-            return results.path(study_uid, sop_uid, "overlay.png").is_file()
+            return results.has(study_uid, sop_uid, "overlay.png")
         except ValueError:  # not a DICOM UID (an HTTP-recorded film may carry anything): no file of ours
             return False
     return has
@@ -298,20 +299,29 @@ async def _review(request: Request, study_uid: str, acknowledge: bool) -> Respon
 
 @router.get("/studies/{study_uid}/{sop_uid}/{name}", include_in_schema=False)
 async def study_file(study_uid: str, sop_uid: str, name: str) -> Response:
-    """A result file of one instance, or the worklist thumbnail of its overlay."""
+    """A result file of one instance, or the worklist thumbnail of its overlay: this replica's file, else the
+    database's copy (made by another replica; a thumbnail's overlay is copied here once, for the cache)."""
     results: ResultsFolder = _service().results
+    source = "overlay.png" if name == "thumbnail.png" else name
     try:
-        path = results.path(study_uid, sop_uid, "overlay.png" if name == "thumbnail.png" else name)
+        path = results.path(study_uid, sop_uid, source)
     except ValueError as exc:
         return JSONResponse({"error": {"code": "invalid_parameter", "message": str(exc)}}, status_code=400)
-    if not path.is_file():
+    cache = {"Cache-Control": "private, max-age=3600"}
+    media = "image/png" if name.endswith(".png") else "application/dicom"
+    try:
+        if name == "thumbnail.png":
+            data = await _in_thread(lambda: thumbnail(results.local_copy(path)))
+        elif path.is_file():
+            return FileResponse(path, media_type=media, headers=cache)
+        else:
+            data = await _in_thread(lambda: results.read(study_uid, sop_uid, source))
+    except NotShared as exc:
+        return JSONResponse({"error": {"code": "not_on_this_replica", "message": str(exc)}}, status_code=404)
+    except FileNotFoundError:
         return JSONResponse({"error": {"code": "not_found", "message": f"no {name} for instance {sop_uid}"}},
                             status_code=404)
-    if name == "thumbnail.png":
-        data = await _in_thread(lambda: thumbnail(path))
-        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
-    media = "image/png" if name.endswith(".png") else "application/dicom"
-    return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
+    return Response(data, media_type=media, headers=cache)
 
 
 @router.get("/login", include_in_schema=False)

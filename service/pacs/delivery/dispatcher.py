@@ -4,6 +4,10 @@ Several dispatchers (threads, processes, replicas) may drain one store: each rou
 lease (service/store/claims.py: row locks with SKIP LOCKED on PostgreSQL), so no row is sent by two at once,
 and rows a dispatcher did not get to, or left behind by dying, are due again when it releases them or when
 the lease runs out.
+
+So a row may be claimed by a replica that did not make its object: before sending, a path missing here is
+fetched from the database's copy into this replica's results folder (`ResultsFolder.local_copy`, where
+PTX_RESULTS_IN_DATABASE keeps one), and the copy is sent.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from service.store import (
 )
 from service.store.base import require_utc, utc_now
 from service.store.claims import check_lease
+from service.store.results_files import NotShared, ResultsFolder
 
 LOG = logging.getLogger("service.pacs.delivery")
 
@@ -97,6 +102,9 @@ class Dispatcher:
     longer configured is recorded as a failed attempt saying so (with the longest backoff), so it stays
     visible and ends failed rather than lingering or being dropped.
 
+    `results`: this replica's results folder, through which an object another replica made is read from the
+    database before it is sent (None: paths are sent as they are, the single-machine case).
+
     `on_attempt(destination, ok)` is called after each recorded attempt (a metrics counter); `counts()` is the
     store's count per state (a gauge). Each round claims its rows for `lease_s` and sends from the claim for
     half of it at most (then the rest go back, due): any number of dispatchers, `run_once` callers and
@@ -112,7 +120,8 @@ class Dispatcher:
     def __init__(self, store: ResultsStore, senders: Mapping[str, Sender], *, backoff: Backoff | None = None,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, batch_size: int = 32, poll_interval_s: float = 5.0,
                  clock: Callable[[], datetime] = utc_now, lease_s: float = DEFAULT_LEASE_S,
-                 on_attempt: Callable[[str, bool], None] | None = None, rng: random.Random | None = None) -> None:
+                 on_attempt: Callable[[str, bool], None] | None = None, rng: random.Random | None = None,
+                 results: ResultsFolder | None = None) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         if batch_size < 1:
@@ -128,6 +137,7 @@ class Dispatcher:
         self.lease_s = check_lease(lease_s)
         self.clock = clock
         self.on_attempt = on_attempt
+        self.results = results
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -210,7 +220,24 @@ class Dispatcher:
 
     def _deliver(self, sender: Any, record: Any) -> None:
         """Send one row; raises DeliveryError."""
-        sender.send(record.path)
+        sender.send(self._local(record.path))
+
+    def _local(self, path: str) -> str | Path:
+        """The row's file on this replica: its own path where it is here, else the database's copy written
+        under this replica's results folder. Where neither has it, the path as it is (the sender then says
+        the object file is missing, as before)."""
+        if self.results is None or Path(path).is_file():
+            return path
+        try:
+            return self.results.local_copy(path)
+        except NotShared as error:  # retryable: the replica that made it may claim the row in a later round
+            raise DeliveryError(f"{error.name} ({error.size} bytes) is over PTX_RESULTS_DATABASE_MAX_BYTES: only "
+                                f"the replica that made it can send it", retryable=True) from None
+        except (FileNotFoundError, ValueError):  # not in the database either, or not a results path
+            return path
+        except StoreError as error:
+            raise DeliveryError(f"the object's copy in the results store could not be read: {error.message}",
+                                retryable=True) from None
 
     def _store_attempt(self, record: Any, ok: bool, error: str | None, next_at: datetime | None,
                        claim: str | None) -> Any:

@@ -1,13 +1,16 @@
 """What a pushed notification says, taken once from the finding and the film's header when it is queued.
 
-Two parts, kept in two places, because the database holds no patient data (docs/security.md):
+Two parts, kept in two places, because the outbox's rows hold no patient data (docs/security.md): the
+identifiers live with the result objects, which carry the patient module by design:
 
 * `NotificationContent`, the outbox row's payload (JSON in the store): the finding in our words, the study's
   and film's UIDs, our versions and the HL7 control ID. The database already holds UIDs, scores, priorities.
 * `FilmIdentifiers`, the film's Accession Number and (only where PTX_NOTIFY_HL7_PATIENT_IDS allows) Patient
   ID and Name: a file beside the film's results (`ResultsFolder.write_notification`), where its SEG and SR,
-  which copy the same attributes, already are; removed with them by the retention sweep. The API never
-  serves it. A file gone (retention) or never written (no header) leaves them out of the message.
+  which copy the same attributes, already are; with PTX_RESULTS_IN_DATABASE it is copied into the database's
+  `result_objects` beside them, so the listener whose dispatcher claims the notification reads it wherever it
+  was written. Removed with them by the retention sweep. The API never serves it. A file gone (retention) or
+  never written (no header) leaves them out of the message.
 
 A notification sent after a restart says exactly what it would have said at once; the message (HL7 or JSON)
 is built from both parts at each attempt (a fresh timestamp and signature; the same HL7 control ID, so that
@@ -101,10 +104,11 @@ class IdentifierFiles:
             self.results.write_notification(content.study_uid, content.sop_uid, identifiers.to_json())
 
     def read(self, content: NotificationContent) -> FilmIdentifiers:
-        """The identifiers written for `content`'s film; none when there is no file (none, or swept)."""
+        """The identifiers written for `content`'s film, from this replica's file or (written by another
+        listener, whose notification this one's dispatcher claimed) the database's copy; none when there is
+        neither (none written, or swept)."""
         try:
-            return FilmIdentifiers.from_json(self.results.notification_path(content.study_uid,
-                                                                             content.sop_uid).read_bytes())
+            return FilmIdentifiers.from_json(self.results.read_notification(content.study_uid, content.sop_uid))
         except FileNotFoundError:
             return FilmIdentifiers()
 
