@@ -163,3 +163,32 @@ def test_old_results_stay_while_their_notification_is_still_being_pushed(world: 
     assert (report.results_removed, report.results_kept_pending) == (0, 1) and folder.is_dir()
     world.store.notification_attempt(notification, ok=True)
     assert world.retention.sweep().results_removed == 1 and not folder.exists()
+
+
+def test_database_copies_go_with_age_even_when_their_writers_folder_is_gone(tmp_path: Path) -> None:
+    """Issue 17 §4: replica A wrote results (file + database copy) and was scaled away with its volume; replica
+    B's sweep removes the old copies from the database, but not one whose delivery is still pending, nor a
+    young one. On the code before the database sweep the old copies stayed in the database for ever."""
+    clock = {"now": NOW - timedelta(days=60)}
+    with open_store(None, tmp_path, clock=lambda: clock["now"]) as store:
+        from service.store.result_objects import ResultObjects
+
+        writer = ResultsFolder(tmp_path / "a" / "results", ResultObjects(store))
+        reader = ResultsFolder(tmp_path / "b" / "results", ResultObjects(store))
+        old, pending = (generate_uid(), generate_uid()), (generate_uid(), generate_uid())
+        for study, sop in (old, pending):
+            store.receive(ReceivedInstance(sop_uid=sop, study_uid=study, series_uid=None, sop_class_uid=None,
+                                           source="dicom:TEST", spool_path=None, received_at=clock["now"]))
+            writer.write(study, sop, "SEG.dcm", b"segmentation with the patient module")
+        store.add_delivery(pending[0], generate_uid(), DeliveryKind.SEG, "PACS",
+                           str(writer.path(pending[0], pending[1], "SEG.dcm")))
+        clock["now"] = NOW - timedelta(days=1)
+        young = (generate_uid(), generate_uid())
+        writer.write(*young, "SEG.dcm", b"a young segmentation")
+        clock["now"] = NOW
+        (tmp_path / "a").rename(tmp_path / "gone")  # A's volume went with it
+        report = Retention(store, reader, Spool(tmp_path / "b" / "spool"), DAYS, clock=lambda: NOW).sweep()
+        assert report.results_removed == 1
+        assert not reader.has(*old, "SEG.dcm")
+        assert reader.read(*pending, "SEG.dcm") == b"segmentation with the patient module"
+        assert reader.read(*young, "SEG.dcm") == b"a young segmentation"
