@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shlex
@@ -197,6 +198,7 @@ class Phase:
     client_cpu_s: float  # CPU this process (the client) spent during the measured pass: it shares the cores
     answers: dict[str, dict] = field(repr=False)  # 200 answers by file name
     problems: list[str] = field(default_factory=list)
+    latencies_s: dict[str, float] = field(default_factory=dict, repr=False)  # of the 200 answers, by file name
 
     def stage_means_ms(self) -> dict[str, float]:
         """Mean of each `timings_ms` stage over the answers that report it (the server's own clock)."""
@@ -225,7 +227,8 @@ def drive(name: str, base: str, films: Sequence[tuple[str, bytes]], concurrency:
     print(f"{name}: {summary.ok}/{summary.requests} ok in {wall:.1f} s = {summary.throughput:.2f} films/s, "
           f"p50 {summary.p50_ms:.0f} ms, p99 {summary.p99_ms:.0f} ms (load average before {load_before:.2f}, "
           f"client CPU {client_cpu:.1f} s)", flush=True)
-    return Phase(name, concurrency, summary, load_before, client_cpu, {r.name: r.body for r in ok if r.body}, problems)
+    return Phase(name, concurrency, summary, load_before, client_cpu, {r.name: r.body for r in ok if r.body}, problems,
+                 {r.name: r.latency_s for r in ok})
 
 
 # --- the servers ------------------------------------------------------------------------------------------
@@ -325,7 +328,7 @@ def machine() -> str:
 
 
 def _ms(value: float) -> str:
-    return "–" if value != value else f"{value:,.0f}"
+    return "–" if math.isnan(value) else f"{value:,.0f}"
 
 
 def _from_timings(detail: dict) -> str:
@@ -344,15 +347,15 @@ def markdown(report: dict) -> str:
         "",
         f"`{report['command']}`",
         "",
-        f"Machine: {report['machine']}. Settings: hflip TTA {'on' if s['hflip_tta'] else 'off'}, mask={s['mask']}, "
+        (f"Machine: {report['machine']}. Settings: hflip TTA {'on' if s['hflip_tta'] else 'off'}, mask={s['mask']}, "
         f"service env {s['service_env'] or '{}'} (PTX_MAX_BATCH_SIZE {s['max_batch_size']}, PTX_MAX_LATENCY_MS "
         f"{s['max_latency_ms']}), models {report['models']}, warm-up {s['warmup']} requests per server, "
         f"{s['threads']} threads for torch (baseline) and ONNX Runtime (model-only). "
         f"torch {s['versions']['torch']}, onnxruntime {s['versions']['onnxruntime']}, "
-        f"bentoml {s['versions']['bentoml']}.",
+        f"bentoml {s['versions']['bentoml']}."),
         "",
-        "| server | client concurrency | films | errors | films/s | p50 latency | p99 latency | vs baseline "
-        "| of model-only limit at 22 % | at observed gating |",
+        ("| server | client concurrency | films | errors | films/s | p50 latency | p99 latency | vs baseline "
+        "| of model-only limit at 22 % | at observed gating |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, summary, vs in (("naive baseline (PyTorch eager, one at a time, no gate)", base, "1.00×"),
@@ -367,21 +370,21 @@ def markdown(report: dict) -> str:
     agree = report["agreement"]
     lines += [
         "",
-        f"Model-only (ONNX Runtime in-process, per film {'with' if s['hflip_tta'] else 'without'} TTA, best batch): "
+        (f"Model-only (ONNX Runtime in-process, per film {'with' if s['hflip_tta'] else 'without'} TTA, best batch): "
         f"classify {classify['per_film_s'] * 1000:.2f} ms (batch {classify['best_batch']}), "
         f"segment {segment['per_film_s'] * 1000:.2f} ms (batch {segment['best_batch']}). "
         "Limit 1 / (t_classify + g · t_segment): "
         f"**{limits['at_prevalence']:.1f} films/s at g = 0.22** (the design's prevalence); "
         f"**{limits['at_observed']:.1f} films/s at the observed g = {g_obs:.2f}** (share of the service's films "
         f"with score ≥ gate {report['gate']:.3f}{_from_timings(limits['gated_fraction_detail'])}); "
-        f"{limits['no_gate']:.1f} films/s with both models on every film.",
+        f"{limits['no_gate']:.1f} films/s with both models on every film."),
         "",
-        f"Agreement, service vs baseline on the same {agree['compared']} films: max |Δscore| "
+        (f"Agreement, service vs baseline on the same {agree['compared']} films: max |Δscore| "
         f"{agree['max_abs_score_difference']:.1e}, {len(agree['label_mismatches'])} label mismatches, "
-        f"models {'identical' if agree['models_equal'] else 'DIFFERENT'}.",
+        f"models {'identical' if agree['models_equal'] else 'DIFFERENT'}."),
         "",
-        "Mean time per stage as each server reports it (`timings_ms`; the service's model stages include the "
-        "wait for a batch):",
+        ("Mean time per stage as each server reports it (`timings_ms`; the service's model stages include the "
+        "wait for a batch):"),
         "",
     ]
     for phase in ("baseline", "service"):
@@ -405,17 +408,17 @@ SECTION = "## Serving throughput: the service vs a naive server and the models' 
 PLACEHOLDER = "No full run on a quiet CPU is recorded yet."
 
 
-def append_to_section(document: str, text: str) -> str:
-    """`document` with `text` added at the end of the serving-throughput section (before the next `## `
-    heading, so other sections' appended tables stay in theirs), replacing the no-run-yet placeholder.
-    A document without the section gets the section heading and `text` at its end."""
+def append_to_section(document: str, text: str, section: str = SECTION, placeholder: str = PLACEHOLDER) -> str:
+    """`document` with `text` added at the end of `section` (the serving-throughput one unless told; before
+    the next `## ` heading, so other sections' appended tables stay in theirs), replacing the no-run-yet
+    placeholder. A document without the section gets the section heading and `text` at its end."""
     lines = document.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == section), None)
     if start is None:
-        return document.rstrip("\n") + f"\n\n{SECTION}\n\n{text.rstrip()}\n"
+        return document.rstrip("\n") + f"\n\n{section}\n\n{text.rstrip()}\n"
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    section = [line for line in lines[start:end] if line.rstrip("\n") != PLACEHOLDER]
-    body = "".join(section).rstrip("\n") + "\n\n" + text.rstrip() + "\n"
+    section_lines = [line for line in lines[start:end] if line.rstrip("\n") != placeholder]
+    body = "".join(section_lines).rstrip("\n") + "\n\n" + text.rstrip() + "\n"
     rest = "".join(lines[end:])
     return "".join(lines[:start]) + body + ("\n" + rest if rest else "")
 

@@ -4,6 +4,7 @@ the benchmark reports (latency summary, model-only limit, agreement) are compute
 from __future__ import annotations
 
 import asyncio
+import io
 import math
 import os
 import subprocess
@@ -13,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from load_tests import bench_compressed as compressed
 from load_tests.bench_service import (
     PLACEHOLDER,
     SECTION,
+    Phase,
     agreement,
     append_to_section,
     gated_fraction,
@@ -178,3 +181,91 @@ def test_report_goes_into_its_own_section() -> None:
     last = append_to_section(f"{SECTION}\n\nmethod\n\n{PLACEHOLDER}\n", "### run\n")
     assert last == f"{SECTION}\n\nmethod\n\n### run\n"
     assert append_to_section("# Benchmarks\n", "### run\n") == f"# Benchmarks\n\n{SECTION}\n\n### run\n"
+    document = f"{SECTION}\n\nrun\n\n## Other\n\nold\n\nNot yet.\n"
+    custom = append_to_section(document, "### new\n", "## Other", "Not yet.")
+    assert custom == f"{SECTION}\n\nrun\n\n## Other\n\nold\n\n### new\n"
+
+
+# --- the compressed-corpus benchmark (load_tests/bench_compressed.py) ---------------------------------------
+
+def test_compressed_corpus_real_films_by_transfer_syntax_and_synthetic_ones_reencoded(realdata: Path,
+                                                                                      tmp_path: Path) -> None:
+    import pydicom
+    from pydicom.uid import JPEG2000, JPEG2000Lossless
+
+    real = compressed.real_corpus(realdata / "chest", repeat=2)
+    groups = {film.name: film.group for film in real}
+    assert len(groups) == len(real) == 8, "each post of a film has a name of its own"
+    assert groups["canon_dx_j2k_lossless_mono1_inverse#1"] == groups["philips_cr_j2k_lossy_mono1#0"] == "real JPEG 2000"
+    assert groups["siim_cr_jpegbaseline_mono2#0"] == "real JPEG"
+    with pytest.raises(SystemExit, match="real chest films not found at .*PTX_REALDATA"):
+        compressed.real_corpus(tmp_path / "absent", repeat=1)
+
+    synthetic = compressed.synthetic_corpus(1, 3, tmp_path)
+    syntaxes = {film.group: pydicom.dcmread(io.BytesIO(film.data)).file_meta.TransferSyntaxUID for film in synthetic}
+    assert syntaxes == {compressed.SYNTH_LOSSLESS: JPEG2000Lossless, compressed.SYNTH_LOSSY: JPEG2000}
+    cached = sorted((tmp_path / "compressed-n1-s3").rglob("*.dcm"))
+    stamps = [path.stat().st_mtime_ns for path in cached]
+    assert len(cached) == 2 and compressed.synthetic_corpus(1, 3, tmp_path) == synthetic
+    assert [path.stat().st_mtime_ns for path in cached] == stamps, "encoded once, then read from the cache"
+
+    by_group = compressed.by_group(real + synthetic)
+    assert list(by_group) == list(compressed.GROUPS) and [len(v) for v in by_group.values()] == [4, 4, 1, 1]
+    warm = compressed.warmup_films(by_group, 6)
+    assert [name.split("#")[0].split("/")[0] for name, _ in warm] == [
+        "canon_dx_j2k_lossless_mono1_inverse", "siim_cr_jpegbaseline_mono1_flagged", "j2k-lossless", "j2k-lossy",
+        "philips_cr_j2k_lossy_mono1", "siim_cr_jpegbaseline_mono2"]
+
+
+def _phase(latencies_ms: dict[str, float], scores: dict[str, float], decode_ms: float, wall_s: float,
+           errors: int = 0) -> Phase:
+    """A pass as bench_service.drive records it, from known latencies, scores and decode times."""
+    answers = {name: {"score": score, "label": "pneumothorax" if score >= 0.5 else "no_pneumothorax",
+                      "models": {"classifier": "c 1"}, "timings_ms": {"decode": decode_ms}}
+               for name, score in scores.items()}
+    latencies = {name: ms / 1000 for name, ms in latencies_ms.items()}
+    return Phase("pass", 4, summarise(list(latencies.values()), errors, wall_s), 0.5, 0.1, answers,
+                 ["x: 503"] * errors, latencies)
+
+
+def test_compressed_figures_pool_the_jpeg_2000_groups_and_give_the_ratios() -> None:
+    scores = {"a": 0.2, "b": 0.7}
+    moved = {"a": 0.203, "b": 0.69}
+    rows = {
+        "group 1": {"naive": [_phase({"a": 800, "b": 1200}, scores, 500, 2.0)],
+                    "reduced off": [_phase({"a": 600, "b": 1000}, scores, 400, 1.0)],
+                    "reduced on": [_phase({"a": 100, "b": 300}, moved, 40, 0.25)]},
+        "pooled": {"naive": [_phase({"a": 800, "b": 1200}, scores, 500, 2.0),
+                             _phase({"c": 100, "d": 100}, {"c": 0.1, "d": 0.1}, 20, 0.5)],
+                   "reduced off": [_phase({"a": 600, "b": 1000}, scores, 400, 1.0),
+                                   _phase({"c": 100, "d": 100}, {"c": 0.1, "d": 0.1}, 20, 0.5)],
+                   "reduced on": [_phase({"a": 100, "b": 300}, moved, 40, 0.25),
+                                  _phase({"c": 50, "d": 50}, {"c": 0.1, "d": 0.1}, 10, 0.25, errors=1)]},
+    }
+    one = compressed.group_row(rows["group 1"])
+    assert one["films"] == 2 and one["servers"]["reduced on"]["throughput"] == pytest.approx(8.0)
+    assert one["on_vs_off_throughput"] == pytest.approx(4.0)  # 8 films/s against 2
+    assert one["on_vs_off_mean_latency"] == pytest.approx(800 / 200)
+    assert one["on_vs_naive_throughput"] == pytest.approx(8.0)
+    assert one["decode_ms"] == {"naive": 500, "reduced off": 400, "reduced on": 40}
+    assert one["on_vs_off"]["max_abs_score_difference"] == pytest.approx(0.01)
+    assert one["on_vs_off"]["label_mismatches"] == [] and one["off_vs_naive"]["max_abs_score_difference"] == 0
+
+    both = compressed.group_row(rows["pooled"])
+    on = both["servers"]["reduced on"]
+    assert (on["requests"], on["ok"], on["errors"]) == (5, 4, 1), "every pass's latencies and errors"
+    assert on["wall_s"] == pytest.approx(0.5) and on["throughput"] == pytest.approx(8.0), "successes / walls added"
+    assert on["mean_ms"] == pytest.approx(125)
+    assert both["on_vs_off_throughput"] == pytest.approx(8.0 / (4 / 1.5))
+    assert both["decode_ms"]["reduced off"] == pytest.approx((400 * 2 + 20 * 2) / 4)
+
+    report = {"date": "d", "command": "python -m load_tests.bench_compressed", "machine": "m", "models": "c + s",
+              "settings": {"hflip_tta": True, "mask": "rle", "service_env": {}, "warmup": 8, "seed": 0},
+              "films": {"group 1": 2}, "load": (0.5, 0.5), "off_vs_naive_max": 0.0,
+              "tables": {4: {"group 1": one, compressed.ALL_J2K: both},
+                         16: {compressed.ALL_J2K: {**both, "on_vs_off_throughput": 5.0}}}}
+    text = compressed.markdown(report)
+    assert "| group 1 | 2 | 1.00 | 1,000 / 1,000 / 1,196 | 2.00 |" in text
+    assert "| **4.00×** | 4.00× | 8.00× | 0.0100 |" in text
+    assert "3.00×, NOT met at concurrency 4" in text and "5.00×, met at concurrency 16" in text
+

@@ -3,9 +3,11 @@ INT8 cascade stays with the FP32 one on held-out synthetic films.
 
 The accuracy bound of the issue (AUC within 0.005 and Dice on positives within 0.01 of FP32) is measured on
 the 600-film synthetic test set by `python load_tests/bench_int8.py --accuracy DIR` (docs/models.md): 0.0013
-and 0.0006. A suite-sized set is too small for the Dice bound (31 positives moved it by 0.013 on one seed
-while the per-film figures stayed put), so here the comparison is paired, film by film, on films never used
-in training: the AUC bound, the score differences, the masks' Dice to the FP32 masks and the decisions.
+and 0.0006. A suite-sized set is small for the Dice bound (31 positives moved it by 0.013 on one seed while
+the per-film figures stayed put), so here the comparison is also paired, film by film, on films never used
+in training: the score differences, the masks' Dice to the FP32 masks and the decisions. Both bounds of the
+issue are still asserted on this set, whose seed is fixed: its 44 positives give a Dice difference of 0.0015
+(two other 120-film seeds: 0.0009 and 0.0007), so `make test` carries the issue's bar with room to spare.
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ def comparison(tmp_path_factory, realdata):
 def test_int8_auc_stays_within_0_005_of_fp32(comparison):
     assert comparison.positives >= 20 and comparison.films - comparison.positives >= 60
     assert abs(comparison.auc_delta) <= 0.005, comparison.summary()
+
+
+def test_int8_dice_on_positives_stays_within_0_01_of_fp32(comparison):
+    """The issue's Dice bar itself: mean Dice on positives against the ground truth, INT8 vs FP32 masks."""
+    assert comparison.positives >= 40
+    assert abs(comparison.dice_positive_delta) <= 0.01, comparison.summary()
 
 
 def test_int8_scores_and_decisions_follow_fp32_film_by_film(comparison):
