@@ -97,6 +97,7 @@ class Settings(BaseSettings):
     delivery_max_attempts: int = Field(default=10, ge=1)
     delivery_backoff_s: float = Field(default=30.0, gt=0)
     delivery_backoff_max_s: float = Field(default=3600.0, gt=0)
+    delivery_lease_s: float = Field(default=300.0, ge=5)  # a dispatcher's claim on a batch (deliveries, notifications)
     # Access control and privacy (service/auth.py, docs/security.md). No token: authentication off.
     api_token: SecretStr | None = None  # bearer token for every endpoint but the open ones
     api_token_file: Path | None = None  # one token per line (two during a rotation); read at start

@@ -87,7 +87,8 @@ class Pacs:
             self.dispatcher = Dispatcher(store, senders, backoff=Backoff(settings.delivery_backoff_s, 2.0,
                                                                          settings.delivery_backoff_max_s),
                                          max_attempts=settings.delivery_max_attempts, on_attempt=on_attempt,
-                                         results=results)  # another replica's objects from the database
+                                         results=results,  # another replica's objects from the database
+                                         lease_s=settings.delivery_lease_s, owner=settings.listener_name)
         self.intake = Intake(self.spool, store, triage, workers=settings.intake_workers,
                              outputs_retry_s=settings.outputs_retry_s,
                              max_outputs_retry_s=max(OUTPUTS_RETRY_MAX_S, settings.outputs_retry_s),

@@ -42,7 +42,7 @@ from service.store.base import (
     require_utc,
     utc_now,
 )
-from service.store.claims import Claim, check_lease
+from service.store.claims import Claim, check_lease, owned_token
 from service.store.feedback_sql import SqlFeedback
 from service.store.migrations import LATEST_VERSION, MIGRATIONS, SCHEMA_MIGRATIONS
 from service.store.notifications import (
@@ -523,31 +523,39 @@ class SqlResultsStore(SqlFeedback, ResultsStore):
                                      claimed=claim is not None)
 
     def claim_deliveries(self, limit: int, lease_s: float, now: datetime | None = None,
-                         destination: str | None = None, exclude: Collection[str] = ()) -> Claim[DeliveryRecord]:
+                         destination: str | None = None, exclude: Collection[str] = (),
+                         owner: str | None = None) -> Claim[DeliveryRecord]:
         rows, token, until = self._claim("deliveries", DELIVERY_COLUMNS, "destination", limit, lease_s, now,
-                                         destination, exclude)
+                                         destination, exclude, owner)
         return Claim(token, until, sorted((_delivery(row) for row in rows), key=lambda record: record.id))
 
     def release_deliveries(self, token: str, due_at: datetime) -> int:
         return self._release("deliveries", token, due_at)
 
+    def release_owned_deliveries(self, owner: str, due_at: datetime) -> int:
+        return self._release_owned("deliveries", owner, due_at)
+
     def claim_notifications(self, limit: int, lease_s: float, now: datetime | None = None,
-                            channel: str | None = None, exclude: Collection[str] = ()) -> Claim[NotificationRecord]:
+                            channel: str | None = None, exclude: Collection[str] = (),
+                            owner: str | None = None) -> Claim[NotificationRecord]:
         rows, token, until = self._claim("notifications", NOTIFICATION_COLUMNS, "channel", limit, lease_s, now,
-                                         channel, exclude)
+                                         channel, exclude, owner)
         return Claim(token, until, sorted((_notification(row) for row in rows), key=lambda record: record.id))
 
     def release_notifications(self, token: str, due_at: datetime) -> int:
         return self._release("notifications", token, due_at)
 
+    def release_owned_notifications(self, owner: str, due_at: datetime) -> int:
+        return self._release_owned("notifications", owner, due_at)
+
     def _claim(self, table: str, columns: str, target: str, limit: int, lease_s: float, now: datetime | None,
-               only: str | None, exclude: Collection[str]) -> tuple[list[Row], str, datetime]:
+               only: str | None, exclude: Collection[str], owner: str | None = None) -> tuple[list[Row], str, datetime]:
         """One statement (claims.py): the due rows, locked and skipped if locked elsewhere, given a fresh token
-        and a next attempt at the lease's end. `target` is the table's destination column."""
+        (prefixed by `owner`) and a next attempt at the lease's end. `target` is the table's destination column."""
         _check_limit(limit)
         at = require_utc(now, "now") if now is not None else require_utc(self._clock(), "clock()")
         until = at + timedelta(seconds=check_lease(lease_s))
-        token = secrets.token_hex(16)
+        token = owned_token(owner, secrets.token_hex(16))
         where, params = ["state = ?", "next_attempt_at <= ?"], ["pending", self._dialect.timestamp(at)]
         if only is not None:
             where.append(f"{target} = ?")
@@ -565,6 +573,15 @@ class SqlResultsStore(SqlFeedback, ResultsStore):
         with self._transaction(write=True) as tx:
             rows = tx.all(f"UPDATE {table} SET next_attempt_at = ?, claim = NULL WHERE claim = ? AND state = ? "
                           "RETURNING id", (self._dialect.timestamp(require_utc(due_at, "due_at")), token, "pending"))
+        return len(rows)
+
+    def _release_owned(self, table: str, owner: str, due_at: datetime) -> int:
+        """substr, not LIKE: a listener name may hold `_`, LIKE's wildcard."""
+        prefix = owned_token(owner, "")
+        with self._transaction(write=True) as tx:
+            rows = tx.all(f"UPDATE {table} SET next_attempt_at = ?, claim = NULL WHERE substr(claim, 1, ?) = ? "
+                          "AND state = ? RETURNING id",
+                          (self._dialect.timestamp(require_utc(due_at, "due_at")), len(prefix), prefix, "pending"))
         return len(rows)
 
     def retry_delivery(self, delivery_id: int) -> DeliveryRecord:

@@ -116,18 +116,17 @@ from pathlib import Path
 from service.pacs.delivery import Dispatcher, make_senders, parse_destinations
 from service.store import open_store
 url, data, destination, lease = sys.argv[1:5]
+owner = sys.argv[5] if len(sys.argv) > 5 else None
 store = open_store(url, Path(data))
 senders = make_senders(parse_destinations(destination), calling_ae="PTXDYING", connect_timeout_s=2, timeout_s=30)
-Dispatcher(store, senders, batch_size=10, lease_s=float(lease)).run_once()
+Dispatcher(store, senders, batch_size=10, lease_s=float(lease), owner=owner).run_once()
 """
 
 
-def test_a_dispatcher_killed_mid_send_leaves_its_objects_to_another(database, scp, tmp_path) -> None:
-    url, store = database
-    uids = queue(store, tmp_path / "out", 6)
-    lease_s = 6.0
+def kill_in_first_send(url: str, scp: CountingScp, tmp_path: Path, lease_s: float, *owner: str) -> str:
+    """A dispatcher process that claims the queue and is killed with SIGKILL in its first send; that send's UID."""
     scp.delay_s = 30.0  # the first object hangs at the receiver: the dispatcher is killed in that send
-    dying = subprocess.Popen([sys.executable, "-c", DYING, url, str(tmp_path), scp.destination, str(lease_s)],
+    dying = subprocess.Popen([sys.executable, "-c", DYING, url, str(tmp_path), scp.destination, str(lease_s), *owner],
                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         deadline = time.monotonic() + 60
@@ -139,6 +138,14 @@ def test_a_dispatcher_killed_mid_send_leaves_its_objects_to_another(database, sc
         dying.wait()
     (in_flight,) = scp.seen
     scp.delay_s = 0.0
+    return in_flight
+
+
+def test_a_dispatcher_killed_mid_send_leaves_its_objects_to_another(database, scp, tmp_path) -> None:
+    url, store = database
+    uids = queue(store, tmp_path / "out", 6)
+    lease_s = 6.0
+    in_flight = kill_in_first_send(url, scp, tmp_path, lease_s)
     assert store.due_deliveries() == [], "its claim holds every row until the lease ends"
 
     survivor_store = open_store(url, tmp_path)
@@ -154,3 +161,32 @@ def test_a_dispatcher_killed_mid_send_leaves_its_objects_to_another(database, sc
     assert set(scp.seen) == set(uids) and duplicates <= {in_flight}, "only the send cut short went twice"
     assert [d.state for d in store.deliveries()] == [DeliveryState.DELIVERED] * len(uids)
     assert [d.attempts for d in store.deliveries()] == [1] * len(uids), "the dead dispatcher recorded nothing"
+
+
+def test_a_listener_killed_mid_send_sends_its_claimed_objects_at_once_when_it_starts_again(database, scp,
+                                                                                            tmp_path) -> None:
+    """Issue 17 §5: the claim names its listener (PTX_LISTENER_NAME); the same listener, started again, takes
+    its rows back at once instead of after the lease (here 300 s, the default); another listener's start does
+    not. Before, the burst test's restarted listener left 8 deliveries pending for the whole lease."""
+    url, store = database
+    uids = queue(store, tmp_path / "out", 6)
+    in_flight = kill_in_first_send(url, scp, tmp_path, 300.0, "pacs-0")
+    senders = make_senders(parse_destinations(scp.destination), calling_ae="PTXAGAIN", **FAST)
+    others = [open_store(url, tmp_path) for _ in range(2)]
+    try:
+        other = Dispatcher(others[0], senders, batch_size=10, poll_interval_s=0.2, lease_s=300, owner="pacs-1")
+        other.start()
+        time.sleep(2.0)
+        other.close()
+        assert store.delivery_counts()[DeliveryState.DELIVERED] == 0, "another listener's start takes nothing"
+        again = Dispatcher(others[1], senders, batch_size=10, poll_interval_s=0.2, lease_s=300, owner="pacs-0")
+        again.start()
+        try:
+            wait_delivered(store, len(uids), timeout_s=60)
+        finally:
+            again.close()
+    finally:
+        for own in others:
+            own.close()
+    duplicates = {uid for uid, count in scp.seen.items() if count > 1}
+    assert set(scp.seen) == set(uids) and duplicates <= {in_flight}, "only the send cut short went twice"

@@ -463,6 +463,32 @@ def test_a_claim_holds_its_rows_for_its_lease_and_only_its_holder_records(databa
         store.claim_deliveries(10, lease_s=0)
 
 
+def test_a_listener_started_again_takes_back_what_its_killed_self_claimed(database: Database,
+                                                                           store: ResultsStore) -> None:
+    """A claim names its listener; that listener's next start releases the rows still claimed under its name
+    (due at once), and no other listener's (a name that is a prefix of another, or differs by LIKE's `_`
+    wildcard, included). Before, they waited out the lease (300 s) whoever started."""
+    store.receive(arrival("1.2.1.1"))
+    seg, sr, sc = (store.add_delivery("1.2.1", f"1.2.99.{n}", kind, "PACS", f"/out/{n}.dcm")
+                   for n, kind in enumerate(DeliveryKind, start=1))
+    killed = store.claim_deliveries(2, lease_s=300, owner="pacs-1")
+    other = store.claim_deliveries(1, lease_s=300, owner="pacs-10")
+    assert killed.token.startswith("pacs-1/") and [d.id for d in killed.rows] == [seg, sr]
+    assert [d.id for d in other.rows] == [sc]
+    assert store.release_owned_deliveries("pacs_1", due_at=T0) == 0
+    assert store.release_owned_deliveries("pacs-", due_at=T0) == 0
+    assert store.claim_deliveries(10, lease_s=60).rows == []
+    assert store.release_owned_deliveries("pacs-1", due_at=T0) == 2
+    assert [d.id for d in store.claim_deliveries(10, lease_s=60, owner="pacs-1").rows] == [seg, sr]
+    with pytest.raises(ValueError, match="without '/'"):
+        store.claim_deliveries(10, lease_s=60, owner="a/b")
+    store.record_finding(result("1.2.1.1", Priority.STAT, 0.95))
+    hl7 = store.add_notification("1.2.1", NotificationChannel.HL7, Priority.STAT, "{}")
+    assert [n.id for n in store.claim_notifications(5, lease_s=300, owner="pacs-1").rows] == [hl7]
+    assert store.release_owned_notifications("pacs-10", due_at=T0) == 0
+    assert store.release_owned_notifications("pacs-1", due_at=T0) == 1
+
+
 def test_notifications_are_claimed_as_deliveries_are(database: Database, store: ResultsStore) -> None:
     store.receive(arrival("1.2.1.1"))
     store.record_finding(result("1.2.1.1", Priority.STAT, 0.95))

@@ -30,7 +30,7 @@ Why this shape:
   refused or aborted, timeout, HTTP 5xx), its remaining deliveries of that round are recorded with the
   same error instead of each waiting out its own timeout. (They must be recorded, not skipped: the store
   hands out the earliest due deliveries first, and unrecorded ones would be handed out again.)
-* Run **one dispatcher per database** (the store's `due_deliveries` is not a queue with leases).
+* Any number of dispatchers may share one database: each round claims its rows with a lease (service/store/claims.py).
 """
 
 from service.pacs.delivery.cstore import CStoreSender

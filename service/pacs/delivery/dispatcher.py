@@ -19,12 +19,12 @@ import random
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from service.log_safety import describe_exception
+from service.pacs.delivery.backoff import Backoff
 from service.pacs.delivery.cstore import CStoreSender
 from service.pacs.delivery.destinations import DEFAULT_CALLING_AE, Destination
 from service.pacs.delivery.sender import DeliveryError, Sender
@@ -63,38 +63,6 @@ def make_senders(destinations: Iterable[Destination], **options: object) -> dict
 
 # --- dispatcher --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Backoff:
-    """Delay before the next attempt after `attempts` failed ones: base · factor^(attempts-1), capped at
-    `max_s`, minus a random share of up to `jitter` of it (so it lies in [(1 - jitter)·d, d])."""
-
-    base_s: float = 30.0
-    factor: float = 2.0
-    max_s: float = 3600.0
-    jitter: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.base_s <= 0 or self.max_s < self.base_s:
-            raise ValueError(f"backoff needs 0 < base ({self.base_s}) <= max ({self.max_s})")
-        if self.factor < 1:
-            raise ValueError(f"backoff factor must be at least 1, got {self.factor}")
-        if not 0 <= self.jitter < 1:
-            raise ValueError(f"backoff jitter must be in [0, 1), got {self.jitter}")
-
-    def ceiling_s(self, attempts: int) -> float:
-        exponent = max(0, attempts - 1)
-        try:
-            delay = self.base_s * self.factor ** exponent
-        except OverflowError:
-            delay = self.max_s
-        return min(self.max_s, delay)
-
-    def delay_s(self, attempts: int, rng: random.Random, *, longest: bool = False) -> float:
-        """The jittered delay after `attempts` failures; `longest`: the cap's (for a rejection)."""
-        ceiling = self.max_s if longest else self.ceiling_s(attempts)
-        return ceiling * (1.0 - self.jitter * rng.random())
-
-
 class Dispatcher:
     """Sends due deliveries and records every attempt; `start()` runs it on its own thread.
 
@@ -121,7 +89,7 @@ class Dispatcher:
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, batch_size: int = 32, poll_interval_s: float = 5.0,
                  clock: Callable[[], datetime] = utc_now, lease_s: float = DEFAULT_LEASE_S,
                  on_attempt: Callable[[str, bool], None] | None = None, rng: random.Random | None = None,
-                 results: ResultsFolder | None = None) -> None:
+                 results: ResultsFolder | None = None, owner: str | None = None) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         if batch_size < 1:
@@ -138,6 +106,7 @@ class Dispatcher:
         self.clock = clock
         self.on_attempt = on_attempt
         self.results = results
+        self.owner = owner  # PTX_LISTENER_NAME: claims carry it; `start` releases what a killed self left claimed
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -212,11 +181,15 @@ class Dispatcher:
     def _due(self, at: datetime, destination: str | None, exclude: Collection[str]) -> Claim[Any]:
         """The rows due at `at` (at most a batch), of one destination or of all but `exclude`, claimed."""
         return self.store.claim_deliveries(self.batch_size, self.lease_s, now=at, destination=destination,
-                                           exclude=exclude)
+                                           exclude=exclude, owner=self.owner)
 
     def _release(self, token: str, at: datetime) -> int:
         """The claim's rows not attempted, due again at `at`."""
         return self.store.release_deliveries(token, at)
+
+    def _release_owned(self, owner: str, at: datetime) -> int:
+        """Every row still claimed under `owner` (a killed run of this listener), due again at `at`."""
+        return self.store.release_owned_deliveries(owner, at)
 
     def _deliver(self, sender: Any, record: Any) -> None:
         """Send one row; raises DeliveryError."""
@@ -293,6 +266,20 @@ class Dispatcher:
                  record.destination, time.monotonic() - started)
         return None
 
+    def _take_back_owned(self) -> None:
+        """At start: rows this listener's name claimed before it was killed are due now, not when their lease
+        ends (claims.py; one process runs under one listener name). A store that cannot answer: the lease."""
+        if self.owner is None:
+            return
+        try:
+            released = self._release_owned(self.owner, self.clock())
+        except Exception:  # the rows come back when their lease runs out
+            LOG.exception("%s claims of an earlier run could not be released; they are due when the lease ends",
+                          self.noun)
+            return
+        if released:
+            LOG.info("%d %s(s) claimed by an earlier run of this listener released", released, self.noun)
+
     def _give_back(self, token: str, at: datetime) -> None:
         """Release what the round claimed but did not attempt; if the store is unreachable the lease ends it."""
         try:
@@ -341,6 +328,7 @@ class Dispatcher:
         with self._lifecycle:
             if any(thread.is_alive() for thread in self._threads):
                 return
+            self._take_back_owned()
             self._stopping.clear()
             self._threads = [threading.Thread(target=self._loop, args=(name,), daemon=True,
                                               name=f"ptx-delivery-{name or 'unconfigured'}")

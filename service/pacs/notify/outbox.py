@@ -71,10 +71,13 @@ class NotificationDispatcher(Dispatcher):
 
     def _due(self, at: datetime, destination: str | None, exclude: Collection[str]) -> Claim[Any]:
         return self.store.claim_notifications(self.batch_size, self.lease_s, now=at, channel=destination,
-                                              exclude=exclude)
+                                              exclude=exclude, owner=self.owner)
 
     def _release(self, token: str, at: datetime) -> int:
         return self.store.release_notifications(token, at)
+
+    def _release_owned(self, owner: str, at: datetime) -> int:
+        return self.store.release_owned_notifications(owner, at)
 
     def _deliver(self, sender: Any, record: Any) -> None:
         sender.send(record)
@@ -100,7 +103,7 @@ class Notifier:
                  priorities: Collection[Priority], patient_ids: bool = False, backoff: Backoff = NOTIFY_BACKOFF,
                  max_attempts: int = DEFAULT_NOTIFY_ATTEMPTS, poll_interval_s: float = 5.0,
                  on_outcome: Callable[[str, str], None] | None = None,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now, **claims: Any) -> None:
         unknown = set(senders) - {c.value for c in NotificationChannel}
         if unknown:
             known = [c.value for c in NotificationChannel]
@@ -109,7 +112,8 @@ class Notifier:
         self.priorities, self.patient_ids = frozenset(priorities), patient_ids
         self.max_attempts, self.clock = max_attempts, clock
         self.dispatcher = NotificationDispatcher(store, self.senders, backoff=backoff, max_attempts=max_attempts,
-                                                 poll_interval_s=poll_interval_s, on_outcome=on_outcome, clock=clock)
+                                                 poll_interval_s=poll_interval_s, on_outcome=on_outcome, clock=clock,
+                                                 **claims)  # lease_s, owner (PTX_DELIVERY_LEASE_S, PTX_LISTENER_NAME)
 
     @classmethod
     def from_settings(cls, settings: Settings, store: ResultsStore, results: ResultsFolder, *,
@@ -130,7 +134,7 @@ class Notifier:
         if not senders:
             return None
         return cls(store, files, senders, priorities=priorities, patient_ids=settings.notify_hl7_patient_ids,
-                   on_outcome=on_outcome)
+                   on_outcome=on_outcome, lease_s=settings.delivery_lease_s, owner=settings.listener_name)
 
     def notify(self, finding: Finding) -> dict[str, int]:
         """Queue the finding's notifications, one per channel, when its priority is notified and its study is
