@@ -3,7 +3,8 @@
 What this verifies: the manifests against the OpenAPI schemas of two Kubernetes versions (kubernetes-validate,
 which bundles them: checked here with sockets refused), strictly (an unknown or misspelt field fails); that the
 kustomizations name every file; that every `PTX_*` variable is a real setting and the service would accept the
-values; the stop grace against the drain; probes, Secrets, volumes and Services wired to each other; the GPU
+values; the stop grace against the drain; probes, Secrets, volumes and Services wired to each other; each
+listener its own name and claim, triaging through the triage Service with a token it may POST with; the GPU
 variant equal to the CPU one but for its GPU parts. What it does not: nothing here is applied to a cluster
 (no API server, admission webhooks, scheduler, GPU or image pull); docs/deploy.md says so too.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import socket
+import urllib.parse
 from pathlib import Path
 
 import kubernetes_validate
@@ -19,7 +21,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from service.http.auth import read_token_entries
+from service.http.auth import Role, read_token_entries
 from service.pacs.delivery.destinations import parse_destinations
 from service.settings import Settings, load_settings
 
@@ -30,6 +32,10 @@ VERSIONS = ("1.29", latest_version())
 WORKLOADS = ("Deployment", "StatefulSet")
 #: What the GPU variant may change in the triage Deployment's pod template (container fields / pod fields).
 GPU_ONLY_ENV = {"PTX_BACKEND", "PTX_TRT_CACHE_DIR"}
+#: What a Secret's key stands for in the tests (the real values live only in the cluster).
+SECRET_STAND_INS = {("ptx-database", "url"): "postgresql://ptx@postgres.db.svc:5432/ptx",
+                    ("ptx-triage-token", "token"): "a-stand-in-listener-token"}
+POD_NAME = "ptx-pod-0"  # what the downward API's metadata.name gives when a test names no pod
 
 
 def _documents(path: Path) -> list[dict]:
@@ -56,15 +62,20 @@ def _container(workload: dict) -> dict:
     return container
 
 
-def _environ(container: dict) -> dict[str, str]:
-    """The container's environment as the service would see it, a Secret's value stood in for by a placeholder."""
+def _environ(container: dict, pod_name: str = POD_NAME) -> dict[str, str]:
+    """The container's environment as the service would see it in the pod `pod_name`, a Secret's value stood in
+    for by a placeholder; any other source than a Secret or the pod's name fails the test."""
     environ = {}
     for variable in container["env"]:
-        if "valueFrom" in variable:
-            ref = variable["valueFrom"]["secretKeyRef"]
-            environ[variable["name"]] = {"url": "postgresql://ptx@postgres.db.svc:5432/ptx"}[ref["key"]]
-        else:
+        source = variable.get("valueFrom")
+        if source is None:
             environ[variable["name"]] = variable["value"]
+        elif "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            environ[variable["name"]] = SECRET_STAND_INS[(ref["name"], ref["key"])]
+        else:
+            assert source == {"fieldRef": {"fieldPath": "metadata.name"}}, variable
+            environ[variable["name"]] = pod_name
     return environ
 
 
@@ -143,17 +154,44 @@ def test_each_workload_gets_settings_the_service_accepts(variant) -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_one_listener_with_its_own_volume_and_none_on_the_triage_replicas(variant) -> None:
+def test_each_listener_has_its_own_name_and_claim_and_the_triage_replicas_none(variant) -> None:
     objects = render(K8S / variant)
     listener, triage = _workload(objects, "StatefulSet"), _workload(objects, "Deployment")
-    settings = load_settings(environ=_environ(_container(listener)))
-    assert listener["spec"]["replicas"] == 1, "one listener until issue 17 §1 (listener identity)"
+    replicas = listener["spec"]["replicas"]
+    assert replicas >= 2, "several listeners (issue 17 §1)"
+    (name,) = [v for v in _container(listener)["env"] if v["name"] == "PTX_LISTENER_NAME"]
+    assert name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, "the name follows the pod"
+    pods = [f"{listener['metadata']['name']}-{ordinal}" for ordinal in range(replicas)]  # a StatefulSet's names
+    names = {load_settings(environ=_environ(_container(listener), pod)).listener_name for pod in pods}
+    assert names == set(pods), "each pod name is a valid PTX_LISTENER_NAME, and each listener's own"
+    settings = load_settings(environ=_environ(_container(listener), pods[0]))
     assert settings.edge_workers == 1 and settings.dicom_port is not None
     assert {"name": "dicom", "containerPort": settings.dicom_port} in _container(listener)["ports"]
+    # The spool on a claim made per pod (data-ptx-pacs-0, ...), kept when the StatefulSet is scaled down.
     _, volume = _mount_of(listener, str(settings.data_dir))
     assert volume in {claim["metadata"]["name"] for claim in listener["spec"]["volumeClaimTemplates"]}
     assert volume not in {v["name"] for v in listener["spec"]["template"]["spec"]["volumes"]}
-    assert "PTX_DICOM_PORT" not in _environ(_container(triage))
+    assert listener["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    triage_env = _environ(_container(triage))
+    assert not {"PTX_DICOM_PORT", "PTX_LISTENER_NAME", "PTX_TRIAGE_URL"} & set(triage_env)
+    assert "volumeClaimTemplates" not in triage["spec"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_listeners_triage_through_the_triage_service_and_every_replica_reads_the_results(variant) -> None:
+    objects = render(K8S / variant)
+    listener, triage = _workload(objects, "StatefulSet"), _workload(objects, "Deployment")
+    settings = load_settings(environ=_environ(_container(listener)))
+    url = urllib.parse.urlsplit(settings.triage_url or "")
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    assert url.scheme == "http" and url.hostname in services, f"PTX_TRIAGE_URL names no Service: {url.geturl()}"
+    service = services[url.hostname]
+    assert service["spec"]["selector"].items() <= triage["spec"]["template"]["metadata"]["labels"].items()
+    assert (url.port or 80) in {port["port"] for port in service["spec"]["ports"]}
+    (token,) = [v for v in _container(listener)["env"] if v["name"] == "PTX_TRIAGE_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "ptx-triage-token", "key": "token"}
+    for workload in (listener, triage):  # a listener's SEG/SR/SC: sent by any listener, served by any replica
+        assert load_settings(environ=_environ(_container(workload))).results_in_database is True
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -168,8 +206,9 @@ def test_every_service_reaches_a_workload_port(variant) -> None:
     listener = _workload(objects, "StatefulSet")
     assert any(o["kind"] == "Service" and o["metadata"]["name"] == listener["spec"]["serviceName"]
                and o["spec"].get("clusterIP") == "None" for o in objects), "the StatefulSet's headless Service"
-    (budget,) = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
-    assert budget["spec"]["selector"] == _workload(objects, "Deployment")["spec"]["selector"]
+    budgets = [o["spec"]["selector"] for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert sorted(budgets, key=str) == sorted((w["spec"]["selector"] for w in workloads), key=str), \
+        "one disruption budget per workload: a node drain takes its pods one at a time"
 
 
 def test_the_gpu_variant_is_the_cpu_one_plus_its_gpu_parts() -> None:
@@ -193,7 +232,11 @@ def test_the_gpu_variant_is_the_cpu_one_plus_its_gpu_parts() -> None:
 
 def test_the_example_secrets_are_the_ones_the_workloads_read(tmp_path) -> None:
     secrets = {doc["metadata"]["name"]: doc["stringData"] for doc in _documents(K8S / "secrets.example.yaml")}
-    assert set(secrets) == {"ptx-database", "ptx-api-tokens"} and "url" in secrets["ptx-database"]
+    assert set(secrets) == {name for name, _ in SECRET_STAND_INS} | {"ptx-api-tokens"}
+    assert all(key in secrets[name] for name, key in SECRET_STAND_INS)
     tokens = tmp_path / "tokens"
     tokens.write_text(secrets["ptx-api-tokens"]["tokens"])
-    assert [role.value for _, role in read_token_entries(tokens)] == ["reviewer", "read-only"]
+    entries = read_token_entries(tokens)
+    assert [role.value for _, role in entries] == ["reviewer", "read-only", "reviewer"]
+    # The listeners' token is a line of the replicas' token file, with a role that may POST /v1/triage.
+    assert (secrets["ptx-triage-token"]["token"], Role.REVIEWER) in entries

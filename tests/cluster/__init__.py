@@ -1,0 +1,1 @@
+"""Tests of several real processes working as one deployment: PostgreSQL, nginx, triage replicas, listeners."""
