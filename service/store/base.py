@@ -27,7 +27,7 @@ All timestamps are timezone-aware UTC; a naive datetime is refused rather than g
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -300,6 +300,11 @@ class ResultsStore(NotificationOutbox, FeedbackLog, OutboxClaims):
     @abstractmethod
     def study(self, study_uid: str) -> StudyRecord | None:
         """One study with its instances (by arrival) and findings (by creation), or None."""
+
+    @abstractmethod
+    def studies(self, study_uids: Sequence[str]) -> dict[str, StudyRecord]:
+        """Several studies as `study` reads each, in one transaction of three queries (a worklist page's rows:
+        25 round trips before); a UID not stored is left out."""
 
     @abstractmethod
     def finding(self, sop_uid: str) -> tuple[str, FindingRecord] | None:

@@ -431,6 +431,27 @@ class SqlResultsStore(SqlFeedback, ResultsStore):
         return StudyRecord(**vars(_item(row)), instances=tuple(_instance(r) for r in instances),
                            findings=tuple(_finding(r) for r in findings))
 
+    def studies(self, study_uids: Sequence[str]) -> dict[str, StudyRecord]:
+        uids = list(dict.fromkeys(study_uids))
+        if not uids:
+            return {}
+        marks = ", ".join("?" for _ in uids)
+        with self._transaction(write=False) as tx:
+            rows = tx.all(f"SELECT {STUDY_COLUMNS} FROM studies WHERE study_uid IN ({marks})", uids)
+            instances = tx.all(f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE study_uid IN ({marks}) "
+                               "ORDER BY received_at, sop_uid", uids)
+            findings = tx.all(f"SELECT study_uid, {FINDING_COLUMNS} FROM findings WHERE study_uid IN ({marks}) "
+                              "ORDER BY created_at, sop_uid", uids)
+        by_study: dict[str, tuple[list[Row], list[Row]]] = {row["study_uid"]: ([], []) for row in rows}
+        for row in instances:
+            by_study[row["study_uid"]][0].append(row)
+        for row in findings:
+            by_study[row["study_uid"]][1].append(row)
+        return {row["study_uid"]: StudyRecord(**vars(_item(row)),
+                                              instances=tuple(_instance(r) for r in by_study[row["study_uid"]][0]),
+                                              findings=tuple(_finding(r) for r in by_study[row["study_uid"]][1]))
+                for row in rows}
+
     def finding(self, sop_uid: str) -> tuple[str, FindingRecord] | None:
         with self._transaction(write=False) as tx:
             row = tx.one(f"SELECT study_uid, {FINDING_COLUMNS} FROM findings WHERE sop_uid = ?", (sop_uid,))

@@ -282,6 +282,21 @@ def test_review_state_machine(database: Database, store: ResultsStore) -> None:
     assert not store.acknowledge("9.9.9", seen=None)
 
 
+def test_several_studies_read_at_once_are_what_each_read_alone_gives(store: ResultsStore) -> None:
+    """`studies` (a worklist page's rows in one read) equals `study` for each UID; unknown UIDs are left out."""
+    for n, study_uid in enumerate(("1.2.1", "1.2.2", "1.2.3")):
+        for k in range(n + 1):
+            store.receive(arrival(f"{study_uid}.{k}", study=study_uid, at=minutes(k)))
+            if k % 2 == 0:
+                store.record_finding(result(f"{study_uid}.{k}", Priority.URGENT, 0.6 + k / 10, at=minutes(k)))
+    read = store.studies(["1.2.3", "9.9.9", "1.2.1", "1.2.3"])
+    assert set(read) == {"1.2.1", "1.2.3"}
+    for study_uid, record in read.items():
+        assert record == store.study(study_uid)
+    assert len(read["1.2.3"].instances) == 3 and len(read["1.2.3"].findings) == 2
+    assert store.studies([]) == {}
+
+
 def test_an_acknowledged_pending_study_reopens_only_for_a_positive(store: ResultsStore) -> None:
     for n in (1, 2):
         store.receive(arrival(f"1.2.1.{n}"))

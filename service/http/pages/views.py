@@ -110,8 +110,9 @@ def _listing(service: Any, query: ListQuery) -> tuple[list[StudyRow], str, bool]
     items = _page_items(service.store, query)
     template = service.settings.viewer_url
     rows = []
+    studies = service.store.studies([item.study_uid for item in items[:PAGE_SIZE]])  # one read for the page
     for item in items[:PAGE_SIZE]:
-        study = service.store.study(item.study_uid)
+        study = studies.get(item.study_uid)
         if study is not None:  # removed between the two reads (retention): left out of this page
             rows.append(study_row(study, _has_overlay(service.results, study.study_uid),
                                   viewer_link(template, study.study_uid)))
