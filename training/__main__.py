@@ -1,4 +1,4 @@
-"""`python -m training <command>`: synth, train, cv, export, evaluate, demo.
+"""`python -m training <command>`: synth, train, cv, export, evaluate, demo, quantize, refit-demo, demo-report.
 
 Each command adds a `_add_<name>(subparsers)` function that sets `handler`; `main` stays the same. Bad
 arguments and unusable data give one line on stderr and exit code 2, never a traceback.
@@ -324,16 +324,18 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 def _add_refit_demo(subparsers) -> None:
     p = subparsers.add_parser("refit-demo", help="re-export the demo classifier with its OOD description and score "
-                                                 "fusion, from its weights and its own training films",
+                                                 "calibration, from its weights and its own training films",
                               description="Sort films of the demo's training set (synth with the training seed and "
                                           "prevalence, --uncompressed) into their folds, fit the out-of-distribution "
-                                          "statistics on the training folds and their threshold and the score fusion "
-                                          "on the validation fold, and replace the classifier folder by its "
-                                          "re-export (FP32, FP16, INT8 files; same weights). Never test films.")
+                                          "statistics on the training folds and their threshold and the score's "
+                                          "calibration on the validation fold, and replace the classifier folder by "
+                                          "its re-export (FP32, FP16, INT8 files; same weights). Never test films.")
     p.add_argument("--films", type=Path, required=True, help="a synth folder of the demo's training set (a prefix)")
     p.add_argument("--config", type=Path, default=REPO_ROOT / "training" / "configs" / "demo.yaml")
     p.add_argument("--models", type=Path, default=REPO_ROOT / "models")
-    p.add_argument("--no-fusion", action="store_true", help="the OOD description only")
+    p.add_argument("--score", choices=["calibrated", "fused", "classifier"], default="calibrated",
+                   help="the triage score: the classifier's probability calibrated, decisions kept (default); fused "
+                        "with the segmenter's evidence; or the classifier's probability as is (OOD description only)")
     p.set_defaults(handler=_run_refit_demo)
 
 
@@ -343,17 +345,43 @@ def _run_refit_demo(args: argparse.Namespace) -> int:
     from training.demo_refit import refit_demo
 
     try:
-        result = refit_demo(args.config, args.models, args.films, fuse=not args.no_fusion)
+        result = refit_demo(args.config, args.models, args.films, score=args.score)
     except (DataError, ManifestError, ValueError) as exc:
         raise UsageError(f"training refit-demo: error: {exc}") from None
     print(json.dumps(result, indent=1))
     return 0
 
 
+def _add_demo_report(subparsers) -> None:
+    p = subparsers.add_parser("demo-report", help="the demo models' report on a test set, with the ablation of "
+                                                  "the triage score's evidence (issue 16)")
+    p.add_argument("--films", type=Path, required=True, help="the demo's training set (a prefix, as for refit-demo)")
+    p.add_argument("--test", type=Path, required=True, help="test films (the demo's own: synth seed 9001, 600 films)")
+    p.add_argument("--config", type=Path, default=REPO_ROOT / "training" / "configs" / "demo.yaml")
+    p.add_argument("--models", type=Path, default=REPO_ROOT / "models")
+    p.add_argument("--report", type=Path, default=REPO_ROOT / "docs" / "demo-report")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_run_demo_report)
+
+
+def _run_demo_report(args: argparse.Namespace) -> int:
+    from service.models.manifest import ManifestError
+    from training.data import DataError
+    from training.demo_report import demo_report
+
+    try:
+        summary = demo_report(args.config, args.models, args.films, args.test, args.report, not args.quiet)
+    except (DataError, ManifestError, ValueError) as exc:
+        raise UsageError(f"training demo-report: error: {exc}") from None
+    print(json.dumps({"triage": summary["triage"], "gate": summary["gate"]}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m training", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_synth, _add_train, _add_cv, _add_export, _add_evaluate, _add_demo, _add_quantize, _add_refit_demo):
+    for add in (_add_synth, _add_train, _add_cv, _add_export, _add_evaluate, _add_demo, _add_quantize, _add_refit_demo,
+                _add_demo_report):
         add(subparsers)
     return parser
 

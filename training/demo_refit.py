@@ -1,10 +1,14 @@
 """`python -m training refit-demo`: the bundled demo classifier re-exported with its out-of-distribution
-description and its score fusion (issue 16), from its own weights and its own training films.
+description and its triage score's calibration or fusion (issue 16), from its own weights and its own training
+films.
 
     films of the demo's training set (a prefix: `synth --seed <training seed> --prevalence <training
     prevalence> --uncompressed`) → their folds (training/demo_split.py)
       training-fold films        → OOD mean and covariance (training/ood.py)
-      validation-fold films      → OOD threshold; through the in-process cascade → the fusion (training/fusion.py)
+      validation-fold films      → OOD threshold; through the in-process cascade → the score (training/fusion.py):
+                                   `--score calibrated` (the default, what the demo ships) the classifier's
+                                   probability calibrated, its decisions kept; `fused` with the segmenter's
+                                   evidence; `classifier` neither
       the set's first 128 films  → INT8 calibration, as before (its fingerprint must match the manifest's)
     → training/reexport.py replaces the classifier folder (FP32, FP16, INT8, model.pt, manifest)
 
@@ -15,21 +19,24 @@ manifest.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from service.models import manifest as manifests
 from training import config as configs
 from training.data import index_siim
 from training.demo import CALIBRATION_FILMS
 from training.demo_split import demo_split
-from training.fusion import collect_evidence, fit_fusion
+from training.fusion import collect_evidence, fit_calibration, fit_fusion
 from training.ood import OodFilms
 from training.quantize import calibration_batch, cascade_at
 from training.reexport import reexport_classifier
 from training.synth.dicom_writer import uid_for
 
+SCORES = ("calibrated", "fused", "classifier")
+Score = Literal["calibrated", "fused", "classifier"]
 
-def refit_demo(config_path: Path, models_root: Path, films_dir: Path, fuse: bool = True,
+
+def refit_demo(config_path: Path, models_root: Path, films_dir: Path, score: Score = "calibrated",
                threads: int = 0) -> dict[str, Any]:
     """Re-export the demo classifier (see the module docstring); returns what was fitted, for the log."""
     config = configs.load(config_path)
@@ -59,13 +66,17 @@ def refit_demo(config_path: Path, models_root: Path, films_dir: Path, fuse: bool
              "validates)")
     ood = OodFilms(calibration_batch(train, spec), f"{len(train)} training-fold films {where}",
                    calibration_batch(validation, spec), f"{len(validation)} validation-fold films {where}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
     fusion = None
-    if fuse:
+    if score != "classifier":
         evidence = collect_evidence(cascade_at(classifier_dir, segmenter_dir, "fp32", threads), validation,
                                     [int(bool(samples[path.stem].rles)) for path in validation])
-        fusion = fit_fusion(evidence, f"{len(validation)} validation-fold films {where}, through the in-process "
-                            "cascade (FP32, hflip TTA, the manifests' gate and triplet)",
-                            config.evaluation.target_sensitivity)
+        description = (f"{len(validation)} validation-fold films {where}, through the in-process cascade (FP32, hflip "
+                       "TTA, the manifests' gate and triplet)")
+        target = config.evaluation.target_sensitivity
+        fusion = (fit_fusion(evidence, description, target) if score == "fused" else
+                  fit_calibration(evidence, description, old.thresholds.operating_point, target))
     manifest = reexport_classifier(classifier_dir, calibration, calibration_description, ood, fusion)
     # The same films; a different fingerprint says the service's preprocessing moved since (float rounding)
     same_inputs = int8 is not None and int8.calibration.fingerprint == manifest.export.int8.calibration.fingerprint

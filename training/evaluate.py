@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,14 @@ from training.data import Sample
 from training.films import refuse_overlap
 from training.report import summarise, write_report
 
+CALIBRATED_SCORE_DEFINITION = (
+    "The triage score is the classifier's probability (sigmoid of its logit, averaged with the same for the "
+    "mirrored film: hflip TTA), calibrated on the validation fold (Platt scaling; the classifier's manifest holds "
+    "it as a `fusion` whose one input is the classifier's logit) and moved to the prevalence the service is "
+    "configured with (prior shift). Both steps are monotone and the operating point is the classifier's own, "
+    "calibrated, so exactly the films the classifier's probability would flag are flagged; the segmenter shapes "
+    "the mask of the films the classifier's gate sends it."
+)
 FUSED_SCORE_DEFINITION = (
     "The triage score is the calibrated fusion of the classifier's probability (with hflip TTA) and the "
     "segmenter's evidence -- the peak of its map and the area of the largest instance after the triplet rule, "
@@ -118,8 +126,10 @@ def run(cascade: Cascade, samples: Sequence[Sample], batch_size: int = 8, overla
 
 
 def evaluate(classifier_dir: Path, segmenter_dir: Path, samples: Sequence[Sample], out_dir: Path,
-             title: str, data_description: str, progress: bool = True) -> dict[str, Any]:
+             title: str, data_description: str, progress: bool = True,
+             extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run, summarise and write `report.json` + `report.md` (with plots) into `out_dir`; return the summary.
+    `extra`: further sections of the summary (e.g. `score_ablation`, training/demo_report.py).
 
     Refuses (DataError) films that either model was trained or tuned on, by their recorded keys (`films`).
     """
@@ -128,10 +138,12 @@ def evaluate(classifier_dir: Path, segmenter_dir: Path, samples: Sequence[Sample
     info["training_films_overlap"] = (f"not checked for {' and '.join(unchecked)} (no training-films record)"
                                       if unchecked else "none (checked against both models' training films)")
     outputs, seconds = run(cascade, samples, progress=progress)
-    info.update({"score_definition": SCORE_DEFINITION if cascade.fusion is None else FUSED_SCORE_DEFINITION,
+    definition = (SCORE_DEFINITION if cascade.fusion is None else
+                  FUSED_SCORE_DEFINITION if cascade.fusion.uses_segmenter else CALIBRATED_SCORE_DEFINITION)
+    info.update({"score_definition": definition,
                  "data": data_description,
                  "seconds_per_film_cpu_with_and_without_tta": round(seconds, 4)})
     outputs = dataclasses.replace(outputs, info=info)
-    summary = summarise(outputs)
+    summary = {**summarise(outputs), **(extra or {})}
     write_report(outputs, summary, out_dir, title)
     return summary

@@ -6,6 +6,10 @@ send it) and the area of the largest instance of its mask. A logistic regression
 penalty keeps it finite on separable data) is the calibrated fused probability at the validation films'
 prevalence; the operating point is the highest fused probability that keeps `target_sensitivity` on them.
 
+`fit_calibration` is the same regression on the classifier's logit alone (Platt scaling), its operating point the
+classifier's own, calibrated, so the films called positive do not change: what the bundled demo ships, because
+the fusion's operating point lost sensitivity on a fresh test set (docs/models.md).
+
 Why validation films: the classifier's probabilities on its own training films are overconfident, so a
 calibration fitted there would be wrong exactly where it matters; the validation fold chose the thresholds
 and trained neither model. Never test films.
@@ -23,7 +27,12 @@ from scipy.optimize import minimize
 from service.cascade.in_process import Cascade
 from service.cascade.masks import find_instances
 from service.imaging.reader import read_radiograph
-from service.models.fusion import ScoreFusion, fused_probability, fusion_inputs
+from service.models.fusion import (
+    CALIBRATION_INPUTS,
+    ScoreFusion,
+    fused_probability,
+    fusion_inputs,
+)
 from training.metrics import threshold_for_sensitivity
 
 L2 = 1e-3  # on the coefficients, not the intercept, per film: keeps the fit finite when the evidence separates
@@ -99,6 +108,24 @@ def fit_fusion(evidence: Evidence, description: str, target_sensitivity: float =
     fused = fused_scores(draft, evidence)
     point = threshold_for_sensitivity(fused, evidence.labels, target_sensitivity)
     return draft.model_copy(update={"operating_point": min(max(point, 1e-6), 1 - 1e-6)})
+
+
+def fit_calibration(evidence: Evidence, description: str, classifier_operating_point: float,
+                    target_sensitivity: float = 0.95) -> ScoreFusion:
+    """The manifest's `fusion` section as a calibration of the classifier's probability alone, fitted on
+    `evidence` (validation films), its operating point `classifier_operating_point` calibrated: the same films
+    are called positive as by the classifier's threshold (to float rounding), at any site prevalence."""
+    coefficients, intercept = fit_logistic(evidence.inputs()[:, :1], evidence.labels)
+    if coefficients[0] <= 0:
+        raise ValueError(f"the calibration's slope is {coefficients[0]:.3g}: the classifier's scores do not rank the "
+                         "validation films the right way round, so no calibration can keep its decisions")
+    draft = ScoreFusion(inputs=CALIBRATION_INPUTS, coefficients=(float(coefficients[0]),), intercept=intercept,
+                        training_prevalence=float(np.mean(evidence.labels)), operating_point=0.5,
+                        target_sensitivity=target_sensitivity,
+                        fitted_on=f"{description}; operating point: the classifier's ({classifier_operating_point:.6g})"
+                                  ", calibrated", films=len(evidence), positives=int(np.sum(evidence.labels)))
+    point = fused_probability(draft, fusion_inputs(classifier_operating_point, 0.0, 0, 1))
+    return ScoreFusion.model_validate({**draft.model_dump(), "operating_point": point})  # validated: 0 < point < 1
 
 
 def fused_scores(fusion: ScoreFusion, evidence: Evidence) -> np.ndarray:

@@ -10,6 +10,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from training.ablation_markdown import ablation_section
+
 #: Figure keys of `training.report_plots.draw_figures`, with the caption the page gives each.
 FIGURE_CAPTIONS = {
     "roc": "ROC curve of the triage score; the operating point and the gate are marked",
@@ -19,7 +21,7 @@ FIGURE_CAPTIONS = {
 }
 
 
-def _fmt(value: float | int | None, digits: int = 3) -> str:
+def _fmt(value: float | None, digits: int = 3) -> str:
     """A number for a table cell; None (an undefined metric) is shown as 'n/a', never as 0."""
     if value is None:
         return "n/a"
@@ -51,11 +53,11 @@ def _triage_section(summary: Mapping[str, Any]) -> list[str]:
     else:
         lines += ["**What the triage score is.** Not stated: the run supplied no `info['score_definition']`.", ""]
     lines += [
-        f"**Operating point.** An image is flagged when its triage score is at least {op['threshold']:.4g}. "
+        (f"**Operating point.** An image is flagged when its triage score is at least {op['threshold']:.4g}. "
         f"The threshold was chosen for a target sensitivity of {_pct(op['target_sensitivity'])}: a missed "
         "pneumothorax can be fatal, while a false flag costs a radiologist one extra look, so the threshold "
         "is the highest one that still finds the target share of pneumothoraces, which keeps the false "
-        f"flags as few as that allows. Here it flags {_pct(op['flagged_share'])} of the images.",
+        f"flags as few as that allows. Here it flags {_pct(op['flagged_share'])} of the images."),
         "",
     ]
     auc_rows = [("Triage AUC", _fmt(summary["triage"]["auc"]))]
@@ -77,9 +79,9 @@ def _gate_section(summary: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Gate",
         "",
-        f"The segmenter runs only on images whose classifier score is at least {gate['threshold']:.4g}. "
+        (f"The segmenter runs only on images whose classifier score is at least {gate['threshold']:.4g}. "
         f"It ran on {gate['gated']} images ({_pct(gate['gated_share'])}), saving {_pct(gate['saved_share'])} "
-        f"of the segmenter work; {gate['positives_not_gated']} image(s) with pneumothorax never reached it.",
+        f"of the segmenter work; {gate['positives_not_gated']} image(s) with pneumothorax never reached it."),
         "",
     ]
     rows = [
@@ -96,10 +98,10 @@ def _segmentation_section(summary: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Segmentation",
         "",
-        f"Masks use the triplet rule: a lesion is drawn only when at least {trip['min_area']} pixels "
+        (f"Masks use the triplet rule: a lesion is drawn only when at least {trip['min_area']} pixels "
         f"exceed {trip['top_score']:.3g}, and then every pixel above {trip['bottom_score']:.3g} is drawn "
         "(top_score, min_area, bottom_score as found on validation data). SIIM mean Dice counts an empty "
-        "prediction on an image without lesion as 1.",
+        "prediction on an image without lesion as 1."),
         "",
     ]
     runs = [("Cascade", seg["cascade"])]
@@ -157,18 +159,20 @@ def render_markdown(summary: Mapping[str, Any], figures: Mapping[str, str], titl
     lines = [
         f"# {title}",
         "",
-        f"{counts['images']} held-out images, {counts['positives']} with pneumothorax "
-        f"(prevalence {_pct(counts['prevalence'])}).",
+        (f"{counts['images']} held-out images, {counts['positives']} with pneumothorax "
+        f"(prevalence {_pct(counts['prevalence'])})."),
         "",
     ]
     if counts["label_mask_disagreements"]:
         lines += [
-            f"**Warning:** {counts['label_mask_disagreements']} image label(s) disagree with their mask at the "
-            "evaluation resolution (e.g. a tiny lesion lost in resizing); triage uses the labels, Dice the masks.",
+            (f"**Warning:** {counts['label_mask_disagreements']} image label(s) disagree with their mask at the "
+            "evaluation resolution (e.g. a tiny lesion lost in resizing); triage uses the labels, Dice the masks."),
             "",
         ]
     lines += _triage_section(summary) + _gate_section(summary)
     lines += _segmentation_section(summary) + _calibration_section(summary)
+    if "score_ablation" in summary:  # issue 16: the evidence the triage score is made of, and its calibration
+        lines += ablation_section(summary["score_ablation"])
     lines += ["## Figures", ""]
     lines += _table(("Figure", "File"), [(FIGURE_CAPTIONS[k], f"[{name}]({name})") for k, name in figures.items()])
     for key, name in figures.items():

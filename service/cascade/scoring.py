@@ -1,9 +1,10 @@
 """A film's triage score and out-of-distribution flag, from what the two models said about it (issue 16).
 
 * The score: with a `fusion` in the classifier's manifest, the calibrated fusion of the classifier's probability
-  with the segmenter's peak and largest instance (service/models/fusion.py), moved to the site's prevalence
-  (PTX_PREVALENCE); without one, the classifier's probability as before. The operating point moves with it
-  (the prior shift is monotone), so the films called positive are the fusion's own at any prevalence.
+  with the segmenter's peak and largest instance (service/models/fusion.py) -- or, for a calibration, the
+  classifier's probability calibrated alone -- moved to the site's prevalence (PTX_PREVALENCE); without one,
+  the classifier's probability as before. The operating point moves with it (the prior shift is monotone), so
+  the films called positive are the fusion's own at any prevalence.
 * The gate stays on the classifier's probability: the segmenter's evidence is what the gate decides to fetch.
 * The OOD flag: the classifier's feature distance (measured by the model worker, service/models/ood.py) beyond
   the manifest's threshold. A classifier exported without `ood` gives no distance: the answer says `ood: null`.
@@ -62,7 +63,8 @@ class Scoring:
         """The triage score of a film: its mask (at the film's size, empty when not segmented) and map peak."""
         if self.fusion is None:
             return float(classifier_score)
-        largest = find_instances(mask, None)[0].area_px if mask.any() else 0  # largest first
+        # largest instance first; a calibration reads the classifier alone, so no instances are counted for it
+        largest = find_instances(mask, None)[0].area_px if self.fusion.uses_segmenter and mask.any() else 0
         inputs = fusion_inputs(classifier_score, peak, largest, mask.size, self.fusion.area_reference_size)
         return prior_shift(fused_probability(self.fusion, inputs), self.fusion.training_prevalence, self.prevalence)
 

@@ -84,9 +84,9 @@ class TriageOut(_Out):
     study_uid: str | None
     series_uid: str | None
     sop_uid: str | None
-    score: float = Field(ge=0, le=1, description="triage score: the calibrated fusion of classifier and segmenter "
-                                                 "evidence at PTX_PREVALENCE where the classifier's manifest has one, "
-                                                 "else the classifier's probability of pneumothorax")
+    score: float = Field(ge=0, le=1, description="triage score at PTX_PREVALENCE: the classifier's probability "
+                                                 "calibrated (or fused with the segmenter's evidence) where the "
+                                                 "classifier's manifest has a `fusion`, else its probability as is")
     label: Literal["pneumothorax", "no_pneumothorax"] = Field(description="score ≥ threshold")
     priority: Literal["STAT", "URGENT", "ROUTINE"]
     threshold: float = Field(description="operating point on score (from the classifier's manifest)")

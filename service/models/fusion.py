@@ -1,5 +1,5 @@
 """The triage score from both models: a calibrated fusion of the classifier's probability and the segmenter's
-evidence, corrected to the site's prevalence.
+evidence -- or the classifier's probability calibrated alone -- corrected to the site's prevalence.
 
 Why: the classifier's probability alone flagged two normal films in three at sensitivity 0.95 on the demo's
 test set, while the segmenter's evidence on the same films (the peak of its map, the area of what it drew)
@@ -13,6 +13,12 @@ the gate did not send to the segmenter has peak 0 and area 0: that is what the m
 
 The area is counted in pixels of a film of `area_reference_size`² (the film's own count rescaled), so that a
 lesion covering the same share of the film weighs the same at any resolution, as the triplet's min_area does.
+
+A calibration alone (`inputs: ["classifier_logit"]`, Platt scaling) is the same model without the segmenter's
+two inputs: what the bundled demo ships (docs/models.md), because on a fresh test set the fusion lost
+sensitivity (films the gate never sends to the segmenter have no segmenter evidence) while the calibration
+keeps the classifier's decisions -- its operating point is the classifier's, calibrated -- and only makes the
+probability mean what it says (issue 16: expected calibration error 0.094 → 0.030 on the demo's test set).
 
 Prior shift (Saerens et al. 2002): the fitted probability is calibrated to the prevalence of the films it was
 fitted on (`training_prevalence`, 0.5 for the demo); a site's prevalence (PTX_PREVALENCE) moves the odds by
@@ -28,7 +34,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-INPUTS = ("classifier_logit", "segmenter_peak", "log1p_largest_area")
+INPUTS = ("classifier_logit", "segmenter_peak", "log1p_largest_area")  # `fusion_inputs`' order
+CALIBRATION_INPUTS = INPUTS[:1]  # the classifier's probability calibrated alone
 _EPS = 1e-6
 
 
@@ -38,8 +45,8 @@ class ScoreFusion(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Literal["logistic"] = "logistic"
-    inputs: tuple[str, str, str] = INPUTS
-    coefficients: tuple[float, float, float]
+    inputs: tuple[str, ...] = INPUTS
+    coefficients: tuple[float, ...]
     intercept: float
     area_reference_size: int = Field(default=1024, ge=1)
     training_prevalence: float = Field(gt=0, lt=1, description="share of positives among the films fitted on")
@@ -52,11 +59,20 @@ class ScoreFusion(BaseModel):
 
     @model_validator(mode="after")
     def _valid(self) -> ScoreFusion:
-        if self.inputs != INPUTS:
-            raise ValueError(f"inputs must be {list(INPUTS)}, got {list(self.inputs)}")
+        if self.inputs not in (INPUTS, CALIBRATION_INPUTS):
+            raise ValueError(f"inputs must be {list(INPUTS)} (fusion) or {list(CALIBRATION_INPUTS)} (calibration), "
+                             f"got {list(self.inputs)}")
+        if len(self.coefficients) != len(self.inputs):
+            raise ValueError(f"{len(self.coefficients)} coefficients for the {len(self.inputs)} inputs "
+                             f"{list(self.inputs)}: one per input")
         if not all(math.isfinite(value) for value in (*self.coefficients, self.intercept)):
             raise ValueError("coefficients and intercept must be finite")
         return self
+
+    @property
+    def uses_segmenter(self) -> bool:
+        """Whether the score reads the segmenter's evidence (a fusion), or the classifier's alone (a calibration)."""
+        return self.inputs != CALIBRATION_INPUTS
 
 
 def fusion_inputs(classifier_probability: float, peak: float, largest_area_px: int, film_pixels: int,
@@ -78,6 +94,7 @@ def prior_shift(probability: float, from_prevalence: float, to_prevalence: float
 
 
 def fused_probability(fusion: ScoreFusion, inputs: np.ndarray) -> float:
-    """The calibrated probability at the training prevalence for one film's `fusion_inputs`."""
-    z = float(np.dot(fusion.coefficients, inputs)) + fusion.intercept
+    """The calibrated probability at the training prevalence for one film's `fusion_inputs` (all three: a
+    calibration reads the first, the classifier's logit)."""
+    z = float(np.dot(fusion.coefficients, np.asarray(inputs)[: len(fusion.coefficients)])) + fusion.intercept
     return 1.0 / (1.0 + math.exp(-min(max(z, -60.0), 60.0)))

@@ -14,8 +14,14 @@ from training import config as configs
 from training.__main__ import main as training_main
 from training.data import _group_of, assign_folds, index_siim
 from training.demo_split import demo_split
-from training.fusion import Evidence, fit_fusion, fit_logistic, fused_scores
-from training.metrics import roc_auc
+from training.fusion import (
+    Evidence,
+    fit_calibration,
+    fit_fusion,
+    fit_logistic,
+    fused_scores,
+)
+from training.metrics import expected_calibration_error, roc_auc
 
 
 def test_the_logistic_fit_recovers_known_coefficients():
@@ -85,3 +91,34 @@ def test_demo_split_gives_the_folds_of_the_rendered_set(tmp_path):
     assert sorted(split.films(paths, "train") + split.films(paths, "validation")) == sorted(paths)
     with pytest.raises(ValueError, match="not films of the demo's training set"):
         split.films([tmp_path / "other.dcm"], "train")
+
+
+def test_the_calibration_keeps_the_classifiers_decisions_and_calibrates_at_the_sites_prevalence():
+    """Platt scaling of an over-confident classifier, fitted on balanced films, measured on films at 0.22."""
+    rng = np.random.default_rng(5)
+
+    def films(count: int, prevalence: float) -> Evidence:
+        labels = (rng.random(count) < prevalence).astype(int)
+        true_logit = rng.normal(-1.0, 1.5, count) + 2.5 * labels  # the classifier says 2x the true log-odds
+        scores = 1 / (1 + np.exp(-2.0 * true_logit))
+        return Evidence(scores, np.zeros(count), np.zeros(count, int), np.full(count, 1024 * 1024),
+                        np.ones(count, bool), labels)
+
+    fit, test = films(4000, 0.5), films(4000, 0.22)
+    point = 0.2
+    calibration = fit_calibration(fit, "4000 synthetic validation films", point)
+    assert calibration.inputs == ("classifier_logit",) and 0.3 < calibration.coefficients[0] < 0.7  # halves it
+    assert "operating point: the classifier's (0.2), calibrated" in calibration.fitted_on
+    scoring = Scoring(calibration, 0.22)
+    empty = np.zeros((4, 4), bool)
+    served = np.array([scoring.score(p, 0.0, empty) for p in test.classifier_scores])
+    np.testing.assert_array_equal(served >= scoring.operating_point(point), test.classifier_scores >= point)
+    assert expected_calibration_error(served, test.labels) < 0.03
+    assert expected_calibration_error(test.classifier_scores, test.labels) > 0.08
+
+
+def test_a_calibration_that_would_reverse_the_classifier_is_refused():
+    films = evidence(1, 300)
+    backwards = dataclasses.replace(films, labels=1 - films.labels)
+    with pytest.raises(ValueError, match=r"the calibration's slope is -[0-9.]+: the classifier's scores do not rank"):
+        fit_calibration(backwards, "backwards films", 0.3)
