@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE
 
 from service.cascade.finding import Finding
 from service.pacs import side
@@ -36,6 +35,7 @@ from service.store.results_files import ResultsFolder
 from tests.pacs.test_dicom_listener import InProcessTriage
 from tests.pacs.test_outputs_pending import until
 from tests.pacs.test_pacs_crash import copies
+from tests.pacs.test_parse_once import send_datasets as send
 from tests.servers import free_port
 
 SIIM = "chest/siim_cr_jpegbaseline_mono2.dcm"
@@ -90,19 +90,6 @@ def statuses(store: ResultsStore, uids: list[str]) -> Counter[str]:
 
 def film_copies(realdata: Path, count: int) -> list[pydicom.Dataset]:
     return copies((realdata / SIIM).read_bytes(), count)
-
-
-def send(port: int, datasets: list[pydicom.Dataset]) -> list[int]:
-    """C-STORE each dataset in its own transfer syntax over one association; the statuses."""
-    ae = AE(ae_title="MODALITY")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="PTXTRIAGE")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
 
 
 def test_a_restarted_listener_leaves_the_other_listeners_films_alone(database_url: str, tmp_path: Path,

@@ -28,7 +28,11 @@ FILMS = ("siim_cr_jpegbaseline_mono2.dcm", "philips_cr_j2k_lossy_mono1.dcm")
 
 
 def send(port: int, paths: list[Path]) -> list[int]:
-    datasets = [pydicom.dcmread(path) for path in paths]
+    return send_datasets(port, [pydicom.dcmread(path) for path in paths])
+
+
+def send_datasets(port: int, datasets: list[pydicom.Dataset]) -> list[int]:
+    """C-STORE each dataset in its own transfer syntax over one association to PTXTRIAGE; the statuses."""
     ae = AE(ae_title="MODALITY")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for ds in datasets:
@@ -45,8 +49,8 @@ def test_one_parse_and_one_decode_per_film_from_receipt_to_results(tmp_path: Pat
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     calls: dict[str, int] = {"parse": 0, "decode": 0, "fallback parse": 0}
 
-    def counted(name: str, function):  # noqa: ANN001, ANN202 -- a thin counting wrapper
-        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def counted(name: str, function):
+        def wrapper(*args, **kwargs):
             calls[name] += 1
             return function(*args, **kwargs)
         return wrapper
