@@ -41,6 +41,7 @@ http.include_router(worklist_router)
 
 MASK_QUERY = Query(None, description="mask in the answer: png (base64 PNG + RLE), rle (RLE only) or none; "
                                       "default from PTX_MASK_DEFAULT (png)")
+BOOLEAN_QUERY = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 RECORD_QUERY = Query(None, description="put the film on the worklist: default PTX_RECORD_HTTP; false for a caller "
                                        "that records it itself (a DICOM listener's intake, PTX_TRIAGE_URL); true "
                                        "only where PTX_RECORD_HTTP is on")
@@ -69,7 +70,7 @@ async def inspect(request: Request) -> JSONResponse:
 
 @http.post("/triage", response_model=TriageOut, openapi_extra={"requestBody": DICOM_BODY}, responses=ERRORS,
            summary="Triage one chest radiograph")
-async def triage(request: Request, mask: str | None = MASK_QUERY, record: bool | None = RECORD_QUERY) -> JSONResponse:
+async def triage(request: Request, mask: str | None = MASK_QUERY, record: str | None = RECORD_QUERY) -> JSONResponse:
     """Body: one DICOM file (application/dicom), a PNG, or a multipart `file` field. Answer: triage score,
     label at the operating point, priority, mask, SIIM RLE, instances with boxes in px and mm, timings.
 
@@ -91,8 +92,12 @@ async def triage(request: Request, mask: str | None = MASK_QUERY, record: bool |
     return JSONResponse(edge.private(finding.to_json(mask_format)))
 
 
-def _recording(record: bool | None, record_http: bool) -> bool:
-    """Whether to record this film: PTX_RECORD_HTTP unless the query turns it off; ApiError for turning it on."""
+def _recording(text: str | None, record_http: bool) -> bool:
+    """Whether to record this film: PTX_RECORD_HTTP unless the query turns it off; ApiError for turning it on.
+    Parsed here, not by FastAPI, so that a bad value gets our 400 `invalid_parameter`, not FastAPI's 422."""
+    record = None if text is None else BOOLEAN_QUERY.get(text.strip().lower())
+    if text is not None and record is None:
+        raise ApiError(400, "invalid_parameter", f"record={text[:20]!r}; use true or false")
     if record and not record_http:
         raise ApiError(400, "invalid_parameter", "record=true needs PTX_RECORD_HTTP on this service; leave record "
                                                  "out or set it to false")

@@ -14,18 +14,20 @@ from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from service.http import worklist as api_worklist
+from service.settings import Settings
 from service.store import ResultsStore
 from service.store.results_files import ResultsFolder
 
 
-def router_client(monkeypatch: pytest.MonkeyPatch, store: ResultsStore, results: ResultsFolder) -> TestClient:
-    """A client of /v1's worklist routes answering from `store` and `results`."""
+def router_client(monkeypatch: pytest.MonkeyPatch, store: ResultsStore, results: ResultsFolder,
+                  settings: Settings | None = None) -> TestClient:
+    """A client of /v1's worklist routes answering from `store` and `results` (the edge's settings: defaults)."""
 
     async def in_thread(function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(function, *args)
 
     monkeypatch.setattr(api_worklist, "_service", lambda: types.SimpleNamespace(
-        store=store, in_thread=in_thread, results=results))
+        store=store, in_thread=in_thread, results=results, settings=settings or Settings()))
     app = FastAPI()
     app.include_router(api_worklist.router, prefix="/v1")
     return TestClient(app)

@@ -316,7 +316,11 @@ def test_the_base_url_and_retry_after_are_read_as_documented() -> None:
 
 
 def test_record_can_only_turn_recording_off() -> None:
-    assert [_recording(None, True), _recording(False, True), _recording(None, False)] == [True, False, False]
+    assert [_recording(None, True), _recording("false", True), _recording(None, False)] == [True, False, False]
+    assert [_recording("0", True), _recording("True", True), _recording("no", False)] == [False, True, False]
     with pytest.raises(ApiError, match="PTX_RECORD_HTTP") as raised:
-        _recording(True, False)
+        _recording("true", False)
     assert raised.value.http_status == 400
+    with pytest.raises(ApiError, match="record='null'; use true or false") as raised:  # schemathesis sent it
+        _recording("null", True)
+    assert (raised.value.http_status, raised.value.code_text) == (400, "invalid_parameter")
