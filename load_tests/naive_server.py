@@ -41,6 +41,7 @@ from service.cascade.finding import Finding, PriorityBands, build_finding
 from service.cascade.masks import MillimetreMorphology
 from service.cascade.postprocess import film_result
 from service.cascade.preprocess import to_input
+from service.cascade.scoring import Scoring
 from service.imaging.acceptance import AcceptancePolicy
 from service.imaging.radiograph import RadiographError
 from service.imaging.reader import read_radiograph
@@ -82,6 +83,7 @@ class NaiveTriage:
     operating_point: float
     triplet: TripletThreshold
     triplet_reference_size: int
+    scoring: Scoring  # the manifest's calibration / fusion at PTX_PREVALENCE, as the service scores (issue 16)
     hflip_tta: bool
     bands: PriorityBands
     morphology: MillimetreMorphology | None
@@ -101,6 +103,7 @@ class NaiveTriage:
             operating_point=cls_manifest.thresholds.operating_point,
             triplet=manifests.triplet(seg_manifest),
             triplet_reference_size=seg_manifest.thresholds.min_area_reference_size,
+            scoring=Scoring(cls_manifest.fusion, settings.prevalence),
             hflip_tta=settings.hflip_tta,
             bands=PriorityBands(settings.stat_score, settings.stat_area_mm2),
             morphology=MillimetreMorphology() if settings.mm_morphology else None,
@@ -135,7 +138,7 @@ class NaiveTriage:
         # Below the gate the map is computed but not reported, as the service (which never computes it) reports
         # nothing.
         result = film_result(*film.shape, score, probability if score >= self.gate else None,
-                             self.operating_point, self.triplet, self.triplet_reference_size)
+                             self.operating_point, self.triplet, self.triplet_reference_size, self.scoring)
         finding = build_finding(radiograph, result, self.operating_point, self.bands, self.morphology, self.models)
         timings["postprocess"] = (time.perf_counter() - mark) * 1000
         timings["total"] = (time.perf_counter() - started) * 1000
