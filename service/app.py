@@ -18,9 +18,8 @@ from bentoml._internal.context import server_context
 
 from service.cascade.flow import Flow
 from service.cascade.served import ServedCascade
-from service.http import auth, deidentify, drain, exposure, lingering
+from service.http import auth, deidentify, drain, exposure, middleware
 from service.http.pages import pages, viewer
-from service.http.request_metrics import MetricsEndpoint, RequestMetrics
 from service.http.routes import http
 from service.imaging.decode_pool import shared_pool
 from service.imaging.decoding import decode_here
@@ -110,11 +109,14 @@ class Triage:
         DRAIN.install(lambda: self.cascade.in_flight, self.cascade.stop_admitting)  # SIGTERM: drain first
         self.pacs: Pacs | None = None
         self._pacs_task: asyncio.Task[None] | None = None
+        self.notifier = notify.Notifier.observed(SETTINGS, self.store, self.results) if SETTINGS.record_http else None
         start_resource_sampler("edge")
 
     @bentoml.on_startup
     async def _start_pacs(self) -> None:
         """With PTX_DICOM_PORT, edge worker 1 runs the PACS side (one intake per spool) once the models are ready."""
+        if self.notifier is not None:
+            self.notifier.start()
         if SETTINGS.dicom_port is not None and (server_context.worker_index or 1) == 1:
             self._pacs_task = asyncio.get_running_loop().create_task(self._run_pacs())
 
@@ -130,6 +132,8 @@ class Triage:
             self._pacs_task.cancel()
         if self.pacs is not None:
             await self.pacs.stop(SETTINGS.drain_timeout_s)  # films being triaged finish (SIGTERM drain)
+        if self.notifier is not None:
+            await asyncio.to_thread(self.notifier.close)
         self.store.close()
 
     async def __is_ready__(self) -> bool:
@@ -143,8 +147,4 @@ class Triage:
             return False
 
 
-Triage.add_asgi_middleware(RequestMetrics)  # first added = outermost: every answer counted, by route template
-Triage.add_asgi_middleware(lingering.LingeringClose, limit=2 * SETTINGS.max_file_bytes)
-Triage.add_asgi_middleware(drain.DrainGate, drain=DRAIN)
-Triage.add_asgi_middleware(auth.BearerAuth, config=AUTH)
-Triage.add_asgi_middleware(MetricsEndpoint)  # /metrics behind the token (BentoML's is off here: metrics= above)
+middleware.install(Triage, SETTINGS.max_file_bytes, DRAIN, AUTH)  # metrics, lingering, drain, auth, /metrics

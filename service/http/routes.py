@@ -77,16 +77,22 @@ async def triage(request: Request, mask: str | None = MASK_QUERY, record: str | 
     `record` (default PTX_RECORD_HTTP) puts the film on the worklist. A listener that triages over HTTP
     (PTX_TRIAGE_URL) sends `record=false`: it records the film itself, with its listener and spool file, and a
     replica recording HTTP films must not record it a second time. It can only turn recording off: `true` on a
-    replica without PTX_RECORD_HTTP is a 400 (an operator chose not to put HTTP films on this worklist)."""
+    replica without PTX_RECORD_HTTP is a 400 (an operator chose not to put HTTP films on this worklist).
+    A recorded film's notifications (PTX_NOTIFY_*) are queued as a C-STORE'd film's are, from its header
+    (Accession Number; patient identifiers only where allowed); a failure to queue them answers 500 after the
+    finding was recorded, and the client's retry queues them (the queue keeps one per study and priority)."""
     edge = _edge()
     try:
         mask_format = bodies.mask_format(mask, edge.settings)
         recording = _recording(record, edge.settings.record_http)
+        notifying = recording and getattr(edge, "notifier", None) is not None
         with edge.cascade.admitted():
             (_, payload), = await bodies.payloads(request, edge.settings, many=False)
-            finding = await edge.cascade.triage(payload, admit=False)
+            finding = await edge.cascade.triage(payload, admit=False, keep_source=notifying)
         if recording:
             await edge.cascade.in_thread(record_http, edge.store, finding, payload)  # 409 on a reused SOP UID
+        if notifying:
+            await edge.notifier.notify_async(finding)
     except Exception as exc:  # noqa: BLE001 -- a bug must not take the service down or leak a traceback
         return error_answer(as_service_error(exc, "triage", "the film could not be triaged (internal error, logged)"))
     return JSONResponse(edge.private(finding.to_json(mask_format)))

@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from service.cascade.finding import Finding, Priority
+from service.metrics import child, metrics
 from service.pacs.delivery.dispatcher import Backoff, Dispatcher
 from service.pacs.notify.content import (
     FilmIdentifiers,
@@ -117,8 +118,10 @@ class Notifier:
 
     @classmethod
     def from_settings(cls, settings: Settings, store: ResultsStore, results: ResultsFolder, *,
-                      on_outcome: Callable[[str, str], None] | None = None) -> Notifier | None:
-        """The notifier PTX_NOTIFY_* ask for, None when no channel is set; ValueError naming a bad setting."""
+                      on_outcome: Callable[[str, str], None] | None = None, owned: bool = True) -> Notifier | None:
+        """The notifier PTX_NOTIFY_* ask for, None when no channel is set; ValueError naming a bad setting.
+        `owned`: its claims carry PTX_LISTENER_NAME, and its start takes back what that name held (claims.py):
+        only for the one notifier a listener runs."""
         priorities = check_settings(settings)
         files = IdentifierFiles(results)
         senders: dict[str, NotificationSender] = {}
@@ -134,7 +137,22 @@ class Notifier:
         if not senders:
             return None
         return cls(store, files, senders, priorities=priorities, patient_ids=settings.notify_hl7_patient_ids,
-                   on_outcome=on_outcome, lease_s=settings.delivery_lease_s, owner=settings.listener_name)
+                   on_outcome=on_outcome, lease_s=settings.delivery_lease_s,
+                   owner=settings.listener_name if owned else None)
+
+    @classmethod
+    def observed(cls, settings: Settings, store: ResultsStore, results: ResultsFolder) -> Notifier | None:
+        """The edge's notifier for films recorded over HTTP (PTX_RECORD_HTTP): `from_settings` with each attempt
+        counted in ptx_notifications_total{channel, outcome}, every series at 0 from the start (so that
+        `increase()` sees the first one). Its claims name no owner: every edge worker runs one, beside the PACS
+        side's, under one listener name, and an owner's start would release the others' claims mid-send."""
+        registry = metrics()
+        notifier = cls.from_settings(settings, store, results, owned=False, on_outcome=lambda channel, outcome: child(
+            registry.notifications, channel=channel, outcome=outcome).inc())
+        for channel in () if notifier is None else notifier.senders:
+            for outcome in NOTIFY_OUTCOMES:
+                child(registry.notifications, channel=channel, outcome=outcome)
+        return notifier
 
     def notify(self, finding: Finding) -> dict[str, int]:
         """Queue the finding's notifications, one per channel, when its priority is notified and its study is
