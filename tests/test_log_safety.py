@@ -58,7 +58,7 @@ def test_the_app_logs_an_unexpected_triage_error_without_its_message(monkeypatch
         def admitted(self) -> contextlib.nullcontext[None]:
             return contextlib.nullcontext()
 
-        async def triage(self, payload: bytes, admit: bool = True) -> None:
+        async def triage(self, payload: bytes, admit: bool = True, keep_source: bool = False) -> None:
             parse_name(SENTINEL)
 
     class Edge:
