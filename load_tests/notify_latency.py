@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pydicom
 
-from load_tests.pacs_latency import api, percentile, send
+from load_tests.pacs_latency import api, send, spread
 from tests.pacs.test_notifications import Ris
 from tests.servers import bento_server, free_port, wait_port
 from training.__main__ import main as training_main
@@ -94,12 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     triage = [t for _, t in results]
     rest = [a - t for a, t in results]
     print(f"{len(results)} films, one at a time: C-STORE received → HL7 ORU^R01 acknowledged by the RIS")
-    print(f"  ACK:             p50 {statistics.median(acked):.2f} s   p95 {percentile(acked, 0.95):.2f} s   "
-          f"max {max(acked):.2f} s")
-    print(f"  finding stored:  p50 {statistics.median(triage):.2f} s   p95 {percentile(triage, 0.95):.2f} s   "
-          f"max {max(triage):.2f} s   (triage)")
-    print(f"  stored → ACK:    p50 {statistics.median(rest):.3f} s   p95 {percentile(rest, 0.95):.3f} s   "
-          f"max {max(rest):.3f} s   (outbox, message, MLLP)")
+    print(f"  ACK:             {spread(acked)}")
+    print(f"  finding stored:  {spread(triage)}   (triage)")
+    print(f"  stored → ACK:    {spread(rest, 3)}   (outbox, message, MLLP)")
     return 0
 
 

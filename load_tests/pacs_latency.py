@@ -1,9 +1,11 @@
 """What the PACS-side latency scripts share (notify_latency.py, worklist_live.py): a film sent with dcmtk's
-storescu, the service's JSON API read with a token, and a percentile the same way in both reports."""
+storescu, the service's JSON API read with a token, and the latency summary (percentiles) made the same way in
+both reports."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -21,6 +23,12 @@ def percentile(values: list[float], share: float) -> float:
     """The nearest-rank percentile (`share` in 0..1) of `values`."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """`p50 … s   p95 … s   max … s` of `values` (seconds), the latency scripts' one summary line."""
+    return (f"p50 {statistics.median(values):.{digits}f} s   p95 {percentile(values, 0.95):.{digits}f} s   "
+            f"max {max(values):.{digits}f} s")
 
 
 def send(dicom_port: int, path: Path) -> None:

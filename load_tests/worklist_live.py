@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from load_tests.pacs_latency import api, percentile, send
+from load_tests.pacs_latency import api, send, spread
 from tests.browser.chromium import chromium, sign_in, wait_live
 from tests.servers import bento_server, free_port, wait_port
 from training.__main__ import main as training_main
@@ -136,10 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             wait_port(dicom_port, timeout_s=60)
             seen, triage = measure(base, dicom_port, films, args.gap_s, work, args.screenshots)
     print(f"{len(seen)} films, one at a time: C-STORE received → row visible on the open worklist page")
-    print(f"  row visible:   p50 {statistics.median(seen):.2f} s   p95 {percentile(seen, 0.95):.2f} s   "
-          f"max {max(seen):.2f} s")
-    print(f"  triage stored: p50 {statistics.median(triage):.2f} s   p95 {percentile(triage, 0.95):.2f} s   "
-          f"max {max(triage):.2f} s   (the service's part)")
+    print(f"  row visible:   {spread(seen)}")
+    print(f"  triage stored: {spread(triage)}   (the service's part)")
     return 0
 
 
