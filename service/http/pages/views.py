@@ -147,25 +147,25 @@ def _query(request: Request) -> ListQuery | Response:
         return _problem(request, 400, "This worklist filter is not valid", str(exc))
 
 
-@router.get("/", include_in_schema=False)
-async def worklist_page(request: Request) -> Response:
+async def _listed(request: Request, name: str, **values: Any) -> Response:
+    """`name` rendered with the page of studies the request's filters select (400 for a bad filter)."""
     query = _query(request)
     if isinstance(query, Response):
         return query
     service = _service()
     rows, shown, more = await _in_thread(lambda: _listing(service, query))
-    return _page(request, "worklist.html", query=query, rows=rows, version=shown, more=more,
-                 statuses=list(StudyStatus), priorities=list(Priority), since_choices=SINCE_LABEL)
+    return _page(request, name, query=query, rows=rows, version=shown, more=more, **values)
+
+
+@router.get("/", include_in_schema=False)
+async def worklist_page(request: Request) -> Response:
+    return await _listed(request, "worklist.html", statuses=list(StudyStatus), priorities=list(Priority),
+                         since_choices=SINCE_LABEL)
 
 
 @router.get("/rows", include_in_schema=False)
 async def worklist_rows(request: Request) -> Response:
-    query = _query(request)
-    if isinstance(query, Response):
-        return query
-    service = _service()
-    rows, shown, more = await _in_thread(lambda: _listing(service, query))
-    return _page(request, "rows.html", query=query, rows=rows, version=shown, more=more)
+    return await _listed(request, "rows.html")
 
 
 @router.get("/events", include_in_schema=False)
