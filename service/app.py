@@ -50,7 +50,7 @@ try:
 except (ManifestError, auth.TokenError, exposure.ExposureError, viewer.ViewerUrlError,
         notify.NotifySettingsError, remote_triage.TriageUrlError) as exc:  # each names its setting, never a token
     raise SystemExit(f"ptx-triage cannot start: {exc}") from None
-DRAIN = drain.Drain(SETTINGS.drain_timeout_s, SETTINGS.retry_after_s)  # this edge worker's SIGTERM drain
+DRAIN = drain.Drain.under_bentoml(SETTINGS.drain_timeout_s, SETTINGS.retry_after_s)  # this edge worker's SIGTERM drain
 BATCHING = batching.api_options(SETTINGS)  # greedy dispatch where PTX_GREEDY_BATCHING (service/models/batching.py)
 
 

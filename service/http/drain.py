@@ -10,7 +10,8 @@ What happens here instead, for up to PTX_DRAIN_TIMEOUT_S:
   moves the client elsewhere; /readyz says 503 too) -- except /livez, /healthz and /metrics;
 * requests already in progress run to their end, and so do films the DICOM intake had started (the
   cascade's admitted slots); an intake film not yet started waits in the spool for the next start;
-* the model worker serves until the edge workers are gone (`outlast_edge`);
+* the model worker serves until the edge workers are gone (`outlast_edge`), and its Unix socket stays where the
+  edge finds it until then (`supervisor_stops_workers_first`);
 * then uvicorn's own handler runs: close, lifespan shutdown (the PACS side stops), exit. A request still
   running at the deadline is cancelled and answered 503 `shutting_down` if nothing was sent yet.
 A second SIGTERM goes to uvicorn at once.
@@ -73,6 +74,13 @@ class Drain:
         self.requests: set[asyncio.Task[Any]] = set()
         self.cut_short: set[asyncio.Task[Any]] = set()  # cancelled at the deadline
         self.draining = False
+
+    @classmethod
+    def under_bentoml(cls, timeout_s: float, retry_after_s: int) -> Drain:
+        """The drain of a service run by `bentoml serve`: also makes its supervisor keep the model worker's
+        socket until the workers have stopped (called at import, so in the supervisor process too)."""
+        supervisor_stops_workers_first()
+        return cls(timeout_s, retry_after_s)
 
     def install(self, films_in_progress: Callable[[], int], stop_admitting: Callable[[], None]) -> None:
         """From the worker's startup hook (main thread, event loop running): SIGTERM starts the drain."""
@@ -181,3 +189,36 @@ def other_workers() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             continue
     return alive
+
+
+def supervisor_stops_workers_first() -> None:
+    """Make BentoML's supervisor stop its workers before it deletes their sockets' folder.
+
+    BentoML 1.4.39's `Arbiter.stop` closes its exit stack -- which removes the `bentoml-uds-*` folder holding the
+    model worker's Unix socket -- and only then has circus signal the workers. The model worker keeps serving the
+    drain (`outlast_edge`), but an edge call that needs a new connection finds no socket file ("No such file or
+    directory") and its admitted film was answered 503 `model_unavailable` (tests/http/test_drain.py: 2 runs in
+    4 before this). The stack is closed instead when circus's loop has ended, after the workers are gone.
+    Patching is the only hook: the order is inside BentoML (pinned exactly); a BentoML without this class is
+    left alone. Idempotent (every process imports the service).
+    """
+    try:
+        from bentoml._internal.utils.circus import Arbiter
+        from circus.arbiter import Arbiter as CircusArbiter
+    except ImportError:  # pragma: no cover -- another BentoML layout: nothing to reorder
+        return
+    if getattr(Arbiter, "_ptx_workers_first", False):
+        return
+    started = Arbiter.start
+
+    def start(self: Any, cb: Callable[[Any], Any] | None = None) -> None:
+        try:
+            started(self, cb)  # blocks until circus's loop stops, i.e. after every watcher has stopped
+        finally:
+            self.exit_stack.__exit__(None, None, None)  # now the sockets' folder may go
+
+    def stop(self: Any) -> Any:
+        return CircusArbiter.stop(self)  # the watchers first; `start` closes the stack when they are gone
+
+    Arbiter.start, Arbiter.stop = start, stop
+    Arbiter._ptx_workers_first = True

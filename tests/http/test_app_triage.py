@@ -277,6 +277,7 @@ def test_after_a_saturating_burst_a_lone_film_is_not_held_back(server, realdata)
         list(pool.map(lambda _: [post(url, data, "application/dicom") for _ in iter(lambda: time.monotonic() < stop,
                                                                                    False)], range(24)))
     after, queue_wait = lone_films(8)
-    # Nothing else is queued: the film's wait is the trip to the model worker and back (~5 ms), not a held batch.
-    assert queue_wait < 0.030, f"lone films waited {queue_wait * 1e3:.0f} ms for an idle model after the burst"
+    # Nothing else is queued: the film's wait is the trip to the model worker and back (~5 ms idle, up to ~30 on a
+    # shared 2-core runner), not a batch held back for company (~90 ms with BentoML's own policy).
+    assert queue_wait < 0.050, f"lone films waited {queue_wait * 1e3:.0f} ms for an idle model after the burst"
     assert after < 1.5 * before + 0.020, f"lone film {before * 1e3:.0f} ms before the burst, {after * 1e3:.0f} after"
