@@ -7,7 +7,8 @@ the same output name and meaning. The output stays a logit -- the logit of the m
 different (geometric-mean-like) rule from the one the thresholds were chosen for.
 
 Why subclasses of `Classifier` and `UNet`: an ensemble is used wherever one model is (export, ONNX checks,
-prediction in training); `encoder` names the first member's, whose input channels every member shares.
+prediction in training); `encoder` names the first member's, whose input channels every member shares
+(`MeanOfMembers`, which both ensembles put first).
 """
 
 from __future__ import annotations
@@ -53,7 +54,22 @@ def _members(members: Sequence[nn.Module], kind: type) -> nn.ModuleList:
     return nn.ModuleList(members)
 
 
-class ClassifierEnsemble(Classifier):
+class MeanOfMembers:
+    """What both ensembles share: the first member's encoder, and a forward that averages probabilities. Listed
+    first among the bases, so it overrides the single network's `encoder` and `forward`."""
+
+    members: nn.ModuleList
+
+    @property
+    def encoder(self) -> ResNetEncoder:
+        return self.members[0].encoder
+
+    def forward(self, image: Tensor) -> Tensor:
+        check_input_size(image)
+        return mean_probability_logit(torch.stack([member(image) for member in self.members]))
+
+
+class ClassifierEnsemble(MeanOfMembers, Classifier):  # type: ignore[misc]
     """K classifiers -> one logit per image, the logit of their mean probability."""
 
     def __init__(self, members: Sequence[Classifier]) -> None:
@@ -61,14 +77,6 @@ class ClassifierEnsemble(Classifier):
         self.members = _members(members, Classifier)
         self.aux_segmentation = False
         self.aux_head = None
-
-    @property
-    def encoder(self) -> ResNetEncoder:  # type: ignore[override]
-        return self.members[0].encoder
-
-    def forward(self, image: Tensor) -> Tensor:
-        check_input_size(image)
-        return mean_probability_logit(torch.stack([member(image) for member in self.members]))
 
     def forward_with_mask(self, image: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError("a ClassifierEnsemble is for inference: train its members, not the ensemble")
@@ -81,17 +89,9 @@ class ClassifierEnsemble(Classifier):
         return mean_probability_logit(torch.stack(logits)), torch.cat(features, dim=1)
 
 
-class UNetEnsemble(UNet):
+class UNetEnsemble(MeanOfMembers, UNet):  # type: ignore[misc]
     """K U-Nets -> mask logits (N, 1, H, W), pixel by pixel the logit of their mean probability."""
 
     def __init__(self, members: Sequence[UNet]) -> None:
         nn.Module.__init__(self)
         self.members = _members(members, UNet)
-
-    @property
-    def encoder(self) -> ResNetEncoder:  # type: ignore[override]
-        return self.members[0].encoder
-
-    def forward(self, image: Tensor) -> Tensor:
-        check_input_size(image)
-        return mean_probability_logit(torch.stack([member(image) for member in self.members]))
