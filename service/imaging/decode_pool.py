@@ -68,11 +68,14 @@ def worker_main(conn: Connection, decode: Callable[..., Any], memory_mb: int) ->
         _limit_memory(memory_mb)
     except (OSError, ValueError) as exc:  # no /proc or no RLIMIT_AS: decode without the cap, and say so
         log.warning("decode worker runs without a memory cap: %s", exc)
-    conn.send(("ready",))
+    try:
+        conn.send(("ready",))
+    except OSError:  # the edge is already gone
+        return
     while True:
         try:
             ds, args = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the edge closed its end (at a stop): ECONNRESET if it left our answer unread
             return
         try:
             answer: tuple[Any, ...] = ("ok", decode(ds, *args))
@@ -84,7 +87,10 @@ def worker_main(conn: Connection, decode: Callable[..., Any], memory_mb: int) ->
         except Exception as exc:  # noqa: BLE001 -- a decoder bug is answered, and the worker lives on
             answer = ("error", RejectionCode.CORRUPT_PIXEL_DATA.value,
                       f"pixel data could not be decoded ({type(exc).__name__})")
-        conn.send(answer)
+        try:
+            conn.send(answer)
+        except OSError:  # the edge stopped while we decoded
+            return
 
 
 class _Worker:
