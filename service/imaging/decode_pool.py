@@ -68,29 +68,27 @@ def worker_main(conn: Connection, decode: Callable[..., Any], memory_mb: int) ->
         _limit_memory(memory_mb)
     except (OSError, ValueError) as exc:  # no /proc or no RLIMIT_AS: decode without the cap, and say so
         log.warning("decode worker runs without a memory cap: %s", exc)
-    try:
+    try:  # the edge closing its end (at a stop) ends the worker: EOF, or ECONNRESET if it left data unread
         conn.send(("ready",))
-    except OSError:  # the edge is already gone
-        return
-    while True:
-        try:
+        while True:
             ds, args = conn.recv()
-        except (EOFError, OSError):  # the edge closed its end (at a stop): ECONNRESET if it left our answer unread
-            return
-        try:
-            answer: tuple[Any, ...] = ("ok", decode(ds, *args))
-        except RadiographError as exc:
-            answer = ("error", exc.code.value, exc.message)
-        except MemoryError:
-            answer = ("error", RejectionCode.CORRUPT_PIXEL_DATA.value,
-                      f"decoding needs more than the decode memory limit of {memory_mb} MB (PTX_DECODE_MEMORY_MB)")
-        except Exception as exc:  # noqa: BLE001 -- a decoder bug is answered, and the worker lives on
-            answer = ("error", RejectionCode.CORRUPT_PIXEL_DATA.value,
-                      f"pixel data could not be decoded ({type(exc).__name__})")
-        try:
-            conn.send(answer)
-        except OSError:  # the edge stopped while we decoded
-            return
+            conn.send(_answer(decode, ds, args, memory_mb))
+    except (EOFError, OSError):
+        return
+
+
+def _answer(decode: Callable[..., Any], ds: Any, args: tuple[Any, ...], memory_mb: int) -> tuple[Any, ...]:
+    """("ok", what `decode` returned) or ("error", code, message): a failed decode is answered, never raised."""
+    try:
+        return ("ok", decode(ds, *args))
+    except RadiographError as exc:
+        return ("error", exc.code.value, exc.message)
+    except MemoryError:
+        return ("error", RejectionCode.CORRUPT_PIXEL_DATA.value,
+                f"decoding needs more than the decode memory limit of {memory_mb} MB (PTX_DECODE_MEMORY_MB)")
+    except Exception as exc:  # noqa: BLE001 -- a decoder bug is answered, and the worker lives on
+        return ("error", RejectionCode.CORRUPT_PIXEL_DATA.value,
+                f"pixel data could not be decoded ({type(exc).__name__})")
 
 
 class _Worker:
