@@ -78,9 +78,8 @@ def short_tmp() -> Iterator[Path]:
 def test_sigterm_drains_admitted_requests_refuses_new_ones_and_stops_at_the_deadline(tmp_path, short_tmp, realdata):
     data = (realdata / SIIM).read_bytes()
     data_dir = tmp_path / "data"
-    temp = short_tmp  # where BentoML makes its sockets' folder (tempfile honours TMPDIR)
     env = {"PTX_DATA_DIR": str(data_dir), "PTX_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S), "PTX_RETRY_AFTER_S": "4",
-           "PTX_RECORD_HTTP": "true", "TMPDIR": str(temp)}
+           "PTX_RECORD_HTTP": "true", "TMPDIR": str(short_tmp)}  # BentoML's sockets' folder goes there
     started: list = []
     log_path = tmp_path / "server.log"
     with bento_server(log_path, env=env, started=started) as base:
@@ -119,7 +118,7 @@ def test_sigterm_drains_admitted_requests_refuses_new_ones_and_stops_at_the_dead
     assert re.search(rf"SIGTERM: draining [{HELD + 1}-9] request\(s\) and {HELD + 1} film\(s\)", log), log[-3000:]
     assert "drain deadline: 1 request(s) and 1 film(s)" in log
     assert "Traceback" not in log
-    assert not list(temp.glob("bentoml-uds-*")), "the supervisor left its sockets' folder behind"
+    assert not list(short_tmp.glob("bentoml-uds-*")), "the supervisor left its sockets' folder behind"
     store = open_store(None, data_dir)  # the admitted films' findings were recorded before they were answered
     try:
         assert store.finding(outcomes[0][1]["sop_uid"]) is not None
