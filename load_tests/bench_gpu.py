@@ -43,8 +43,8 @@ from service.models.backends.torch_backend import (  # noqa: E402
 from service.models.manifest import load_manifest  # noqa: E402
 
 DEMO_MODELS = {
-    "demo classifier (R18 w16, aux head dropped)": ROOT / "models" / "ptx-classifier-demo" / "0.1.0",
-    "demo segmenter (R18 w16 U-Net, decoder to 1/4)": ROOT / "models" / "ptx-segmenter-demo" / "0.1.0",
+    "demo classifier (R18 w16, aux head dropped)": ROOT / "models" / "ptx-classifier-demo" / "0.2.0",
+    "demo segmenter (R18 w16 U-Net, decoder to 1/4)": ROOT / "models" / "ptx-segmenter-demo" / "0.2.0",
 }
 PRODUCTION_CONFIG = ROOT / "training" / "configs" / "siim-gpu.yaml"
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"

@@ -46,8 +46,8 @@ import onnxruntime as ort
 from service.models.backends.onnxruntime import session_options
 from service.models.manifest import load_manifest
 
-DEMO = {"demo classifier (R18 w16, 256²)": ROOT / "models" / "ptx-classifier-demo" / "0.1.0",
-        "demo segmenter (R18 w16 U-Net, 256²)": ROOT / "models" / "ptx-segmenter-demo" / "0.1.0"}
+DEMO = {"demo classifier (R18 w16, 512²)": ROOT / "models" / "ptx-classifier-demo" / "0.2.0",
+        "demo segmenter (R18 w16 U-Net, 256²)": ROOT / "models" / "ptx-segmenter-demo" / "0.2.0"}
 PRODUCTION_CONFIG = ROOT / "training" / "configs" / "siim-gpu.yaml"
 PRODUCTION_SIZE = 512
 DEMO_BATCHES = (1, 2, 4, 8, 16)
@@ -157,7 +157,7 @@ def main() -> int:
         from training.data import index_siim
         from training.quantize import compare_precisions
 
-        comparison = compare_precisions(DEMO["demo classifier (R18 w16, 256²)"],
+        comparison = compare_precisions(DEMO["demo classifier (R18 w16, 512²)"],
                                         DEMO["demo segmenter (R18 w16 U-Net, 256²)"], index_siim(args.accuracy),
                                         threads=args.threads)
         figures = comparison.summary()

@@ -37,7 +37,14 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MIN_SIDE = 256  # the demo models' input size: what the service's flow asks of the decoder
+
+
+def models_side(models_root: Path = REPO / "models") -> int:
+    """What the service's flow asks of the decoder for the bundled models: the larger of their input sizes
+    (service/cascade/flow.py; 512 since the demo's 0.2.0 classifier)."""
+    from service.models.manifest import find_models
+
+    return max(manifest.input.size for _, manifest in find_models(models_root))
 
 
 def as_j2k(data: bytes, lossy: bool = False) -> bytes:
@@ -139,13 +146,14 @@ def _timed(function: Callable[[], object], repeat: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def compare(films: Sequence[Film], cascade: object, repeat: int = 1, min_side: int = MIN_SIDE) -> list[Outcome]:
-    """Each film read in full and reduced (decode timed, median of `repeat`), then through `cascade` both ways."""
+def compare(films: Sequence[Film], cascade: object, repeat: int = 1, min_side: int | None = None) -> list[Outcome]:
+    """Each film read in full and reduced (decode timed, median of `repeat`), then through `cascade` both ways;
+    reduced for `min_side` (default: the bundled models' side, as the service asks)."""
     from service.imaging.acceptance import permissive_policy
     from service.imaging.reader import read_radiograph
 
     full_policy = permissive_policy()
-    reduced_policy = dataclasses.replace(full_policy, decode_min_side=min_side)
+    reduced_policy = dataclasses.replace(full_policy, decode_min_side=min_side or models_side())
     outcomes = []
     for film in films:
         full_ms, full = _timed(lambda film=film: read_radiograph(film.data, full_policy), repeat)

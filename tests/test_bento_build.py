@@ -27,8 +27,8 @@ def test_bentoml_build_packages_service_and_models_and_the_bento_serves(tmp_path
             "service/http/pages/static/htmx.LICENSE", "service/http/pages/front.md"} <= sources  # the reading room
     assert not any(s.startswith("training/") for s in sources), "serving never imports training"
     manifests = {s for s in sources if s.endswith("manifest.json")}
-    assert manifests == {"models/ptx-classifier-demo/0.1.0/manifest.json",
-                         "models/ptx-segmenter-demo/0.1.0/manifest.json"}
+    assert manifests == {"models/ptx-classifier-demo/0.2.0/manifest.json",
+                         "models/ptx-segmenter-demo/0.2.0/manifest.json"}
     assert not any(s.startswith(("tests/", "data/", ".venv/")) for s in sources)
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     assert info["service"] == "service.app:Triage"

@@ -266,7 +266,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser("demo", help="generate synthetic data, train, export and evaluate the demo models",
-                              description="The bundled demo models in one command (under 30 minutes on 2 CPU cores).")
+                              description="The bundled demo models in one command: train, export, refit, report.")
     p.add_argument("--config", type=Path, default=REPO_ROOT / "training" / "configs" / "demo.yaml")
     p.add_argument("--models", type=Path, default=REPO_ROOT / "models")
     p.add_argument("--work", type=Path, default=REPO_ROOT / "data" / "demo", help="synthetic data, cache, runs")

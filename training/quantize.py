@@ -55,6 +55,8 @@ from service.models.manifest import INT8_ROLE, Int8Calibration, Int8Info, Manife
 from training.data import Sample
 from training.metrics import dice, mean_dice_positive, roc_auc
 
+CALIBRATION_FILMS = 128  # the demo's training films whose activations set the INT8 ranges (demo, refit-demo)
+
 INT8_FILE = "model.int8.onnx"
 CALIBRATION_METHOD = CalibrationMethod.MinMax
 ACTIVATION_TYPE = QuantType.QUInt8

@@ -5,8 +5,8 @@ Why not retrain: the weights (model.pt) are what was validated; only the graph a
 output) and the statistics beside them are new. The network is rebuilt from the manifest's training config and
 its checkpoint (sha256 checked), exported and checked against PyTorch as any export (training/export.py),
 its FP16 and INT8 files remade from the new FP32 graph, and the folder replaced only once all of that passed.
-Everything the old manifest said about the model -- name, version, thresholds, training, metrics, intended
-use, creation date -- is kept; `export` describes the new files.
+Everything the old manifest said about the model -- name, version, thresholds (but a gate the caller moves),
+training, metrics, intended use, creation date -- is kept; `export` describes the new files.
 """
 
 from __future__ import annotations
@@ -42,19 +42,22 @@ def load_weights(model_dir: Path, manifest: Manifest) -> torch.nn.Module:
 
 
 def reexport_classifier(model_dir: Path, calibration_inputs: np.ndarray, calibration_description: str,
-                        ood_films: OodFilms | None, fusion: ScoreFusion | None = None) -> Manifest:
-    """Replace the classifier folder `model_dir` by its re-export (see the module docstring)."""
+                        ood_films: OodFilms | None, fusion: ScoreFusion | None = None,
+                        gate: float | None = None) -> Manifest:
+    """Replace the classifier folder `model_dir` by its re-export (see the module docstring); `gate`, when given,
+    replaces the manifest's gate (training/demo_refit.py says when)."""
     model_dir = Path(model_dir)
     old = manifests.load_manifest(model_dir)
     if old.task != "classification":
         raise ValueError(f"{model_dir} holds a {old.task} model: only a classifier has features to re-export")
     network = load_weights(model_dir, old)
+    thresholds = old.thresholds if gate is None else old.thresholds.model_copy(update={"gate": float(gate)})
     staged = model_dir.parent / f".{model_dir.name}.reexport"
     if staged.exists():
         shutil.rmtree(staged)
     manifest = export_model(
         network, staged, name=old.name, version=old.version, task=old.task, input_spec=manifests.input_spec(old),
-        thresholds=old.thresholds, training_info=old.training, metrics=old.metrics, intended_use=old.intended_use,
+        thresholds=thresholds, training_info=old.training, metrics=old.metrics, intended_use=old.intended_use,
         created=old.created, real_inputs=calibration_inputs[:REAL_INPUTS], calibration_inputs=calibration_inputs,
         calibration_description=calibration_description, ood_films=ood_films, fusion=fusion)
     extra = sorted(set(old.files) - set(manifest.files))

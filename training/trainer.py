@@ -184,6 +184,9 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
         start_epoch, history, kept, images_seen = state["epoch"] + 1, state["history"], state["kept"], state["images"]
         stopped, trained_on = state["stopped"], set(state["trained_on"])
     best = max((m for m, _ in kept), default=-math.inf)
+    # A resumed run's seconds go on from its history's: a finished run resumed to nothing reported ~0 s of training
+    # in its manifest. The budget (`minutes`) still counts this process only.
+    earlier_s = history[-1]["seconds"] if history else 0.0
     stale = 0  # epochs since the best one; a resumed run recounts it from its history
     for entry in history:
         stale = 0 if entry["metric"] >= entry["best"] else stale + 1
@@ -242,10 +245,10 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
         best = max(best, metric)
         history.append({"epoch": epoch, "loss": running / max(1, batches_run), "metric": metric, "best": best,
                         "positive_rate": rate if rate is not None else float(labels[pool].mean()),
-                        "seconds": time.monotonic() - started})
+                        "seconds": earlier_s + time.monotonic() - started})
         if world.is_main:
             print(f"{task.name} epoch {epoch + 1}: loss {running / max(1, batches_run):.4f} {task.metric_name} "
-                  f"{metric:.4f} (best {best:.4f}) {time.monotonic() - started:.0f}s", flush=True)
+                  f"{metric:.4f} (best {best:.4f}) {earlier_s + time.monotonic() - started:.0f}s", flush=True)
         over_time = optim.minutes is not None and time.monotonic() - started > optim.minutes * 60
         stopped = bool(distributed.from_main(stale >= optim.early_stopping or over_time))  # one clock decides
         if world.is_main:
@@ -260,7 +263,7 @@ def fit(model: nn.Module, task: Task, dataset: RadiographDataset, config: ModelC
     if optim.freeze_encoder_epochs:
         set_encoder_frozen(model, False)  # a run shorter than its warm-up still hands back a trainable model
     distributed.barrier()  # process 0's epoch files are written before anyone reads them
-    result = _finish(model, task, out_dir, kept, history, images_seen, time.monotonic() - started, device)
+    result = _finish(model, task, out_dir, kept, history, images_seen, earlier_s + time.monotonic() - started, device)
     result.trained_on = sorted(trained_on)
     if model is not given:
         given.load_state_dict(model.state_dict())  # the caller's own modules (BatchNorm, not SyncBatchNorm)

@@ -228,7 +228,7 @@ def test_the_worklist_page_lists_by_priority_with_its_facts_and_filters(room) ->
     sign_in(client)
     page = client.get("/worklist/")
     assert study_order(page.text) == ["1.2.2", "1.2.1", "1.2.3"]  # STAT, ROUTINE, pending (with the routine)
-    assert "Not for clinical use." in page.text and "ptx-classifier-demo 0.1.0" in page.text
+    assert "Not for clinical use." in page.text and "ptx-classifier-demo 0.2.0" in page.text
     assert "1,234 mm²" in page.text and "StudyInstanceUIDs=1.2.2" in page.text
     assert 'src="/worklist/studies/1.2.2/1.2.2.1/thumbnail.png"' in page.text and 'data-version="' in page.text
     assert study_order(client.get("/worklist/?priority=STAT").text) == ["1.2.2"]
@@ -251,7 +251,7 @@ def test_the_study_view_and_its_acknowledgement_follow_the_api_rule(room) -> Non
     csrf = sign_in(client)
     view = client.get("/worklist/studies/1.2.1")
     assert view.status_code == 200 and 'name="priority" value="ROUTINE"' in view.text
-    assert 'id="feedback"' in view.text and "ptx-classifier-demo 0.1.0" in view.text
+    assert 'id="feedback"' in view.text and "ptx-classifier-demo 0.2.0" in view.text
     assert client.get("/worklist/studies/9.9.9").status_code == 404
     found_later = "1.2.1.2"
     receive(room.store, "1.2.1", found_later)

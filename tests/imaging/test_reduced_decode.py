@@ -38,7 +38,7 @@ from tests import realdata as registry
 from tests.servers import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-MODEL_SIDE = 256  # the demo models' input size
+MODEL_SIDE = 256  # a model input for the level rules below (GRIDS); the answers are compared at the models' own
 REDUCED = dataclasses.replace(permissive_policy(), decode_min_side=MODEL_SIDE)
 CANON, PHILIPS = "chest/canon_dx_j2k_lossless_mono1_inverse.dcm", "chest/philips_cr_j2k_lossy_mono1.dcm"
 SIIM = "chest/siim_cr_jpegbaseline_mono2.dcm"
@@ -89,8 +89,9 @@ def test_every_real_file_has_the_same_outcome_reduced_as_in_full(realdata: Path)
 
 def test_the_real_films_get_the_full_decodes_answers(realdata: Path, cascade) -> None:
     films = [Film(name, name, (realdata / name).read_bytes()) for name in sorted(GRIDS)]
-    for outcome in compare(films, cascade):
-        assert outcome.reduced_shape == GRIDS[outcome.film.name][0]
+    outcomes = compare(films, cascade)  # reduced as the service reduces for the bundled models (512 px: Canon's 1/2)
+    assert any(outcome.reduced_shape != outcome.full_mask.shape for outcome in outcomes), "no film was reduced"
+    for outcome in outcomes:
         assert abs(outcome.full_score - outcome.reduced_score) <= 0.01, outcome.film.name
         ds = pydicom.dcmread(io.BytesIO(outcome.film.data), stop_before_pixels=True)
         assert outcome.reduced_mask.shape == outcome.full_mask.shape == (ds.Rows, ds.Columns), "the film's size"
@@ -165,7 +166,9 @@ def test_a_synthetic_set_with_mixed_encodings_gets_the_full_decodes_answers(tmp_
     films = synthetic_set(tmp_path / "synth", 8)
     outcomes = compare(films, cascade)
     reduced_films = [o for o in outcomes if o.reduced_shape != o.full_mask.shape]
-    assert {o.film.encoding for o in reduced_films} >= {"JPEG 2000", "JPEG"}
+    # At the demo's 512 px a 1024 px JPEG is not scaled (DCT scaling keeps twice the model input); JPEG's scaling
+    # is checked at 256 px on the real films above (GRIDS)
+    assert "JPEG 2000" in {o.film.encoding for o in reduced_films}
     for outcome in outcomes:
         if outcome.reduced_shape == outcome.full_mask.shape:  # not reduced: the very same answer
             assert outcome.reduced_score == outcome.full_score

@@ -39,8 +39,8 @@ from tests.dicom_factory import chest_like
 from tests.servers import REPO
 
 MODELS = {
-    "classifier": REPO / "models" / "ptx-classifier-demo" / "0.1.0",
-    "segmenter": REPO / "models" / "ptx-segmenter-demo" / "0.1.0",
+    "classifier": REPO / "models" / "ptx-classifier-demo" / "0.2.0",
+    "segmenter": REPO / "models" / "ptx-segmenter-demo" / "0.2.0",
 }
 H100 = "NVIDIA H100 80GB HBM3"
 ALL_GPU = ["AzureExecutionProvider", TENSORRT, CUDA, CPU]
@@ -126,8 +126,9 @@ def test_plan_tensorrt_caches_engines_per_gpu_tensorrt_and_file(tmp_path):
     assert options["trt_engine_cache_path"] == str(expected) == options["trt_timing_cache_path"]
     assert options["trt_fp16_enable"] is True  # TensorRT 10 picks FP16 kernels from the FP32 graph ...
     assert result.model_path.name == "model.onnx"  # ... so it loads the FP32 file
+    side = load_manifest(MODELS["classifier"]).input.size  # one profile for the model's own input (512 px)
     assert (options["trt_profile_min_shapes"], options["trt_profile_max_shapes"]) == (
-        "image:1x1x256x256", "image:32x1x256x256")
+        f"image:1x1x{side}x{side}", f"image:32x1x{side}x{side}")
     other_gpu = dict(plan(tmp_path, ALL_GPU, gpu_name="NVIDIA A10", trt_version="10.3.1").providers)[TENSORRT]
     assert other_gpu["trt_engine_cache_path"].endswith(f"nvidia-a10-trt10.3.1/model-{'ab' * 8}")
 
@@ -297,7 +298,9 @@ def test_torch_refuses_what_it_cannot_do_on_this_device(manifests):
     with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda', got 'gpu'"):
         TorchBackend(MODELS["classifier"], manifest, device="gpu")
     backend = TorchBackend(MODELS["classifier"], manifest, device="cpu")
-    with pytest.raises(ValueError, match=r"batch must be \(N, 1, 256, 256\) float32, got shape \(2, 1, 128, 128\)"):
+    side = manifest.input.size
+    expected = rf"batch must be \(N, 1, {side}, {side}\) float32, got shape \(2, 1, 128, 128\)"
+    with pytest.raises(ValueError, match=expected):
         backend.run(np.zeros((2, 1, 128, 128), np.float32))
 
 

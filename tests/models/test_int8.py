@@ -37,8 +37,8 @@ from training.__main__ import main as training_main
 from training.data import index_siim
 from training.quantize import compare_precisions
 
-MODELS = {"classifier": REPO / "models" / "ptx-classifier-demo" / "0.1.0",
-          "segmenter": REPO / "models" / "ptx-segmenter-demo" / "0.1.0"}
+MODELS = {"classifier": REPO / "models" / "ptx-classifier-demo" / "0.2.0",
+          "segmenter": REPO / "models" / "ptx-segmenter-demo" / "0.2.0"}
 HELD_OUT_SEED = 20261207  # never used for training (demo: 1), the test report (9001) nor other tests
 
 
@@ -63,9 +63,10 @@ def test_int8_dice_on_positives_stays_within_0_01_of_fp32(comparison):
 
 
 def test_int8_scores_and_decisions_follow_fp32_film_by_film(comparison):
-    """Bounds from the 600-film test set (mean |Δp| 0.008, max 0.17, 96 % same call), with room for the
-    sample: a calibration on the wrong inputs moves the mean by several times and the calls by far more."""
-    assert comparison.mean_score_difference <= 0.015, comparison.summary()
+    """Bounds from the 600-film test set (0.2.0: mean |Δp| 0.016, max 0.13, 93.5 % same call; 0.1.0: 0.008, 0.17,
+    96 %), with room for the sample: a calibration on the wrong inputs moves the mean by several times and the
+    calls by far more."""
+    assert comparison.mean_score_difference <= 0.025, comparison.summary()
     assert comparison.max_score_difference <= 0.25, comparison.summary()
     assert comparison.decisions_agree >= 0.9, comparison.summary()
 
@@ -103,7 +104,7 @@ def test_auto_and_fp32_keep_the_fp32_file_on_the_cpu():
 def test_int8_without_an_int8_file_fails_at_start_naming_the_model_and_the_setting(tmp_path):
     root = tmp_path / "models"
     shutil.copytree(REPO / "models", root)
-    directory = root / "ptx-segmenter-demo" / "0.1.0"
+    directory = root / "ptx-segmenter-demo" / "0.2.0"
     manifest = load_manifest(directory)
     files = {role: name for role, name in manifest.files.items() if role != INT8_ROLE}
     write_manifest(manifest.model_copy(update={
@@ -111,7 +112,7 @@ def test_int8_without_an_int8_file_fails_at_start_naming_the_model_and_the_setti
         "export": manifest.export.model_copy(update={"int8": None})}), directory)
     (directory / "model.int8.onnx").unlink()
     settings = load_settings(environ={"PTX_MODELS_DIR": str(root), "PTX_PRECISION": "int8"})
-    with pytest.raises(ManifestError, match=r"PTX_PRECISION=int8: model ptx-segmenter-demo 0\.1\.0 has no INT8 file "
+    with pytest.raises(ManifestError, match=r"PTX_PRECISION=int8: model ptx-segmenter-demo 0\.2\.0 has no INT8 file "
                                             r"\(no 'onnx_int8' role.*set PTX_PRECISION=auto"):
         resolve(settings)
     assert resolve(settings.model_copy(update={"precision": "auto"})).segmenter.directory == directory

@@ -53,7 +53,7 @@ def test_ledoit_wolf_makes_a_singular_sample_covariance_invertible():
 
 
 def bundled() -> Manifest:
-    return load_manifest(REPO / "models" / "ptx-classifier-demo" / "0.1.0")
+    return load_manifest(REPO / "models" / "ptx-classifier-demo" / "0.2.0")
 
 
 def test_the_manifest_refuses_an_inconsistent_description():

@@ -59,8 +59,8 @@ def test_resolve_finds_the_bundled_pair(models):
 def test_resolve_refuses_ambiguity_wrong_task_and_tampering(tmp_path, settings):
     root = tmp_path / "models"
     shutil.copytree(REPO / "models", root)
-    second = root / "ptx-classifier-other" / "0.1.0"
-    shutil.copytree(root / "ptx-classifier-demo" / "0.1.0", second)
+    second = root / "ptx-classifier-other" / "0.2.0"
+    shutil.copytree(root / "ptx-classifier-demo" / "0.2.0", second)
     write_manifest(load_manifest(second).model_copy(update={"name": "ptx-classifier-other"}), second)
     custom = settings.model_copy(update={"models_dir": root})
     with pytest.raises(ManifestError, match="2 classification models.*PTX_CLASSIFIER"):
@@ -99,7 +99,7 @@ def test_runner_and_edge_give_the_cascade_answer(realdata, settings, models, cas
         assert np.array_equal(finding.mask, want.mask)
         reference = build_finding(read_radiograph(path, flow.policy), want, models.operating_point, PriorityBands())
         assert finding.priority == reference.priority and finding.rle == reference.rle
-        assert finding.models["classifier"] == {"name": "ptx-classifier-demo", "version": "0.1.0", "backend": "x"}
+        assert finding.models["classifier"] == {"name": "ptx-classifier-demo", "version": "0.2.0", "backend": "x"}
         assert {"decode", "preprocess", "postprocess"} <= set(finding.timings_ms)
 
 

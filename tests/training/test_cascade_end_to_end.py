@@ -98,6 +98,7 @@ def test_training_resumes_only_with_the_same_config(tiny_data, tmp_path):
     first = fit(build_classifier(config), classifier_task(config, val), train, config, tmp_path / "run", 1, progress=False)
     again = fit(build_classifier(config), classifier_task(config, val), train, config, tmp_path / "run", 1, progress=False)
     assert again.epochs == first.epochs and again.images_seen == first.images_seen, "finished run resumed, not redone"
+    assert again.seconds >= first.history[-1]["seconds"] > 0, "a resumed run's training time includes its history's"
     changed = from_dict({**TINY, "classifier": {**TINY["classifier"], "optim": {"epochs": 3, "batch_size": 8}}}).classifier
     with pytest.raises(ValueError, match="another configuration"):
         fit(build_classifier(changed), classifier_task(changed, val), train, changed, tmp_path / "run", 1, progress=False)
