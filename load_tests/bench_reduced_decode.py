@@ -38,7 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-
 def models_side(models_root: Path = REPO / "models") -> int:
     """What the service's flow asks of the decoder for the bundled models: the larger of their input sizes
     (service/cascade/flow.py; 512 since the demo's 0.2.0 classifier)."""
