@@ -4,7 +4,7 @@
                                    [--compile [--cuda-graphs]] [--append]
 
 Networks: (a) the bundled demo classifier and segmenter with their checkpoints, rebuilt at --size (they are
-fully convolutional; trained at 256², so the figures are speed only); (b) production-sized networks with
+fully convolutional; trained at 512² and 256², so the figures are speed only); (b) production-sized networks with
 random weights, as `training/configs/siim-gpu.yaml` defines them (ResNet-34, width 64; the segmenter with
 scSE and the full decoder). "Models only": no decoding, resizing or post-processing.
 

@@ -12,7 +12,7 @@ the one with the fewest ms per film, and
 the ratio printed is FP32's best over INT8's best (the speed-up a batching service gets), with the
 same-batch ratios beside it. Models:
 
-* the bundled demo classifier and segmenter (256², ResNet-18 width 16): their committed model.onnx and
+* the bundled demo classifier (512²) and segmenter (256²), ResNet-18 width 16: their committed model.onnx and
   model.int8.onnx;
 * production-sized stand-ins at 512², built from service/models/networks as training/configs/siim-gpu.yaml
   defines them (ResNet-34 width 64; U-Net with scSE and five decoder blocks) with random weights, exported

@@ -39,11 +39,12 @@ sys.path.insert(0, str(REPO))
 
 
 def models_side(models_root: Path = REPO / "models") -> int:
-    """What the service's flow asks of the decoder for the bundled models: the larger of their input sizes
-    (service/cascade/flow.py; 512 since the demo's 0.2.0 classifier)."""
-    from service.models.manifest import find_models
+    """What the service's flow asks of the decoder for the models in `models_root` (`ModelSet.decode_side`; 512
+    for the bundled demo since its 0.2.0 classifier)."""
+    from service.models.model_set import resolve
+    from service.settings import load_settings
 
-    return max(manifest.input.size for _, manifest in find_models(models_root))
+    return resolve(load_settings(environ={"PTX_MODELS_DIR": str(models_root)})).decode_side
 
 
 def as_j2k(data: bytes, lossy: bool = False) -> bytes:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from service.cascade.preprocess import resize
+from service.cascade.preprocess import to_batch
 from service.models.manifest import load_manifest, write_manifest
 from training import config as configs
 from training import films
@@ -130,22 +130,14 @@ def export_cascade(trained: TrainedCascade, config: configs.TrainConfig, models_
         spec = input_spec(model_config)
         model_name = f"ptx-{'classifier' if task == 'classification' else 'segmenter'}-{name or config.name}"
         out = models_root / model_name / config.version
-        inputs = ((at_size(real, spec.size) - spec.mean) / spec.std)[:, None]
-        calibration = ((at_size(films_in, spec.size) - spec.mean) / spec.std)[:, None]
+        # the service's own preprocessing: a 512 px cache serves the 512 px classifier and, resized, the 256 px
+        # segmenter (as RadiographDataset resizes it for training), so every model gets real and INT8 inputs
         export_model(model.cpu().eval(), out, name=model_name, task=task, input_spec=spec, thresholds=thresholds,
-                     metrics=metrics, real_inputs=inputs, calibration_inputs=calibration,
-                     calibration_description=None if calibration is None else calibrated, **common)
+                     metrics=metrics, real_inputs=to_batch(real, spec), calibration_inputs=to_batch(films_in, spec),
+                     calibration_description=calibrated, **common)
         attach(out, {films.ROLE: films.write_record(out, seen)})
         directories[task] = out
     return directories
-
-
-def at_size(images: np.ndarray, size: int) -> np.ndarray:
-    """Cached films at a model's input size, resized as `RadiographDataset` resizes them for training (a 512 px
-    cache serves the 512 px classifier and the 256 px segmenter), so every model gets real and INT8 inputs."""
-    if images.shape[-1] == size:
-        return images
-    return np.stack([resize(image, size, size) for image in images]).astype(np.float32)
 
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class Flow:
             for entry in models.entries()}
         policy = AcceptancePolicy.from_settings(settings)
         if settings.reduced_decode:  # JPEG 2000 / JPEG decoded at the models' input size (issue 15)
-            policy = replace(policy, decode_min_side=max(models.classifier_spec.size, models.segmenter_spec.size))
+            policy = replace(policy, decode_min_side=models.decode_side)
         # PTX_PREVALENCE and PTX_OOD_MAX_PRIORITY (issue 16)
         ceiling = Priority(settings.ood_max_priority)
         return cls(models=models, policy=policy, bands=PriorityBands(

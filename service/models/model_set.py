@@ -52,6 +52,11 @@ class ModelSet:
         return manifests.input_spec(self.segmenter.manifest)
 
     @property
+    def decode_side(self) -> int:
+        """The side a reduced decode must keep (issue 15): the larger of the two models' inputs."""
+        return max(self.classifier_spec.size, self.segmenter_spec.size)
+
+    @property
     def _classification(self) -> ClassificationThresholds:
         thresholds = self.classifier.manifest.thresholds
         assert isinstance(thresholds, ClassificationThresholds)
