@@ -25,6 +25,7 @@ from service.imaging.decode_pool import shared_pool
 from service.imaging.decoding import decode_here
 from service.metrics import metrics, start_resource_sampler
 from service.models import batching
+from service.models.local_models import LocalModels
 from service.models.manifest import ManifestError
 from service.models.model_set import ModelSet, resolve
 from service.models.runner import ModelRunner, observed_by
@@ -91,12 +92,13 @@ class Models:
 class Triage:
     """The HTTP edge (routes in service/http), ready once the model worker is; auth: docs/security.md."""
 
-    models = bentoml.depends(Models)
+    if not SETTINGS.models_in_edge:  # else no worker: the models run here (service/models/local_models.py)
+        models = bentoml.depends(Models)
 
     def __init__(self) -> None:
         self.settings = SETTINGS
-        self.client = ModelClient(self.models, MODEL_SET.segmenter_spec.size, SETTINGS.max_latency_ms,
-                                  SETTINGS.retry_after_s)
+        self.client = LocalModels.start(MODEL_SET, SETTINGS) if SETTINGS.models_in_edge else ModelClient(
+            self.models, MODEL_SET.segmenter_spec.size, SETTINGS.max_latency_ms, SETTINGS.retry_after_s)
         self.cascade = ServedCascade(Flow.from_settings(SETTINGS, MODEL_SET), SETTINGS, self.client.classify,
                                      self.client.segment, describe=self.client.backends)
         if SETTINGS.decode_timeout_s:  # decode workers up before the first compressed film
@@ -138,10 +140,7 @@ class Triage:
 
     async def __is_ready__(self) -> bool:
         try:
-            if not await self.models.is_ready(timeout=5):
-                return False
-            await self.cascade.ensure_described()
-            return True
+            return await self.client.ready() and await self.cascade.ensure_described()
         except Exception:  # a worker that cannot answer is simply not ready
             log.warning("model worker not ready", exc_info=True)
             return False

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1, le=256)
     max_latency_ms: int = Field(default=20000, ge=100)
     greedy_batching: bool = True  # dispatch whenever the model is free (service/batching.py)
+    # Both models in the edge's process, no model worker (service/models/local_models.py): one edge worker only.
+    models_in_edge: bool = False
+    # Batches that run at once, each on PTX_INTRA_OP_THREADS threads (with PTX_MODELS_IN_EDGE; the worker runs one).
+    model_instances: int = Field(default=1, ge=1, le=16)
     # The HTTP edge: decode/post-process threads, admission control and per-request limits.
     edge_workers: int = Field(default=1, ge=1, le=64)  # HTTP edge processes (each decodes with decode_threads)
     decode_threads: int = Field(default=2, ge=1, le=64)
@@ -137,6 +141,18 @@ class Settings(BaseSettings):
 
             CallingAeAllowlist.parse(value)
         return value
+
+    @model_validator(mode="after")
+    def _one_edge_with_local_models(self) -> Settings:
+        """Each edge process would load its own models and batch alone: refused rather than done quietly."""
+        if self.models_in_edge and self.edge_workers > 1:
+            raise ValueError(f"PTX_MODELS_IN_EDGE needs PTX_EDGE_WORKERS=1 (got {self.edge_workers}): each edge "
+                             "process would load both models; use the model worker for several edge processes")
+        if self.model_instances > 1 and not self.models_in_edge:
+            raise ValueError(f"PTX_MODEL_INSTANCES={self.model_instances} needs PTX_MODELS_IN_EDGE: the model worker "
+                             "runs one batch at a time")
+        return self
+
 
 def load_settings(config_file: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Settings from the TOML file (argument, else $PTX_CONFIG_FILE) with environment variables on top."""

@@ -41,3 +41,19 @@ def test_choices_are_checked():
         load_settings(environ={"PTX_BACKEND": "tensorflow"})
     with pytest.raises(ValidationError, match="mask_default"):
         load_settings(environ={"PTX_MASK_DEFAULT": "jpeg"})
+
+
+def test_models_in_the_edge_need_a_single_edge_process():
+    """Each edge process would load both models and batch on its own: refused with both settings named."""
+    assert load_settings(environ={"PTX_MODELS_IN_EDGE": "true"}).models_in_edge is True
+    with pytest.raises(ValidationError, match="PTX_MODELS_IN_EDGE needs PTX_EDGE_WORKERS=1"):
+        load_settings(environ={"PTX_MODELS_IN_EDGE": "true", "PTX_EDGE_WORKERS": "2"})
+    assert load_settings(environ={"PTX_EDGE_WORKERS": "2"}).edge_workers == 2  # with the model worker: fine
+
+
+def test_several_model_instances_need_the_models_in_the_edge():
+    """The model worker serves one batch at a time (BentoML threads=1): more instances there would be ignored."""
+    settings = load_settings(environ={"PTX_MODELS_IN_EDGE": "true", "PTX_MODEL_INSTANCES": "2"})
+    assert settings.model_instances == 2
+    with pytest.raises(ValidationError, match="PTX_MODEL_INSTANCES=2 needs PTX_MODELS_IN_EDGE"):
+        load_settings(environ={"PTX_MODEL_INSTANCES": "2"})

@@ -84,11 +84,12 @@ class ServedCascade:
         """CPU work off the event loop, at most `decode_threads` at once."""
         return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)
 
-    async def ensure_described(self) -> None:
-        """Learn once which engine runs each model (the model worker knows; answers name it)."""
+    async def ensure_described(self) -> bool:
+        """Learn once which engine runs each model (the model worker knows; answers name it); True once known."""
         if self.describe is not None:
             self.flow = self.flow.with_backends(await self.describe())
             self.describe = None
+        return True
 
     @contextmanager
     def admitted(self, films: int = 1, *, beyond_limit: bool = False) -> Iterator[None]:

@@ -96,7 +96,7 @@ class ModelRunner:
         self.segmenter = loader(models.segmenter, settings)
         stats = models.classifier.manifest.ood
         self.ood = None if stats is None else OodModel.from_statistics(stats)
-        self._lock = threading.Lock()
+        self._lock = threading.BoundedSemaphore(settings.model_instances)  # runs at once (PTX_MODEL_INSTANCES)
         for entry, backend in ((models.classifier, self.classifier), (models.segmenter, self.segmenter)):
             log.info("%s: %s on %s (provider %s)", entry.role, entry.label, backend.name,
                      getattr(backend, "provider", "unknown"))

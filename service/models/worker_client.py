@@ -60,6 +60,10 @@ class ModelClient:
     async def segment(self, batch: np.ndarray) -> np.ndarray:
         return await self._call("segmenter", batch, (self.side, self.side))
 
+    async def ready(self) -> bool:
+        """Whether the model worker says it is ready (it is not while a model is out of service)."""
+        return bool(await self.worker.is_ready(timeout=5))
+
     async def backends(self) -> dict[str, str]:
         """Which engine runs each model, from the worker; 503 `model_unavailable` while it cannot say."""
         self.keep_session()

@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from service.cascade.postprocess import film_mask, mask_window
 from service.cascade.preprocess import resize, to_batch, to_original
+from service.cascade import resampling
 from service.cascade.resampling import patches, pillow_bilinear, resample_grid
 from service.imaging.radiograph import PixelGrid, Radiograph
 from service.models.input_spec import InputSpec
@@ -110,3 +111,20 @@ def test_the_window_holds_every_film_pixel_a_map_pixel_reaches_and_little_more(r
     assert left <= reached[:, 1].min() and reached[:, 1].max() < right
     assert bottom - top <= np.ptp(reached[:, 0]) + 1 + 4 and right - left <= np.ptp(reached[:, 1]) + 1 + 4
     assert mask_window(np.zeros((128, 128), dtype=bool), rows, columns) is None
+
+
+@pytest.mark.parametrize(("shape", "size"), [((1024, 1024), (512, 512)), ((1024, 1024), (256, 256)),
+                                             ((1023, 1024), (512, 512)), ((600, 768), (512, 256)),
+                                             ((9, 7), (3, 7)), ((2000, 2128), (512, 532))])
+def test_shrinking_by_an_integer_factor_through_strided_views_is_the_sparse_product_to_the_bit(shape, size):
+    """The fast path for whole factors (`_across_by_views`) against the plain sparse product, whole and windowed."""
+    image = np.random.default_rng(7).random(shape, dtype=np.float32) * 3 - 1  # values beyond [0, 1] too
+    rows, columns = size
+    for window in [(0, rows, 0, columns), (1, rows // 2 + 1, 1, max(columns - 2, 2)), (0, 1, 0, 1),
+                   (rows - 1, rows, max(columns - 3, 0), columns), (0, rows, columns // 2, columns // 2 + 1)]:
+        top, bottom, left, right = window
+        down = resampling.bilinear_weights(shape[0], rows)[top:bottom] @ image
+        expected = np.ascontiguousarray((resampling.bilinear_weights(shape[1], columns)[left:right] @ down.T).T)
+        got = resampling.resample_window(image, rows, columns, window)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        assert np.array_equal(got, expected), (shape, size, window)

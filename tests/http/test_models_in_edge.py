@@ -1,0 +1,73 @@
+"""`PTX_MODELS_IN_EDGE`: a real `bentoml serve` whose edge runs both models itself, with no model worker.
+
+The same answers as the default two-process service gives (checked against the in-process cascade, as
+tests/http/test_app_triage.py does for the default), concurrent films batched by the edge's own greedy
+batcher (service/models/local_models.py), and one Python server process rather than two.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+from service.models.manifest import find_models
+from tests.http import test_app_triage as served
+from tests.http.test_app_triage import SIIM, metrics_text, post, sample
+from tests.servers import REPO, bento_server
+from training.evaluate import load_cascade
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory, realdata):
+    data_dir = tmp_path_factory.mktemp("ptx-data")
+    env = {"PTX_DATA_DIR": str(data_dir), "PTX_MAX_BATCH_SIZE": "8", "PTX_MODELS_IN_EDGE": "true",
+           "PTX_MODEL_INSTANCES": "2", "PTX_INTRA_OP_THREADS": "1"}  # the small-CPU profile (docs/benchmarks.md)
+    processes: list = []
+    with bento_server(tmp_path_factory.mktemp("bento") / "server.log", env=env, started=processes) as base:
+        yield base, processes[0]
+
+
+@pytest.fixture(scope="module")
+def server(started):
+    return started[0]
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    models = {manifest.task: path for path, manifest in find_models(REPO / "models")}
+    cascade, _ = load_cascade(models["classification"], models["segmentation"])
+    return cascade
+
+
+def test_no_model_worker_process_is_started(started):
+    _, process = started
+    commands = [" ".join(child.cmdline()) for child in psutil.Process(process.pid).children(recursive=True)]
+    assert any("--service-name ptx-triage" in command for command in commands), commands
+    assert not any("--service-name ptx-models" in command for command in commands), commands
+
+
+def test_real_chest_films_answered_as_the_in_process_cascade_would(server, realdata, in_process):
+    """Scores, masks, RLE, boxes and timings as the default service answers them (the same checks)."""
+    served.test_real_chest_films_answered_as_the_in_process_cascade_would(server, realdata, in_process)
+
+
+def test_concurrent_films_are_batched_by_the_edge(server, realdata):
+    before = metrics_text(server)
+    films_before = sample(before, "ptx_batch_size_sum", model="classifier")
+    batches_before = sample(before, "ptx_batch_size_count", model="classifier")
+    data = (realdata / SIIM).read_bytes()
+    requests = 32
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda _: post(f"{server}/v1/triage?mask=none", data, "application/dicom"),
+                                range(requests)))
+    assert [status for status, _, _ in answers] == [200] * requests
+    assert len({body["score"] for _, body, _ in answers}) == 1  # batching does not change a film's answer
+    after = metrics_text(server)
+    films = sample(after, "ptx_batch_size_sum", model="classifier") - films_before
+    batches = sample(after, "ptx_batch_size_count", model="classifier") - batches_before
+    assert films == requests
+    assert batches < requests, f"{requests} concurrent films ran in {batches} batches: no batching"
+    assert sample(after, "ptx_queue_wait_seconds_count", model="classifier") >= requests
+    assert "bentoml_service_adaptive_batch_size" not in after  # no BentoML batcher: there is no model worker
