@@ -269,3 +269,37 @@ def test_compressed_figures_pool_the_jpeg_2000_groups_and_give_the_ratios() -> N
     assert "| **4.00×** | 4.00× | 8.00× | 0.0100 |" in text
     assert "3.00×, NOT met at concurrency 4" in text and "5.00×, met at concurrency 16" in text
 
+
+
+def test_cpu_split_reads_each_threads_own_cpu_time():
+    """`cpu_split.thread_cpu`: a thread that burns CPU is charged for it, one that sleeps is not."""
+    import threading
+    import time
+
+    from load_tests.cpu_split import thread_cpu
+
+    ids: dict[str, int] = {}
+    done = threading.Event()
+
+    def burn() -> None:
+        ids["burn"] = threading.get_native_id()
+        started, spins = time.perf_counter(), 0
+        while time.perf_counter() - started < 0.4:
+            spins += 1
+        done.wait()
+
+    def sleep() -> None:
+        ids["sleep"] = threading.get_native_id()
+        done.wait()
+
+    workers = [threading.Thread(target=burn), threading.Thread(target=sleep)]
+    before = thread_cpu(os.getpid())
+    for worker in workers:
+        worker.start()
+    time.sleep(0.6)
+    after = thread_cpu(os.getpid())
+    done.set()
+    for worker in workers:
+        worker.join()
+    assert after[ids["burn"]] - before.get(ids["burn"], 0.0) >= 0.2
+    assert after[ids["sleep"]] - before.get(ids["sleep"], 0.0) <= 0.05

@@ -130,3 +130,14 @@ def test_fp16_on_a_cpu_only_onnxruntime_is_refused():
     manifest = load_manifest(MODELS["classifier"])
     with pytest.raises(BackendUnavailable, match="PTX_PRECISION=fp16 needs a GPU provider"):
         load_backend(MODELS["classifier"], manifest, "onnxruntime", precision="fp16")
+
+
+def test_int8_says_at_start_that_the_operating_point_was_fitted_on_fp32(caplog):
+    """Not silent: the INT8 classifier calls some films differently from the FP32 metrics in its manifest."""
+    with caplog.at_level("WARNING", logger="ptx.models"):
+        resolve(load_settings(environ={"PTX_PRECISION": "int8"}))
+    assert any("PTX_PRECISION=int8" in r.message and "fitted on FP32 scores" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ptx.models"):
+        resolve(load_settings(environ={}))
+    assert not [r for r in caplog.records if "fitted on FP32" in r.message]
