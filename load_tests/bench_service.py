@@ -7,7 +7,9 @@ One run, three phases, each alone on the CPU (a server is stopped before the nex
 
 1. baseline: `load_tests/naive_server.py` (one request at a time, PyTorch eager, both models on every film);
 2. service: `bentoml serve` from the repository root, started and stopped by process group;
-3. model-only limit: the cascade's ONNX Runtime sessions in this process, threads = all cores.
+3. model-only limit: the service's model files (its PTX_PRECISION) on ONNX Runtime in this process, with its
+   PTX_INTRA_OP_THREADS (all cores when 0); with PTX_MODELS_IN_EDGE and PTX_MODEL_INSTANCES=k the per-film
+   times are divided by k (k runs at once: an upper bound, as if they shared nothing).
 
 Both servers get the same N synthetic 1024² uncompressed DICOMs (22 % prevalence; generated once and cached
 under data/bench/ by count and seed), each posted once as an `application/dicom` body, from the same async
@@ -275,26 +277,31 @@ def time_per_film(run, batch: np.ndarray, min_seconds: float = 0.5, min_repeats:
 
 
 def measure_models(classifier: Path, segmenter: Path, films: Sequence[Path], hflip_tta: bool,
-                   threads: int) -> dict[str, dict]:
-    """Per-film time of the cascade's two model steps at each batch size (ORT CPU, as the pipeline calls them)."""
+                   threads: int, precision: str = "auto", instances: int = 1) -> dict[str, dict]:
+    """Per-film time of the cascade's two model steps at each batch size (ORT CPU, as the pipeline calls them):
+    the model files of `precision`, `threads` per run, divided by the `instances` that run at once."""
     from service.cascade.preprocess import to_batch
     from service.imaging.reader import read_radiograph
+    from service.models.backends.factory import load_backend
     from service.models.inference import classify_scores, segment_maps
-    from training.evaluate import load_cascade
+    from service.models.manifest import input_spec, load_manifest
 
-    cascade, _ = load_cascade(classifier, segmenter, hflip_tta=hflip_tta, threads=threads)
+    manifests = {role: load_manifest(directory) for role, directory in (("classify", classifier), ("segment", segmenter))}
+    backends = {role: load_backend(directory, manifests[role], "onnxruntime", intra_op_threads=threads,
+                                   precision=precision)
+                for role, directory in (("classify", classifier), ("segment", segmenter))}
     pixels = [read_radiograph(path).pixels for path in films[: max(BATCH_SIZES)]]
     while len(pixels) < max(BATCH_SIZES):
         pixels += pixels[: max(BATCH_SIZES) - len(pixels)]
     steps = {
-        "classify": (to_batch(pixels, cascade.classifier_spec),
-                     lambda b: classify_scores(cascade.classifier, b, hflip_tta)),
-        "segment": (to_batch(pixels, cascade.segmenter_spec),
-                    lambda b: segment_maps(cascade.segmenter, b, hflip_tta)),
+        "classify": (to_batch(pixels, input_spec(manifests["classify"])),
+                     lambda b: classify_scores(backends["classify"], b, hflip_tta)),
+        "segment": (to_batch(pixels, input_spec(manifests["segment"])),
+                    lambda b: segment_maps(backends["segment"], b, hflip_tta)),
     }
     result = {}
     for step, (batch, run) in steps.items():
-        per_batch = {size: time_per_film(run, batch[:size]) for size in BATCH_SIZES}
+        per_batch = {size: time_per_film(run, batch[:size]) / instances for size in BATCH_SIZES}
         best = min(per_batch, key=per_batch.get)
         result[step] = {"per_film_s": per_batch[best], "best_batch": best,
                         "per_film_s_by_batch": {str(k): v for k, v in per_batch.items()}}
@@ -367,10 +374,13 @@ def markdown(report: dict) -> str:
             f"| {summary['throughput'] / limits['at_observed']:.0%} |"
         )
     classify, segment = models["classify"], models["segment"]
+    how = models.get("how", {"precision": "auto", "threads": s["threads"], "instances": 1})
     agree = report["agreement"]
     lines += [
         "",
-        (f"Model-only (ONNX Runtime in-process, per film {'with' if s['hflip_tta'] else 'without'} TTA, best batch): "
+        (f"Model-only (ONNX Runtime in-process, PTX_PRECISION {how['precision']}, {how['threads']} thread(s) per run"
+         f"{f', per-film times divided by the {n} runs at once' if (n := how['instances']) > 1 else ''}; "
+         f"per film {'with' if s['hflip_tta'] else 'without'} TTA, best batch): "
         f"classify {classify['per_film_s'] * 1000:.2f} ms (batch {classify['best_batch']}), "
         f"segment {segment['per_film_s'] * 1000:.2f} ms (batch {segment['best_batch']}). "
         "Limit 1 / (t_classify + g · t_segment): "
@@ -488,7 +498,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with bento_server(out / "service.log", env, args.start_timeout) as base:
         service = drive("service", base, films, args.concurrency, warmup, args.mask)
-    models_only = measure_models(classifier, segmenter, paths, settings.hflip_tta, args.threads)
+    instances = settings.model_instances if settings.models_in_edge else 1
+    model_threads = settings.intra_op_threads or args.threads
+    models_only = measure_models(classifier, segmenter, paths, settings.hflip_tta, model_threads, settings.precision,
+                                 instances)
+    models_only["how"] = {"precision": settings.precision, "threads": model_threads, "instances": instances}
 
     t_classify, t_segment = models_only["classify"]["per_film_s"], models_only["segment"]["per_film_s"]
     observed = gated_fraction(service.answers, models.gate)
