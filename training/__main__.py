@@ -169,7 +169,7 @@ def _run_train(args: argparse.Namespace) -> int:
     out = run_dir(args.work, config, cached)
     print(f"run folder {out}", flush=True)
     try:
-        trained = train_cascade(config, cached, out, progress=not args.quiet)
+        trained = train_cascade(config, cached, out, progress=not args.quiet, stages=args.work)
     except ValueError as exc:  # a refused resume, a file that does not fit the network
         raise UsageError(f"training train: error: {exc}") from None
     try:

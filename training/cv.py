@@ -136,7 +136,7 @@ def train_fold(stages: Sequence[Stage], fold: int, work: Path, progress: bool) -
             trained.append(load(out / "cascade.pt", config))
         else:
             print(f"fold {fold} stage {number} ({config.name}): run folder {out}", flush=True)
-            trained.append(train_cascade(config, stage.cached, out, progress=progress))
+            trained.append(train_cascade(config, stage.cached, out, progress=progress, stages=work))
         previous = out
         runs.append(out)
     return FoldRuns(fold, runs, trained[-1])

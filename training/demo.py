@@ -77,7 +77,8 @@ def run_demo(config_path: Path, models_root: Path, work_dir: Path, report_dir: P
 
     cached = build_cache(index_siim(train_dir), demo.cache_size, work_dir / "cache", progress=progress)
     timings["cache_s"] = time.monotonic() - started - timings["synthesis_s"]
-    trained = train_cascade(config, cached, run_dir(work_dir / "runs", config, cached), progress=progress)
+    runs = work_dir / "runs"
+    trained = train_cascade(config, cached, run_dir(runs, config, cached), progress=progress, stages=runs)
     timings["training_s"] = sum(fit.seconds for fit in trained.fits.values())
 
     directories = export_cascade(trained, config, Path(models_root), command, cached)

@@ -25,7 +25,7 @@ from training.choice import FoldModels, choose
 from training.config import TrainConfig
 from training.data import HELD_OUT, CachedSet, assign_folds, write_folds
 from training.datasets import RadiographDataset
-from training.runs import init_from_run, run_identity
+from training.runs import init_from_run, linked_stage, stage_dir, stage_identity
 from training.tasks import (
     build_classifier,
     build_segmenter,
@@ -61,11 +61,17 @@ def split(config: TrainConfig, cached: CachedSet, out_dir: Path) -> tuple[np.nda
     return np.flatnonzero((folds != fold) & (folds != HELD_OUT)), np.flatnonzero(folds == fold)
 
 
-def train_cascade(config: TrainConfig, cached: CachedSet, out_dir: Path, progress: bool = True) -> TrainedCascade:
+def train_cascade(config: TrainConfig, cached: CachedSet, out_dir: Path, progress: bool = True,
+                  stages: Path | None = None) -> TrainedCascade:
+    """Both stages of a run into `out_dir` (folds.csv, cascade.pt). Each stage's checkpoints go to its own folder
+    under `stages` (`training.runs.stage_dir`: a stage another run already trained is reused), or, without
+    `stages`, to `out_dir/classifier` and `out_dir/segmenter`; each is checked against the stage's identity."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = split(config, cached, out_dir)
-    identity = run_identity(config, cached)
+
+    def where(stage: str) -> Path:
+        return out_dir / stage if stages is None else linked_stage(out_dir, stage_dir(stages, config, cached, stage))
 
     cls = config.classifier
     cls_spec = input_spec(cls)
@@ -79,7 +85,8 @@ def train_cascade(config: TrainConfig, cached: CachedSet, out_dir: Path, progres
     cls_fit = fit(classifier, classifier_task(cls, cls_val),
                   RadiographDataset(cached, train_idx, cls_spec,
                                     augment.build(cls.augment, cls_spec.size, config.seed)),
-                  cls, out_dir / "classifier", config.seed, progress=progress, identity=identity)
+                  cls, where("classifier"), config.seed, progress=progress,
+                  identity=stage_identity(config, cached, "classifier"))
 
     seg = config.segmenter
     seg_spec = input_spec(seg)
@@ -93,7 +100,8 @@ def train_cascade(config: TrainConfig, cached: CachedSet, out_dir: Path, progres
     seg_fit = fit(segmenter, segmenter_task(seg, seg_val),
                   RadiographDataset(cached, train_idx, seg_spec,
                                     augment.build(seg.augment, seg_spec.size, config.seed + 1)),
-                  seg, out_dir / "segmenter", config.seed + 1, progress=progress, identity=identity)
+                  seg, where("segmenter"), config.seed + 1, progress=progress,
+                  identity=stage_identity(config, cached, "segmenter"))
 
     trained = TrainedCascade(classifier, segmenter, 0.5, 0.5, TripletThreshold(),
                              fits={"classifier": cls_fit, "segmenter": seg_fit})

@@ -67,8 +67,8 @@ def test_the_smoke_recipe_end_to_end(tmp_path, capsys) -> None:
         assert (first.parent.name, second.parent.name) == ("siim-smoke-128", "siim-smoke-256")
         assert second.name.endswith(member["run_key"]) and member["version"] == f"0.0.1+fold{member['fold']}"
         for role in ("classifier", "segmenter"):
-            assert _identity(first / role / "last.pt")["config"][role]["input"]["size"] == 128
-            later = _identity(second / role / "last.pt")["config"][role]
+            assert _identity(first / role / "last.pt")["model"]["input"]["size"] == 128  # the stage's own identity
+            later = _identity(second / role / "last.pt")["model"]
             assert (later["input"]["size"], later["init_from"]) == (256, str(first / "cascade.pt")), "from stage 1"
             assert _identity(second / role / "last.pt")["files"][f"{role}.init_from"] == sha256_file(
                 first / "cascade.pt"), "stage 2's identity holds the weights it started from"

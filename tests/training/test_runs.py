@@ -123,3 +123,56 @@ def test_a_run_starts_from_the_same_weights_whatever_came_before_it_in_the_proce
     for role in ("classifier", "segmenter"):
         first, second = (getattr(run, role).state_dict() for run in trained)
         assert all(torch.equal(first[key], second[key]) for key in first), role
+
+
+def test_a_segmenter_change_reuses_the_finished_classifier_stage(tmp_path) -> None:
+    """Stages keyed by their own identity: changing the segmenter's settings retrains the segmenter alone."""
+    from training.runs import stage_dir
+
+    cached = synthetic_set(tmp_path)
+    work = tmp_path / "work"
+    first = from_dict(TINY)
+    earlier = train_cascade(first, cached, run_dir(work, first, cached), progress=False, stages=work)
+    classifier_stage = stage_dir(work, first, cached, "classifier")
+    written = {path.name: path.stat().st_mtime_ns for path in classifier_stage.glob("*.pt")}
+    assert "last.pt" in written and any(name.startswith("epoch") for name in written)
+
+    later = from_dict({**TINY, "segmenter": {**TINY["segmenter"], "optim": {"epochs": 2, "batch_size": 4,
+                                                                             "average_top_k": 1}}})
+    assert run_dir(work, later, cached) != run_dir(work, first, cached)
+    assert stage_dir(work, later, cached, "classifier") == classifier_stage
+    assert stage_dir(work, later, cached, "segmenter") != stage_dir(work, first, cached, "segmenter")
+    trained = train_cascade(later, cached, run_dir(work, later, cached), progress=False, stages=work)
+    assert {path.name: path.stat().st_mtime_ns for path in classifier_stage.glob("epoch*.pt")} == {
+        name: stamp for name, stamp in written.items() if name.startswith("epoch")}, "the classifier trained again"
+    for key, value in earlier.classifier.state_dict().items():
+        assert torch.equal(trained.classifier.state_dict()[key], value), key
+    assert trained.fits["segmenter"].epochs == 2 and earlier.fits["segmenter"].epochs == 1
+
+
+def test_a_segmenter_whose_encoder_starts_from_the_classifier_follows_the_classifiers_changes(tmp_path) -> None:
+    from training.runs import stage_dir
+
+    cached = synthetic_set(tmp_path)
+    for shared, follows in ((False, False), (True, True)):
+        segmenter = {**TINY["segmenter"], "network": {**TINY["segmenter"]["network"], "encoder_from_classifier": shared}}
+        before = from_dict({**TINY, "segmenter": segmenter})
+        after = from_dict({**TINY, "segmenter": segmenter,
+                           "classifier": {**TINY["classifier"], "optim": {**TINY["classifier"]["optim"], "lr": 0.01}}})
+        assert stage_dir(tmp_path, after, cached, "classifier") != stage_dir(tmp_path, before, cached, "classifier")
+        moved = stage_dir(tmp_path, after, cached, "segmenter") != stage_dir(tmp_path, before, cached, "segmenter")
+        assert moved == follows, f"encoder_from_classifier={shared}"
+
+
+def test_a_run_links_its_stages_and_keeps_a_folder_from_before_stages(tmp_path) -> None:
+    from training.runs import linked_stage
+
+    run, stage = tmp_path / "work" / "tiny" / "fold0-seed4-abc", tmp_path / "work" / "tiny" / "stages" / "classifier-x"
+    (run / "classifier").mkdir(parents=True)
+    (run / "classifier" / "last.pt").write_bytes(b"an older run's checkpoint")
+    assert linked_stage(run, stage) == stage and stage.is_dir()
+    assert (run / "classifier").is_symlink() and (run / "classifier").resolve() == stage.resolve()
+    assert (run / "classifier.before-stages" / "last.pt").read_bytes() == b"an older run's checkpoint"
+    linked_stage(run, stage)  # again: the link is renewed, nothing else moves
+    assert (run / "classifier").is_symlink() and sorted(p.name for p in run.iterdir()) == [
+        "classifier", "classifier.before-stages"]
