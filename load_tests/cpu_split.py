@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import time
-from pathlib import Path
 
 import psutil
 

@@ -155,7 +155,8 @@ def test_a_segmenter_whose_encoder_starts_from_the_classifier_follows_the_classi
 
     cached = synthetic_set(tmp_path)
     for shared, follows in ((False, False), (True, True)):
-        segmenter = {**TINY["segmenter"], "network": {**TINY["segmenter"]["network"], "encoder_from_classifier": shared}}
+        network = {**TINY["segmenter"]["network"], "encoder_from_classifier": shared}
+        segmenter = {**TINY["segmenter"], "network": network}
         before = from_dict({**TINY, "segmenter": segmenter})
         after = from_dict({**TINY, "segmenter": segmenter,
                            "classifier": {**TINY["classifier"], "optim": {**TINY["classifier"]["optim"], "lr": 0.01}}})
