@@ -82,13 +82,16 @@ def _ready_gauge(base: str, role: str) -> float:
     return sample(metrics_text(base), "ptx_model_ready", role=role)
 
 
-def test_a_model_failing_at_run_time_turns_the_service_unready_and_recovers(tmp_path, realdata):
+@pytest.mark.parametrize("where", ["worker", "edge"])
+def test_a_model_failing_at_run_time_turns_the_service_unready_and_recovers(tmp_path, realdata, where):
+    """The same with the models in the model worker (default) and in the edge (PTX_MODELS_IN_EDGE)."""
     classifier, _ = _copy_models(tmp_path / "models")
     _fail_on_bright_input(classifier / "model.onnx")
     _rehash(classifier, "model.onnx")
     film = (realdata / "chest/siim_cr_jpegbaseline_mono2.dcm").read_bytes()
     env = {"PTX_DATA_DIR": str(tmp_path / "data"), "PTX_MODELS_DIR": str(tmp_path / "models"),
-           "PTX_BACKEND": "onnxruntime", "PTX_MODEL_COOLDOWN_S": str(COOLDOWN_S), "PTX_RETRY_AFTER_S": "5"}
+           "PTX_BACKEND": "onnxruntime", "PTX_MODEL_COOLDOWN_S": str(COOLDOWN_S), "PTX_RETRY_AFTER_S": "5",
+           **({"PTX_MODELS_IN_EDGE": "true"} if where == "edge" else {})}
     log_path = tmp_path / "server.log"
     with bento_server(log_path, env=env) as base:
         assert _readyz(base) == 200 and _ready_gauge(base, "classifier") == 1
