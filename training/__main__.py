@@ -333,9 +333,9 @@ def _add_refit_demo(subparsers) -> None:
     p.add_argument("--films", type=Path, required=True, help="a synth folder of the demo's training set (a prefix)")
     p.add_argument("--config", type=Path, default=REPO_ROOT / "training" / "configs" / "demo.yaml")
     p.add_argument("--models", type=Path, default=REPO_ROOT / "models")
-    p.add_argument("--score", choices=["calibrated", "fused", "classifier"], default="calibrated",
-                   help="the triage score: the classifier's probability calibrated, decisions kept (default); fused "
-                        "with the segmenter's evidence; or the classifier's probability as is (OOD description only)")
+    p.add_argument("--score", choices=["fused", "calibrated", "classifier"], default="fused",
+                   help="the triage score: fused with the segmenter's evidence (default); the classifier's probability "
+                        "calibrated, decisions kept; or the classifier's probability as is (OOD description only)")
     p.set_defaults(handler=_run_refit_demo)
 
 

@@ -67,13 +67,14 @@ def ablation_section(report: Mapping[str, Any]) -> list[str]:
               "Op. point sens. / spec.", "Gated share (gate sens.)")
     table = [_row("classifier probability, raw (as served before)", report["raw_classifier"],
                   report["raw_classifier"]["ece"])]
-    table += [_row(name, row, row["ece_after_prior_shift"]) for name, row in report["ablation"].items()]
+    table += [_row(f"{name} (served)" if name == report["served"] else name, row, row["ece_after_prior_shift"])
+              for name, row in report["ablation"].items()]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table] + [""]
     lines += _bars(report)
     variants = list(report["reliability"].items())
-    lines += [("Reliability of the classifier's probability before and after its calibration and prior shift "
-               "(mean score / observed positive rate, images in the bin):"), ""]
+    lines += [("Reliability of the classifier's probability before and after its calibration and prior shift, and of "
+               "the served score (mean score / observed positive rate, images in the bin):"), ""]
     lines += ["| Score bin | " + " | ".join(f"{name} (ECE {block['ece']:.3f})" for name, block in variants) + " |",
               "|---|" + "---|" * len(variants)]
     for index, first in enumerate(variants[0][1]["table"]):

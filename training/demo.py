@@ -2,8 +2,8 @@
 
 synthetic training set → cache → classifier, then segmenter (encoder from the classifier) → thresholds on
 the validation fold → ONNX + FP16 + INT8 + manifests in `models/` → the classifier refitted with its OOD
-description and calibrated score (training/demo_refit.py) → a separately seeded synthetic test set at the
-generator's default (realistic) difficulty → the cascade evaluated as the service runs it, with the score's
+description and a score fused with the segmenter's evidence (training/demo_refit.py) → a separately seeded
+synthetic test set at the generator's default (realistic) difficulty → the cascade evaluated as the service runs it, with the score's
 ablation → report (training/demo_report.py).
 
 Why refit and report here and not as later commands: the bundled models and docs/demo-report are then what this
@@ -82,7 +82,7 @@ def run_demo(config_path: Path, models_root: Path, work_dir: Path, report_dir: P
     timings["training_s"] = sum(fit.seconds for fit in trained.fits.values())
 
     directories = export_cascade(trained, config, Path(models_root), command, cached)
-    # What ships is the refitted classifier (OOD description, calibrated score: issue 16), so the report is of it
+    # What ships is the refitted classifier (OOD description, fused score: issue 16), so the report is of it
     refit_demo(config_path, models_root, train_dir)
     summary = demo_report(config_path, models_root, train_dir, eval_dir, report_dir, progress=progress)
     timings["total_s"] = time.monotonic() - started

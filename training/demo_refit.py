@@ -6,10 +6,11 @@ films.
     prevalence> --uncompressed`) → their folds (training/demo_split.py)
       training-fold films        → OOD mean and covariance (training/ood.py)
       validation-fold films      → OOD threshold; through the in-process cascade → the score (training/fusion.py):
-                                   `--score calibrated` (the default, what the demo ships) the classifier's
-                                   probability calibrated, its decisions kept, and the gate moved up to the
-                                   operating point; `fused` with the segmenter's evidence (the gate kept);
-                                   `classifier` neither (the gate moved up)
+                                   `--score fused` (the default, what the demo ships) the classifier's
+                                   evidence fused with the segmenter's; `calibrated` the classifier's
+                                   probability calibrated, its decisions kept; `classifier` neither. The gate
+                                   moves up to the classifier's operating point in every case, before the
+                                   evidence is collected
       the set's first 128 films  → INT8 calibration, as before (its fingerprint must match the manifest's)
     → training/reexport.py replaces the classifier folder (FP32, FP16, INT8, model.pt, manifest)
 
@@ -19,10 +20,12 @@ manifest.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
 from service.models import manifest as manifests
+from service.models.fusion import ScoreFusion, fused_probability, fusion_inputs
 from training import config as configs
 from training.data import index_siim
 from training.demo_split import demo_split
@@ -32,11 +35,28 @@ from training.quantize import CALIBRATION_FILMS, calibration_batch, cascade_at
 from training.reexport import reexport_classifier
 from training.synth.dicom_writer import uid_for
 
-SCORES = ("calibrated", "fused", "classifier")
-Score = Literal["calibrated", "fused", "classifier"]
+SCORES = ("fused", "calibrated", "classifier")
+Score = Literal["fused", "calibrated", "classifier"]
 
 
-def refit_demo(config_path: Path, models_root: Path, films_dir: Path, score: Score = "calibrated",
+def require_segmented_positives(fusion: ScoreFusion, gate: float) -> None:
+    """Refuse a fusion that would call positive a film the gate never sent to the segmenter.
+
+    Below the gate a film has no segmenter evidence (peak 0, no instance), and its fused score rises with the
+    classifier's probability, so the highest such score is at the gate: it must stay under the fusion's
+    operating point, or a positive would come without a mask ever looked for. A calibration (the classifier's
+    probability alone, its own operating point at or above the gate) meets this by construction.
+    """
+    if not fusion.uses_segmenter:
+        return
+    highest = fused_probability(fusion, fusion_inputs(gate, 0.0, 0, 1, fusion.area_reference_size))
+    if not highest < fusion.operating_point:
+        raise ValueError(f"the fused score of a film just below the gate ({gate:.4g}) with no segmenter evidence is "
+                         f"{highest:.4g}, not below the fusion's operating point {fusion.operating_point:.4g}: films "
+                         "never segmented would be called positive; keep --score calibrated")
+
+
+def refit_demo(config_path: Path, models_root: Path, films_dir: Path, score: Score = "fused",
                threads: int = 0) -> dict[str, Any]:
     """Re-export the demo classifier (see the module docstring); returns what was fitted, for the log."""
     config = configs.load(config_path)
@@ -68,21 +88,23 @@ def refit_demo(config_path: Path, models_root: Path, films_dir: Path, score: Sco
                    calibration_batch(validation, spec), f"{len(validation)} validation-fold films {where}")
     if score not in SCORES:
         raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
+    # The gate at the classifier's operating point, for every score, and the evidence collected through it: a film
+    # below it is negative by the classifier, and segmenting it only costs time (0.2.0 on the demo's test set: 48 % of
+    # films sent at the training run's gate, chosen for sensitivity 0.975, against 33 % at the operating point, the
+    # same 130 of 133 positives reaching the segmenter either way). A fusion fitted on evidence gathered through a
+    # lower gate would meet zero segmenter evidence for films it had seen segmented (0.1.0's fusion, fitted so,
+    # lost sensitivity: docs/models.md).
+    gate = old.thresholds.operating_point
     fusion = None
     if score != "classifier":
-        evidence = collect_evidence(cascade_at(classifier_dir, segmenter_dir, "fp32", threads), validation,
-                                    [int(bool(samples[path.stem].rles)) for path in validation])
+        cascade = dataclasses.replace(cascade_at(classifier_dir, segmenter_dir, "fp32", threads), gate=gate)
+        evidence = collect_evidence(cascade, validation, [int(bool(samples[path.stem].rles)) for path in validation])
         description = (f"{len(validation)} validation-fold films {where}, through the in-process cascade (FP32, hflip "
-                       "TTA, the manifests' gate and triplet)")
+                       "TTA, the gate at the classifier's operating point, the manifests' triplet)")
         target = config.evaluation.target_sensitivity
         fusion = (fit_fusion(evidence, description, target) if score == "fused" else
                   fit_calibration(evidence, description, old.thresholds.operating_point, target))
-    # A score without the segmenter's evidence gates at its operating point: the gate exists to give the segmenter
-    # the films a fusion might still call positive; with no fusion, a film below the operating point is called
-    # negative whatever its mask, and segmenting it only costs time (0.2.0 on the demo's test set: 48 % of films
-    # sent at the training run's gate, chosen for sensitivity 0.975, against 33 % at the operating point, the same
-    # 130 of 133 positives reaching the segmenter either way).
-    gate = old.thresholds.operating_point if fusion is None or not fusion.uses_segmenter else None
+        require_segmented_positives(fusion, gate)
     manifest = reexport_classifier(classifier_dir, calibration, calibration_description, ood, fusion, gate)
     # The same films; a different fingerprint says the service's preprocessing moved since (float rounding)
     same_inputs = int8 is not None and int8.calibration.fingerprint == manifest.export.int8.calibration.fingerprint

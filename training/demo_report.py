@@ -62,7 +62,9 @@ def demo_report(config_path: Path, models_root: Path, films_dir: Path, test_dir:
                                 ("test", [s.path for s in tests], [bool(s.rles) for s in tests])):
         evidence[role] = collect_evidence(every_film, films, [int(label) for label in labels])
         aux[role] = aux_evidence(network, films, manifests.input_spec(classifier), cascade.hflip_tta)
+    served = "fused" if classifier.fusion is not None and classifier.fusion.uses_segmenter else "calibrated"
     ablation = fusion_report(evidence["validation"], evidence["test"], cascade.gate, cascade.operating_point,
-                             aux["validation"], aux["test"], DEFAULT_PREVALENCE, config.evaluation.target_sensitivity)
+                             aux["validation"], aux["test"], DEFAULT_PREVALENCE, config.evaluation.target_sensitivity,
+                             served=served)
     return evaluate(classifier_dir, segmenter_dir, tests, report_dir, f"Demo cascade {config.version}",
                     describe(test_dir), progress=progress, extra={"score_ablation": ablation})

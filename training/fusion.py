@@ -7,8 +7,10 @@ penalty keeps it finite on separable data) is the calibrated fused probability a
 prevalence; the operating point is the highest fused probability that keeps `target_sensitivity` on them.
 
 `fit_calibration` is the same regression on the classifier's logit alone (Platt scaling), its operating point the
-classifier's own, calibrated, so the films called positive do not change: what the bundled demo ships, because
-the fusion's operating point lost sensitivity on a fresh test set (docs/models.md).
+classifier's own, calibrated, so the films called positive do not change. The bundled demo shipped it until 0.1.0's
+fusion, fitted through a gate below the classifier's operating point, lost sensitivity on fresh test sets; 0.2.0
+ships the fusion, fitted through the gate at the classifier's operating point (training/demo_refit.py), which kept
+the classifier's sensitivity and raised specificity (docs/models.md).
 
 Why validation films: the classifier's probabilities on its own training films are overconfident, so a
 calibration fitted there would be wrong exactly where it matters; the validation fold chose the thresholds

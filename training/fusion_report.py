@@ -36,7 +36,9 @@ from training.report import reliability_table
 
 SENSITIVITIES = (0.90, 0.95, 0.98)
 BOOTSTRAP = 1000
-SERVED = "classifier, calibrated (served)"  # at the classifier manifest's own operating point
+CALIBRATED = "classifier, calibrated"  # at the classifier manifest's own operating point
+FUSION = "classifier + segmenter (the fusion)"
+SERVED = {"calibrated": CALIBRATED, "fused": FUSION}  # refit-demo's --score → the row that is the served score
 
 
 def specificity_at(scores: np.ndarray, labels: np.ndarray, sensitivity: float) -> float:
@@ -106,11 +108,13 @@ class _Table:
 def fusion_report(validation: Evidence, test: Evidence, gate: float, operating_point: float,
                   aux_validation: np.ndarray | None = None, aux_test: np.ndarray | None = None,
                   prevalence: float = 0.22, target_sensitivity: float = 0.95, seed: int = 0,
-                  draws: int = BOOTSTRAP) -> dict[str, Any]:
+                  draws: int = BOOTSTRAP, served: str = "calibrated") -> dict[str, Any]:
     """The ablation, operating points, calibration and gated shares on `test`, every model fitted on `validation`
     (the segmenter run on every film of both); `gate` and `operating_point` the classifier manifest's, on its
-    probability: the served score's (its calibration keeps the classifier's decisions), the other rows' operating
-    points are chosen on the validation films."""
+    probability: the calibration's (it keeps the classifier's decisions), the other rows' operating points are
+    chosen on the validation films. `served` says which row the service's score is (refit-demo's --score)."""
+    if served not in SERVED:
+        raise ValueError(f"served must be one of {list(SERVED)}, got {served!r}")
     table = _Table(validation, test, aux_validation, aux_test)
     fitted_prevalence = float(np.mean(validation.labels))
     gate_sensitivity = target_sensitivity + (1 - target_sensitivity) / 2
@@ -118,11 +122,11 @@ def fusion_report(validation: Evidence, test: Evidence, gate: float, operating_p
                                                             "test": test.classifier_scores >= gate})
     classifier_gate = sent(test.classifier_scores >= gate, test.labels, prevalence)
     rows = {  # name → (evidence, what its cascade sends to the segmenter)
-        SERVED: (["logit"], classifier_gate),
+        CALIBRATED: (["logit"], classifier_gate),
         "segmenter evidence alone (gated films)": (by_classifier, classifier_gate),
         "segmenter evidence alone (every film)": (["peak", "area"], {"sensitivity": 1.0,
                                                                      "gated_share_at_prevalence": 1.0}),
-        "classifier + segmenter (the fusion)": (["logit", *by_classifier], classifier_gate)}
+        FUSION: (["logit", *by_classifier], classifier_gate)}
     fits = {name: table.fitted(columns) for name, (columns, _) in rows.items()}
     if aux_validation is not None and aux_test is not None:
         for name, columns in (("auxiliary-head evidence alone", list(AUX_COLUMNS)),
@@ -138,29 +142,31 @@ def fusion_report(validation: Evidence, test: Evidence, gate: float, operating_p
         fits[name] = table.fitted(rows[name][0])
     report: dict[str, Any] = {
         "test_films": len(test), "test_positives": int(np.sum(test.labels)), "validation_films": len(validation),
-        "prevalence": prevalence, "gate_sensitivity_target": gate_sensitivity, "served": SERVED,
+        "prevalence": prevalence, "gate_sensitivity_target": gate_sensitivity, "served": SERVED[served],
         "raw_classifier": {**score_row(test.classifier_scores, test.labels, seed, draws),
                            "ece": round(expected_calibration_error(test.classifier_scores, test.labels), 4),
                            "gate": classifier_gate},
         "ablation": {}}
-    served_calls = test.classifier_scores >= operating_point  # the manifest's point, calibrated or not
+    own_calls = test.classifier_scores >= operating_point  # the manifest's point, calibrated or not
     for name, (columns, gated) in rows.items():
         shifted = np.array([prior_shift(p, fitted_prevalence, prevalence) for p in fits[name]["test"]])
-        called = served_calls if name == SERVED else fits[name]["test"] >= threshold_for_sensitivity(
+        called = own_calls if name == CALIBRATED else fits[name]["test"] >= threshold_for_sensitivity(
             fits[name]["validation"], validation.labels, target_sensitivity)
         report["ablation"][name] = {
             "evidence": columns, "gate": gated, **score_row(shifted, test.labels, seed, draws),
             "ece_after_prior_shift": round(expected_calibration_error(shifted, test.labels), 4),
             "operating_point_from_validation": {"sensitivity": round(float(called[test.labels == 1].mean()), 4),
                                                 "specificity": round(float((~called[test.labels == 0]).mean()), 4)}}
-    report["raw_classifier"]["operating_point_from_validation"] = report["ablation"][SERVED][
+    report["raw_classifier"]["operating_point_from_validation"] = report["ablation"][CALIBRATED][
         "operating_point_from_validation"]
-    calibrated = fits[SERVED]["test"]
-    shifted = np.array([prior_shift(p, fitted_prevalence, prevalence) for p in calibrated])
-    report["reliability"] = {
-        name: {"ece": round(expected_calibration_error(scores, test.labels), 4),
-               "table": reliability_table(scores, test.labels)}
-        for name, scores in (("classifier probability (raw)", test.classifier_scores),
-                             (f"calibrated, at the validation films' prevalence ({fitted_prevalence:.2f})", calibrated),
-                             (f"calibrated and shifted to {prevalence:.2f} (served)", shifted))}
+    calibrated = fits[CALIBRATED]["test"]
+    variants = [("classifier probability (raw)", test.classifier_scores),
+                (f"calibrated, at the validation films' prevalence ({fitted_prevalence:.2f})", calibrated),
+                (f"calibrated and shifted to {prevalence:.2f}{' (served)' if served == 'calibrated' else ''}",
+                 np.array([prior_shift(p, fitted_prevalence, prevalence) for p in calibrated]))]
+    if served == "fused":
+        variants.append((f"the fusion, shifted to {prevalence:.2f} (served)",
+                         np.array([prior_shift(p, fitted_prevalence, prevalence) for p in fits[FUSION]["test"]])))
+    report["reliability"] = {name: {"ece": round(expected_calibration_error(scores, test.labels), 4),
+                                    "table": reliability_table(scores, test.labels)} for name, scores in variants}
     return report

@@ -15,10 +15,11 @@ The area is counted in pixels of a film of `area_reference_size`² (the film's o
 lesion covering the same share of the film weighs the same at any resolution, as the triplet's min_area does.
 
 A calibration alone (`inputs: ["classifier_logit"]`, Platt scaling) is the same model without the segmenter's
-two inputs: what the bundled demo ships (docs/models.md), because on a fresh test set the fusion lost
-sensitivity (films the gate never sends to the segmenter have no segmenter evidence) while the calibration
-keeps the classifier's decisions -- its operating point is the classifier's, calibrated -- and only makes the
-probability mean what it says (issue 16: expected calibration error 0.094 → 0.030 on the demo's test set).
+two inputs: it keeps the classifier's decisions -- its operating point is the classifier's, calibrated -- and only
+makes the probability mean what it says. The bundled 0.2.0 demo ships the fusion, fitted with the gate at the
+classifier's operating point, so that a film below it (never segmented) stays negative and the fusion can only
+clear films the classifier flagged: on the demo's test set sensitivity 0.977 kept, specificity 0.850 → 0.897
+(docs/models.md). 0.1.0's fusion, fitted through a lower gate, had lost sensitivity instead.
 
 Prior shift (Saerens et al. 2002): the fitted probability is calibrated to the prevalence of the films it was
 fitted on (`training_prevalence`, 0.5 for the demo); a site's prevalence (PTX_PREVALENCE) moves the odds by

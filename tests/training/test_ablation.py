@@ -55,25 +55,25 @@ def test_the_report_ranks_the_evidence_and_its_page_checks_the_bars():
     (validation, aux_validation), (test, aux_test) = films(1, 500), films(2, 500)
     report = fusion_report(validation, test, 0.3, 0.45, aux_validation, aux_test, draws=50)
     rows = report["ablation"]
-    assert list(rows) == ["classifier, calibrated (served)", "segmenter evidence alone (gated films)",
+    assert list(rows) == ["classifier, calibrated", "segmenter evidence alone (gated films)",
                           "segmenter evidence alone (every film)", "classifier + segmenter (the fusion)",
                           "auxiliary-head evidence alone", "classifier + auxiliary head (gate candidate)",
                           "classifier + auxiliary head + segmenter (the candidate's gate)"]
     auc = {name: row["auc"]["value"] for name, row in rows.items()}
-    assert auc["classifier + auxiliary head (gate candidate)"] > auc["classifier, calibrated (served)"] + 0.05
+    assert auc["classifier + auxiliary head (gate candidate)"] > auc["classifier, calibrated"] + 0.05
     # calibrating the classifier is monotone: its AUC is the raw probability's
-    assert auc["classifier, calibrated (served)"] == report["raw_classifier"]["auc"]["value"]
-    served_gate = rows["classifier, calibrated (served)"]["gate"]
+    assert auc["classifier, calibrated"] == report["raw_classifier"]["auc"]["value"]
+    served_gate = rows["classifier, calibrated"]["gate"]
     assert served_gate == sent(test.classifier_scores >= 0.3, test.labels, 0.22) == report["raw_classifier"]["gate"]
     called = test.classifier_scores >= 0.45  # the served operating point is the classifier manifest's
-    assert rows["classifier, calibrated (served)"]["operating_point_from_validation"] == {
+    assert rows["classifier, calibrated"]["operating_point_from_validation"] == {
         "sensitivity": round(float(called[test.labels == 1].mean()), 4),
         "specificity": round(float((~called[test.labels == 0]).mean()), 4)}
     assert rows["segmenter evidence alone (every film)"]["gate"]["gated_share_at_prevalence"] == 1.0
     candidate = rows["classifier + auxiliary head (gate candidate)"]["gate"]
     assert candidate["gated_share_at_prevalence"] < served_gate["gated_share_at_prevalence"]
-    low, high = rows["classifier, calibrated (served)"]["specificity_at_0.95"]["ci95"]
-    assert 0 <= low <= rows["classifier, calibrated (served)"]["specificity_at_0.95"]["value"] <= high <= 1
+    low, high = rows["classifier, calibrated"]["specificity_at_0.95"]["ci95"]
+    assert 0 <= low <= rows["classifier, calibrated"]["specificity_at_0.95"]["value"] <= high <= 1
     fitted_at = f"calibrated, at the validation films' prevalence ({validation.labels.mean():.2f})"
     assert set(report["reliability"]) == {"classifier probability (raw)", fitted_at,
                                           "calibrated and shifted to 0.22 (served)"}
@@ -82,6 +82,18 @@ def test_the_report_ranks_the_evidence_and_its_page_checks_the_bars():
     assert "| classifier + auxiliary head (gate candidate) | " in page
     best = max(auc, key=auc.get)
     assert f"* AUC ≥ 0.96: **{'met' if auc[best] >= 0.96 else 'not met'}** -- best: {auc[best]:.3f} ({best})" in page
-    ece = rows["classifier, calibrated (served)"]["ece_after_prior_shift"]
+    ece = rows["classifier, calibrated"]["ece_after_prior_shift"]
     verdict = "met" if ece <= 0.05 else "not met"
     assert f"* ECE of the served score ≤ 0.05: **{verdict}** -- served: {ece:.3f}" in page
+    assert "| classifier, calibrated (served) | " in page and "| classifier + segmenter (the fusion) | " in page
+
+    fused = fusion_report(validation, test, 0.3, 0.45, aux_validation, aux_test, draws=50, served="fused")
+    assert fused["served"] == "classifier + segmenter (the fusion)"
+    assert "the fusion, shifted to 0.22 (served)" in fused["reliability"]
+    assert "calibrated and shifted to 0.22" in fused["reliability"]  # the calibration, no longer the served score
+    page = "\n".join(ablation_section(fused))
+    assert "| classifier + segmenter (the fusion) (served) | " in page and "| classifier, calibrated | " in page
+    ece = fused["ablation"]["classifier + segmenter (the fusion)"]["ece_after_prior_shift"]
+    assert f"served: {ece:.3f} (classifier + segmenter (the fusion))" in page
+    with pytest.raises(ValueError, match="served must be one of"):
+        fusion_report(validation, test, 0.3, 0.45, draws=10, served="classifier")

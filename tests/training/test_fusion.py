@@ -122,3 +122,24 @@ def test_a_calibration_that_would_reverse_the_classifier_is_refused():
     backwards = dataclasses.replace(films, labels=1 - films.labels)
     with pytest.raises(ValueError, match=r"the calibration's slope is -[0-9.]+: the classifier's scores do not rank"):
         fit_calibration(backwards, "backwards films", 0.3)
+
+
+def test_a_fusion_that_would_call_a_never_segmented_film_positive_is_refused():
+    """`refit-demo --score fused`: below the gate a film has no segmenter evidence; it must stay negative."""
+    import math
+
+    from service.models.fusion import CALIBRATION_INPUTS, ScoreFusion
+    from training.demo_refit import require_segmented_positives
+
+    def fusion(intercept: float, inputs: tuple[str, ...] = ("classifier_logit", "segmenter_peak",
+                                                             "log1p_largest_area")) -> ScoreFusion:
+        return ScoreFusion(inputs=inputs, coefficients=(2.0, 1.0, 0.5)[:len(inputs)], intercept=intercept,
+                           training_prevalence=0.5, operating_point=0.5, target_sensitivity=0.95, fitted_on="films",
+                           films=100, positives=50)
+
+    gate = 0.2  # logit -1.386: fused score at the gate with no evidence is sigmoid(2 * -1.386 + intercept)
+    require_segmented_positives(fusion(2.0), gate)  # sigmoid(-0.77) = 0.32 < 0.5: fine
+    with pytest.raises(ValueError, match=r"films never segmented would be called positive"):
+        require_segmented_positives(fusion(3.0), gate)  # sigmoid(0.23) = 0.56 >= 0.5
+    assert 1 / (1 + math.exp(-(2 * math.log(0.2 / 0.8) + 3.0))) >= 0.5
+    require_segmented_positives(fusion(3.0, CALIBRATION_INPUTS), gate)  # a calibration reads the classifier alone
