@@ -3,8 +3,8 @@
 synthetic training set → cache → classifier, then segmenter (encoder from the classifier) → thresholds on
 the validation fold → ONNX + FP16 + INT8 + manifests in `models/` → the classifier refitted with its OOD
 description and a score fused with the segmenter's evidence (training/demo_refit.py) → a separately seeded
-synthetic test set at the generator's default (realistic) difficulty → the cascade evaluated as the service runs it, with the score's
-ablation → report (training/demo_report.py).
+synthetic test set at the generator's default (realistic) difficulty → the cascade evaluated as the service runs
+it, with the score's ablation → report (training/demo_report.py).
 
 Why refit and report here and not as later commands: the bundled models and docs/demo-report are then what this
 one command makes (`make models`), so nobody has to know the order of three commands to reproduce them.
