@@ -8,7 +8,6 @@ cannot disagree about which model version (and so which thresholds) is in use.
 from __future__ import annotations
 
 import logging
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +132,6 @@ def resolve(settings: Settings) -> ModelSet:
         require_variant(entry.manifest, settings.precision)
     if settings.precision == "int8":  # said, not silent: the thresholds were fitted on FP32 scores
         log.warning("PTX_PRECISION=int8: %s's operating point and gate were fitted on FP32 scores; the INT8 "
-                    "classifier's scores differ (0.2.0 demo: mean |Δ| 0.016), so it calls some films differently "
-                    "from the manifest's metrics (docs/models.md, \"0.2.0 at INT8\")", models.classifier.label)
+                    "models' scores differ from FP32's, so some films are called differently from what the "
+                    "manifest's metrics describe (docs/models.md, INT8 variant)", models.classifier.label)
     return models
