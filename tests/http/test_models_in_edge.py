@@ -7,14 +7,12 @@ batcher (service/models/local_models.py), and one Python server process rather t
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import psutil
 import pytest
 
 from service.models.manifest import find_models
 from tests.http import test_app_triage as served
-from tests.http.test_app_triage import SIIM, metrics_text, post, sample
+from tests.http.test_app_triage import concurrent_films_batched, sample
 from tests.servers import REPO, bento_server
 from training.evaluate import load_cascade
 
@@ -54,20 +52,6 @@ def test_real_chest_films_answered_as_the_in_process_cascade_would(server, reald
 
 
 def test_concurrent_films_are_batched_by_the_edge(server, realdata):
-    before = metrics_text(server)
-    films_before = sample(before, "ptx_batch_size_sum", model="classifier")
-    batches_before = sample(before, "ptx_batch_size_count", model="classifier")
-    data = (realdata / SIIM).read_bytes()
-    requests = 32
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        answers = list(pool.map(lambda _: post(f"{server}/v1/triage?mask=none", data, "application/dicom"),
-                                range(requests)))
-    assert [status for status, _, _ in answers] == [200] * requests
-    assert len({body["score"] for _, body, _ in answers}) == 1  # batching does not change a film's answer
-    after = metrics_text(server)
-    films = sample(after, "ptx_batch_size_sum", model="classifier") - films_before
-    batches = sample(after, "ptx_batch_size_count", model="classifier") - batches_before
-    assert films == requests
-    assert batches < requests, f"{requests} concurrent films ran in {batches} batches: no batching"
-    assert sample(after, "ptx_queue_wait_seconds_count", model="classifier") >= requests
+    _, after = concurrent_films_batched(server, realdata)
+    assert sample(after, "ptx_queue_wait_seconds_count", model="classifier") >= 32
     assert "bentoml_service_adaptive_batch_size" not in after  # no BentoML batcher: there is no model worker
