@@ -83,7 +83,8 @@ class GreedyBatcher:
         self.running -= 1
         try:
             unpacked = unpack(done.result(), self.shape)
-        except Exception as exc:  # noqa: BLE001 -- any failed run: no result rather than a wrong one
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001
+            # a failed run, or one cancelled at shutdown: no result rather than a wrong one, no caller left waiting
             log.error("%s batch of %d film(s) failed: %s", self.role, len(taken), exc)
             for call in taken:
                 if not call.future.done():
@@ -132,6 +133,3 @@ class LocalModels:
     async def ready(self) -> bool:
         """Unready while a model is out of service after a failed run (service/models/health.py)."""
         return self.runner.health.ready()
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
