@@ -286,10 +286,10 @@ def measure_models(classifier: Path, segmenter: Path, films: Sequence[Path], hfl
     from service.models.inference import classify_scores, segment_maps
     from service.models.manifest import input_spec, load_manifest
 
-    manifests = {role: load_manifest(directory) for role, directory in (("classify", classifier), ("segment", segmenter))}
+    folders = {"classify": classifier, "segment": segmenter}
+    manifests = {role: load_manifest(directory) for role, directory in folders.items()}
     backends = {role: load_backend(directory, manifests[role], "onnxruntime", intra_op_threads=threads,
-                                   precision=precision)
-                for role, directory in (("classify", classifier), ("segment", segmenter))}
+                                   precision=precision) for role, directory in folders.items()}
     pixels = [read_radiograph(path).pixels for path in films[: max(BATCH_SIZES)]]
     while len(pixels) < max(BATCH_SIZES):
         pixels += pixels[: max(BATCH_SIZES) - len(pixels)]

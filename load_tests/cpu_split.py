@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         for tid, seconds in sorted(spent.items(), key=lambda item: -item[1])[:args.threads]:
             label = "main thread (event loop)" if tid == pid else f"thread {tid}"
             print(f"    {label:<25} {seconds * per_film:6.2f}")
-    print(f"  all                         {total:6.2f} ms per film: at most {os.cpu_count() * 1000 / total:.1f} films/s")
+    ceiling = (os.cpu_count() or 1) * 1000 / total
+    print(f"  all                         {total:6.2f} ms per film: at most {ceiling:.1f} films/s")
     return 0
 
 

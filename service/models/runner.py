@@ -86,8 +86,9 @@ def observed_by(registry: Any) -> Callable[[str, np.ndarray, np.ndarray], np.nda
 class ModelRunner:
     """Both models, loaded once, one run at a time (a lock: on a CPU box both models want every core; on a
     GPU, one stream), or PTX_MODEL_INSTANCES runs at once, each on its own threads (the models in the edge: two
-    one-thread runs spend less CPU per film on 2 cores than one two-thread run). A run that fails or answers NaN takes its model out of service (`ModelHealth`): calls
-    raise `ModelUnavailable` until a probe after the cool-down passes."""
+    one-thread runs spend less CPU per film on 2 cores than one two-thread run). A run that fails or answers
+    NaN takes its model out of service (`ModelHealth`): calls raise `ModelUnavailable` until a probe after the
+    cool-down passes."""
 
     def __init__(self, models: ModelSet, settings: Settings, loader: BackendLoader = default_loader,
                  on_health_change: Callable[[str, bool], None] = lambda role, ready: None) -> None:
