@@ -94,11 +94,26 @@ def resample_window(image: np.ndarray, rows: int, columns: int, window: tuple[in
 
 
 @lru_cache(maxsize=64)
-def _column_taps(in_size: int, out_size: int) -> tuple[tuple[tuple[int, float], ...], ...]:
-    """Per output column, its (input column, weight) pairs in the CSR product's order (rising input column)."""
+def _column_plan(in_size: int, out_size: int) -> tuple[tuple[tuple[tuple[int, float], ...], ...], int, int, int]:
+    """For shrinking `in_size` columns to `out_size` by an integer factor: per output column its (input column,
+    weight) pairs in the CSR product's order (rising input column), the factor, and the outputs [first, stop)
+    around the middle whose pairs are the middle's shifted by the factor per column (cached: the same for
+    every film of a size)."""
     weights = bilinear_weights(in_size, out_size)
-    return tuple(tuple(zip(weights.indices[start:stop].tolist(), weights.data[start:stop].tolist()))
+    taps = tuple(tuple(zip(weights.indices[start:stop].tolist(), weights.data[start:stop].tolist()))
                  for start, stop in zip(weights.indptr[:-1], weights.indptr[1:]))
+    factor, middle = in_size // out_size, out_size // 2
+
+    def regular(column: int) -> bool:
+        return (len(taps[column]) == len(taps[middle]) and all(
+            (a + factor * (column - middle), w) == (b, v) for (a, w), (b, v) in zip(taps[middle], taps[column])))
+
+    first, stop = middle, middle
+    while first > 0 and regular(first - 1):
+        first -= 1
+    while stop < out_size and regular(stop):
+        stop += 1
+    return taps, factor, first, stop
 
 
 def _across_by_views(down: np.ndarray, columns: int, left: int, right: int) -> np.ndarray:
@@ -111,19 +126,9 @@ def _across_by_views(down: np.ndarray, columns: int, left: int, right: int) -> n
     run as the CSR product's do (zero, then each product rounded to float32 and added in rising column
     order), so the values are identical; the few edge columns are summed one by one in the same order.
     """
-    taps = _column_taps(down.shape[1], columns)
-    factor = down.shape[1] // columns
-    middle = columns // 2
-
-    def regular(column: int) -> bool:
-        return (len(taps[column]) == len(taps[middle]) and all(
-            (a + factor * (column - middle), w) == (b, v) for (a, w), (b, v) in zip(taps[middle], taps[column])))
-
-    first, stop = max(left, min(middle, right)), max(left, min(middle, right))
-    while first > left and regular(first - 1):
-        first -= 1
-    while stop < right and regular(stop):
-        stop += 1
+    taps, factor, first, stop = _column_plan(down.shape[1], columns)
+    first, stop = min(max(first, left), right), max(min(stop, right), left)
+    stop = max(stop, first)
     out = np.zeros((down.shape[0], right - left), dtype=np.float32)
     product = np.empty((down.shape[0], stop - first), dtype=np.float32)
     run = out[:, first - left:stop - left]
