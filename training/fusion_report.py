@@ -148,8 +148,10 @@ def fusion_report(validation: Evidence, test: Evidence, gate: float, operating_p
                            "gate": classifier_gate},
         "ablation": {}}
     own_calls = test.classifier_scores >= operating_point  # the manifest's point, calibrated or not
+    shifted_by_row: dict[str, np.ndarray] = {}  # each row's test scores at the site's prevalence
     for name, (columns, gated) in rows.items():
-        shifted = np.array([prior_shift(p, fitted_prevalence, prevalence) for p in fits[name]["test"]])
+        shifted = shifted_by_row[name] = np.array([prior_shift(p, fitted_prevalence, prevalence)
+                                                   for p in fits[name]["test"]])
         called = own_calls if name == CALIBRATED else fits[name]["test"] >= threshold_for_sensitivity(
             fits[name]["validation"], validation.labels, target_sensitivity)
         report["ablation"][name] = {
@@ -159,14 +161,12 @@ def fusion_report(validation: Evidence, test: Evidence, gate: float, operating_p
                                                 "specificity": round(float((~called[test.labels == 0]).mean()), 4)}}
     report["raw_classifier"]["operating_point_from_validation"] = report["ablation"][CALIBRATED][
         "operating_point_from_validation"]
-    calibrated = fits[CALIBRATED]["test"]
-    variants = [("classifier probability (raw)", test.classifier_scores),
-                (f"calibrated, at the validation films' prevalence ({fitted_prevalence:.2f})", calibrated),
+    fitted_at = f"calibrated, at the validation films' prevalence ({fitted_prevalence:.2f})"
+    variants = [("classifier probability (raw)", test.classifier_scores), (fitted_at, fits[CALIBRATED]["test"]),
                 (f"calibrated and shifted to {prevalence:.2f}{' (served)' if served == 'calibrated' else ''}",
-                 np.array([prior_shift(p, fitted_prevalence, prevalence) for p in calibrated]))]
+                 shifted_by_row[CALIBRATED])]
     if served == "fused":
-        variants.append((f"the fusion, shifted to {prevalence:.2f} (served)",
-                         np.array([prior_shift(p, fitted_prevalence, prevalence) for p in fits[FUSION]["test"]])))
+        variants.append((f"the fusion, shifted to {prevalence:.2f} (served)", shifted_by_row[FUSION]))
     report["reliability"] = {name: {"ece": round(expected_calibration_error(scores, test.labels), 4),
                                     "table": reliability_table(scores, test.labels)} for name, scores in variants}
     return report

@@ -46,11 +46,10 @@ def stage_identity(config: configs.TrainConfig, cached: CachedSet, stage: str) -
     """What one stage's ("classifier" or "segmenter") weights depend on, as plain data (in its checkpoints)."""
     if stage not in ("classifier", "segmenter"):
         raise ValueError(f"stage must be classifier or segmenter, got {stage!r}")
-    whole = json.loads(json.dumps(configs.to_dict(config)))
-    identity = {"stage": stage, "model": whole[stage], "data_config": whole["data"], "fold": config.data.fold,
-                "seed": config.seed, "data": cached.directory.name,
-                "files": {key: sha256_file(path) for key, path in configs.named_files(config).items()
-                          if key.startswith(f"{stage}.") and Path(path).is_file()}}
+    run = run_identity(config, cached)  # the run's identity, narrowed to what this stage reads
+    identity = {"stage": stage, "model": run["config"][stage], "data_config": run["config"]["data"],
+                "fold": run["fold"], "seed": run["seed"], "data": run["data"],
+                "files": {key: digest for key, digest in run["files"].items() if key.startswith(f"{stage}.")}}
     if stage == "segmenter" and config.segmenter.network.encoder_from_classifier:
         identity["classifier"] = stage_identity(config, cached, "classifier")  # its encoder starts from it
     return identity
