@@ -29,10 +29,8 @@ from service.cascade import rle
 from service.http.schemas import BatchOut, ErrorOut, TriageOut
 from service.imaging.acceptance import AcceptancePolicy
 from service.imaging.reader import read_radiograph
-from service.models.manifest import find_models
 from tests import realdata as registry
-from tests.servers import REPO, bento_server
-from training.evaluate import load_cascade
+from tests.servers import bento_server
 
 SIIM = "chest/siim_cr_jpegbaseline_mono2.dcm"
 
@@ -79,13 +77,6 @@ def sample(text: str, metric: str, /, **labels: str) -> float:
             found = True
     assert found, f"no sample {metric}{labels} in /metrics"
     return total
-
-
-@pytest.fixture(scope="module")
-def in_process():
-    models = {manifest.task: path for path, manifest in find_models(REPO / "models")}
-    cascade, _ = load_cascade(models["classification"], models["segmentation"])
-    return cascade
 
 
 def test_real_chest_films_answered_as_the_in_process_cascade_would(server, realdata, in_process):

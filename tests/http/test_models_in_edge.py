@@ -10,11 +10,9 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from service.models.manifest import find_models
 from tests.http import test_app_triage as served
 from tests.http.test_app_triage import concurrent_films_batched, sample
-from tests.servers import REPO, bento_server
-from training.evaluate import load_cascade
+from tests.servers import bento_server
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +28,6 @@ def started(tmp_path_factory, realdata):
 @pytest.fixture(scope="module")
 def server(started):
     return started[0]
-
-
-@pytest.fixture(scope="module")
-def in_process():
-    models = {manifest.task: path for path, manifest in find_models(REPO / "models")}
-    cascade, _ = load_cascade(models["classification"], models["segmentation"])
-    return cascade
 
 
 def test_no_model_worker_process_is_started(started):
