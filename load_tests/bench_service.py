@@ -374,7 +374,7 @@ def markdown(report: dict) -> str:
             f"| {summary['throughput'] / limits['at_observed']:.0%} |"
         )
     classify, segment = models["classify"], models["segment"]
-    how = models.get("how", {"precision": "auto", "threads": s["threads"], "instances": 1})
+    how = models["how"]  # what the model-only figures ran with (precision, threads per run, instances)
     agree = report["agreement"]
     lines += [
         "",

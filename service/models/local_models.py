@@ -4,13 +4,14 @@ Why: by default the edge hands every film to a separate BentoML model worker (se
 that several edge processes share one copy of the models and one batch runs at a time. On a small CPU box
 with one edge process that hop is pure cost: each film's model input (1 MB at 512²) is serialised, sent over
 a local socket and parsed by a second Python server, and the two processes' threads compete for the same
-cores (docs/benchmarks.md "Where each film's CPU goes"). Here the edge calls a `ModelRunner` in-process.
+cores (docs/benchmarks.md, "the small-CPU profile"). Here the edge calls a `ModelRunner` in-process.
 
 Batching stays: `GreedyBatcher` is the work-conserving policy the worker's BentoML batching is patched to
 (service/models/batching.py): a film's call runs at once when its model is idle, and every call that queued
 while the model was busy runs as the next batch (up to `max_batch_size`). Written here, not taken from
-BentoML, because BentoML batches only calls that go through its server. One thread runs both models' batches
-(the runner's lock already allows one run at a time: on a CPU each model wants every core).
+BentoML, because BentoML batches only calls that go through its server. PTX_MODEL_INSTANCES threads run the
+batches of both models (the runner's lock allows as many runs at once; one by default: on a CPU each model wants
+every core).
 
 The interface is `ModelClient`'s (service/models/worker_client.py), with the same errors and metrics: a failed
 model is 503 `model_unavailable`, the queue wait of each call is observed. Admission control
